@@ -1,0 +1,64 @@
+"""lightning_peft: parameter-efficient fine-tuning as PyTorch Lightning callbacks.
+
+The pure-PyTorch API (``inject``, ``merge``, ``save_adapter``, ...) works on any ``nn.Module``;
+``PEFTCallback`` brings it to a Lightning ``Trainer``. Imports are lazy, so ``import lightning_peft``
+loads neither torch nor lightning until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "PEFTCallback": "lightning_peft.lightning.callback",
+    "inject": "lightning_peft.core.inject",
+    "merge": "lightning_peft.core.inject",
+    "unmerge": "lightning_peft.core.inject",
+    "unload": "lightning_peft.core.inject",
+    "summary": "lightning_peft.core.inject",
+    "trainable_state_dict": "lightning_peft.core.state",
+    "get_info": "lightning_peft.core.state",
+    "save_adapter": "lightning_peft.core.io",
+    "load_adapter": "lightning_peft.core.io",
+    "methods": "lightning_peft.registry",
+    "get_method": "lightning_peft.registry",
+}
+
+__all__ = [
+    "PEFTCallback",
+    "get_info",
+    "get_method",
+    "inject",
+    "load_adapter",
+    "merge",
+    "methods",
+    "save_adapter",
+    "summary",
+    "trainable_state_dict",
+    "unload",
+    "unmerge",
+]
+
+if TYPE_CHECKING:
+    from lightning_peft.core.inject import inject, merge, summary, unload, unmerge
+    from lightning_peft.core.io import load_adapter, save_adapter
+    from lightning_peft.core.state import get_info, trainable_state_dict
+    from lightning_peft.lightning.callback import PEFTCallback
+    from lightning_peft.registry import get as get_method
+    from lightning_peft.registry import methods
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), "get" if name == "get_method" else name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

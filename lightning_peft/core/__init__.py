@@ -1,0 +1,1 @@
+"""The pure-PyTorch core: targeting, adapter layers, injection and adapter state. Never imports lightning."""

@@ -1,0 +1,149 @@
+"""Option dataclasses shared by every method, and the helpers that validate them.
+
+A method's config is a keyword-only dataclass that subclasses :class:`AdapterConfig` (input-side
+methods) or :class:`LayerConfig` (methods that wrap layers). Configs are validated in
+``__post_init__`` and never mutated afterwards: resolving architecture defaults returns a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+C = TypeVar("C", bound="AdapterConfig")
+
+
+def invalid(config: object, field: str, value: object, expected: str) -> ValueError:
+    """Build the error for a bad option: which field, the bad value, and what would be valid."""
+    owner = type(config).__name__ if not isinstance(config, str) else config
+    return ValueError(f"{owner}.{field} must be {expected}; got {value!r}.")
+
+
+def check_positive_int(config: object, field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise invalid(config, field, value, "a positive integer")
+
+
+def check_positive(config: object, field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise invalid(config, field, value, "a positive number")
+
+
+def check_probability(config: object, field: str, value: object) -> None:
+    """A dropout-like probability: 0 <= p < 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise invalid(config, field, value, "a number in [0, 1)")
+
+
+def check_choice(config: object, field: str, value: object, choices: Iterable[object]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise invalid(config, field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_module_keys(config: object, field: str, value: object, *, allow_str: bool, allow_empty: bool = False) -> None:
+    """Target-like options: None, a list of module-name keys, or (when ``allow_str``) a regex/keyword."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if allow_str:
+            return
+        raise invalid(config, field, value, "None or a list of module names")
+    if (
+        not isinstance(value, Sequence)
+        or (not value and not allow_empty)
+        or not all(isinstance(v, str) and v for v in value)
+    ):
+        expected = "None, a regex string, 'all-linear', or a non-empty list of module names"
+        if not allow_str:
+            expected = "None or a list of module names"
+        raise invalid(config, field, value, expected)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy: tuples become lists, nested dataclasses become dicts."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Options every method has.
+
+    Args:
+        modules_to_save: modules trained in full and saved whole beside the adapter, such as a
+            newly initialized classification head. Keys match like ``target_modules`` lists (exact
+            name or dotted suffix). ``None`` picks the task head of a transformers
+            ``*ForSequenceClassification`` / ``*ForTokenClassification`` model; ``[]`` trains none.
+    """
+
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_module_keys(self, "modules_to_save", self.modules_to_save, allow_str=False, allow_empty=True)
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
+            # Accept tuples but store a list so that equality with a round-tripped config holds.
+            object.__setattr__(self, "modules_to_save", list(self.modules_to_save))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable options (no method name: the registry maps the class to it)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[C], options: dict[str, Any]) -> C:
+        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error, never dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} has no option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(sorted(names))}."
+            )
+        return cls(**options)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A validated copy with some options changed (the original is left as it is)."""
+        return dataclasses.replace(self, **changes)
+
+    def diff(self, other: AdapterConfig) -> dict[str, tuple[Any, Any]]:
+        """Options whose values differ, as ``{field: (self_value, other_value)}``."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {
+            k: (mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)
+        }
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
+
+
+@dataclass(kw_only=True)
+class LayerConfig(AdapterConfig):
+    """Options of methods that wrap existing layers.
+
+    Args:
+        target_modules: which modules to wrap. A list matches a module whose full name equals an
+            entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``); a string is a regular
+            expression matched against the whole name; ``"all-linear"`` takes every linear layer
+            but the output head. ``None`` uses the method's default for the model's architecture.
+        exclude_modules: modules never to wrap, matched like ``target_modules``.
+        modules_to_save: see :class:`AdapterConfig`.
+    """
+
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_module_keys(self, "target_modules", self.target_modules, allow_str=True)
+        check_module_keys(self, "exclude_modules", self.exclude_modules, allow_str=True)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                object.__setattr__(self, name, list(value))

@@ -1,0 +1,224 @@
+"""Adding a method to a model, and taking it back out: inject, merge, unmerge, unload, summary.
+
+The generic loop is the same for every layer method: select modules, wrap each (once, even when
+the module is shared under several names), swap the wrapper in. Input-side methods bring their own
+``apply``. Either way the model is only changed once every check has passed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from torch import nn
+
+from lightning_peft import registry
+from lightning_peft.core import state, targeting
+from lightning_peft.core.config import AdapterConfig, LayerConfig
+from lightning_peft.core.layer import AdapterLayer, AdapterModule, TrainableModule
+
+M = TypeVar("M", bound=nn.Module)
+L = TypeVar("L", bound=LayerConfig)
+
+#: Builds the wrapper for one selected module, or raises TypeError if the method cannot wrap it.
+WrapFn = Callable[[nn.Module, Any], AdapterLayer]
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+def replace_modules(root: nn.Module, names: Sequence[str], build: Callable[[str, nn.Module], nn.Module]) -> list[str]:
+    """Replace each named module by ``build(name, module)``, wrapping a shared module only once.
+
+    All wrappers are built before the first swap, so an error leaves the model untouched.
+    """
+    built: dict[int, nn.Module] = {}
+    plan: list[tuple[str, nn.Module]] = []
+    for name in names:
+        module = root.get_submodule(name)
+        if id(module) not in built:
+            # New submodules start in training mode; match the mode of what they replace.
+            built[id(module)] = build(name, module).train(module.training)
+        plan.append((name, built[id(module)]))
+    # Every other path to a shared module (tied embeddings, T5's `shared`) gets the same wrapper.
+    aliases = [(n, m) for n, m in targeting.iter_named_modules(root) if n and id(m) in built and n not in names]
+    for name, module in [*plan, *((n, built[id(m)]) for n, m in aliases)]:
+        _set_module(root, name, module)
+    return list(names)
+
+
+def resolve_targets(model: nn.Module, config: L, *, defaults: Mapping[str, Sequence[str]]) -> L:
+    """``resolve`` for layer methods: fill ``target_modules`` from the architecture default."""
+    if config.target_modules is not None:
+        return config
+    method = registry.for_config(config).name
+    return config.replace(target_modules=targeting.architecture_default(model, defaults, method=method))
+
+
+def inject_layers(model: nn.Module, config: LayerConfig, *, wrap: WrapFn) -> list[str]:
+    """``apply`` for layer methods: wrap every module that ``config`` selects."""
+    assert config.target_modules is not None, "resolve() fills target_modules before apply()"
+    names = targeting.select(model, config.target_modules, config.exclude_modules, owner=type(config).__name__)
+
+    def build(name: str, module: nn.Module) -> nn.Module:
+        try:
+            return wrap(module, config)
+        except TypeError as err:
+            raise TypeError(f"{type(config).__name__}.target_modules selected {name!r}: {err}") from None
+
+    return replace_modules(model, names, build)
+
+
+def resolve(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """A copy of ``config`` with every architecture-dependent default filled in for ``model``.
+
+    This is the config that ``inject`` applies and records; the argument is never changed.
+    """
+    config = registry.for_config(config).resolve(model, config)
+    if config.modules_to_save is None:
+        config = config.replace(modules_to_save=targeting.default_modules_to_save(model))
+    return config
+
+
+def _check_fresh(model: nn.Module) -> None:
+    info = state.get_info(model)
+    existing = [n for n, _ in state.adapter_modules(model)]
+    if info is not None or existing:
+        what = f"{info.method!r}" if info else f"adapter modules ({', '.join(existing[:3])})"
+        raise ValueError(
+            f"{type(model).__name__} already has {what} injected; a model takes one adapter. "
+            "Call lightning_peft.unload(model) first, or inject into a fresh copy of the base model."
+        )
+
+
+def inject(model: M, method: str | AdapterConfig = "lora", /, **options: Any) -> M:
+    """Add a PEFT method to ``model`` in place, freeze everything else, and return ``model``.
+
+    Args:
+        model: any ``nn.Module``; for transformers models the method's per-architecture defaults
+            apply. A LightningModule works too (its inner transformers model is found).
+        method: a registered method name (see :func:`lightning_peft.methods`) or a config object.
+        **options: the method's options when ``method`` is a name (``r=8, alpha=16``).
+
+    Raises:
+        ValueError: for an unknown method, invalid options, targets that match nothing, or a model
+            that already has an adapter.
+        TypeError: when a target is a module type the method cannot wrap.
+    """
+    entry, config = registry.to_config(method, options)
+    _check_fresh(model)
+    config = resolve(model, config)
+    to_save = (
+        targeting.select(model, config.modules_to_save, None, field="modules_to_save", owner=type(config).__name__)
+        if config.modules_to_save
+        else []
+    )
+    # Heads first: a wrapped head's inside is never a target of the method itself.
+    replace_modules(model, to_save, lambda _, module: TrainableModule(module))
+    try:
+        added = entry.apply(model, config)
+    except Exception:
+        _remove_adapters(model, merge=False)
+        raise
+    base_path, _ = targeting.find_base_model(model)
+    state.attach(model, state.PEFTInfo(entry.name, config, base_path, state.fingerprint(model), [*to_save, *added]))
+    state.freeze(model)
+    trainable, _ = state.count_parameters(model)
+    if trainable == 0:
+        unload(model, merge=False)
+        raise ValueError(
+            f"{entry.name} with {config} left no trainable parameter in {type(model).__name__}; "
+            "widen target_modules or the method's options."
+        )
+    return model
+
+
+def _check_mergeable(model: nn.Module) -> list[AdapterModule]:
+    modules = [m for _, m in state.adapter_modules(model)]
+    if not modules:
+        state.require_info(model)
+        raise ValueError(f"{type(model).__name__} has no adapter modules to merge.")
+    for module in modules:
+        if not module.mergeable:
+            module.merge()  # raises the module's own explanation
+    return modules
+
+
+def merge(model: M) -> M:
+    """Fold every adapter into its base weights in place (zero extra latency at inference).
+
+    Raises:
+        TypeError: for methods with nothing to merge (prompt and prefix tuning).
+    """
+    for module in _check_mergeable(model):
+        module.merge()
+    return model
+
+
+def unmerge(model: M) -> M:
+    """Undo :func:`merge`: base weights back as they were (to float rounding), adapters active."""
+    for module in _check_mergeable(model):
+        module.unmerge()
+    return model
+
+
+def _remove_adapters(model: nn.Module, *, merge: bool) -> None:
+    for name, module in list(state.adapter_modules(model)):
+        if isinstance(module, AdapterLayer):
+            if merge:
+                module.merge()
+            replace_modules(model, [name], lambda _, m: m.unwrap())  # type: ignore[attr-defined]
+        else:
+            module.on_unload()
+            parent_name, _, attr = name.rpartition(".")
+            delattr(model.get_submodule(parent_name) if parent_name else model, attr)
+
+
+def unload(model: M, *, merge: bool = True) -> M:
+    """Remove the adapter and return the plain base model (``merge=True`` keeps what it learned).
+
+    Heads in ``modules_to_save`` keep their trained weights. Parameters stay frozen.
+    """
+    state.require_info(model)
+    if merge:
+        _check_mergeable(model)
+    _remove_adapters(model, merge=merge)
+    state.detach(model)
+    return model
+
+
+def summary_dict(model: nn.Module) -> dict[str, Any]:
+    """Trainable vs total parameters and a per-module breakdown, as plain JSON types."""
+    info = state.require_info(model)
+    trainable, total = state.count_parameters(model)
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, module in state.adapter_modules(model):
+        key = f"{name.rsplit('.', 1)[-1]} ({type(module).__name__})"
+        groups[key][0] += 1
+        groups[key][1] += sum(p.numel() for _, p in module.adapter_parameters())
+    return {
+        "method": info.method,
+        "config": info.config.to_dict(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / max(total, 1),
+        "modules": {k: {"count": c, "trainable_params": n} for k, (c, n) in sorted(groups.items())},
+    }
+
+
+def summary(model: nn.Module) -> str:
+    """A printable table of what the adapter trains (used by PEFTCallback at setup)."""
+    data = summary_dict(model)
+    rows = [(k, f"{v['count']}", f"{v['trainable_params']:,}") for k, v in data["modules"].items()]
+    width = max([len("module"), *(len(r[0]) for r in rows)])
+    lines = [
+        f"lightning_peft: {data['method']} | trainable params: {data['trainable_params']:,} || "
+        f"total params: {data['total_params']:,} || trainable%: {data['trainable_percent']:.4f}",
+        f"  {'module'.ljust(width)}  {'count':>5}  {'trainable':>12}",
+        *(f"  {a.ljust(width)}  {b:>5}  {c:>12}" for a, b, c in rows),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Adapter modules: the objects that own a method's parameters and say which ones they are.
+
+Everything generic (freezing, the trainable state dict, loading, merging, summaries) walks the
+model for :class:`AdapterModule` instances and reads their ``adapter_names`` declaration. Nothing
+is picked by a substring of a parameter name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class AdapterModule(nn.Module):
+    """A module that holds adapter state.
+
+    Subclasses list in ``adapter_names`` the attributes (parameters, buffers or submodules, dotted
+    paths allowed) that make up the adapter: those are trained, checkpointed and loaded; all other
+    state in the module is frozen base weight.
+    """
+
+    adapter_names: ClassVar[tuple[str, ...]] = ()
+    #: The registered method this module belongs to (set by each method's subclass).
+    method: ClassVar[str] = ""
+
+    def adapter_state(self) -> Iterator[tuple[str, Tensor]]:
+        """(local name, tensor) for every declared parameter and buffer."""
+        for attr in self.adapter_names:
+            target = self.get_submodule(attr.rsplit(".", 1)[0]) if "." in attr else self
+            leaf = attr.rsplit(".", 1)[-1]
+            value = getattr(target, leaf)
+            if isinstance(value, nn.Module):
+                for name, tensor in value.named_parameters():
+                    yield f"{attr}.{name}", tensor
+                for name, tensor in value.named_buffers():
+                    yield f"{attr}.{name}", tensor
+            elif isinstance(value, Tensor):
+                yield attr, value
+            elif value is not None:
+                raise TypeError(f"{type(self).__name__}.adapter_names names {attr!r}, which is a {type(value)}")
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(local name, parameter) for every declared parameter: what the optimizer trains."""
+        for name, tensor in self.adapter_state():
+            if isinstance(tensor, nn.Parameter):
+                yield name, tensor
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether this module can fold its adapter into the base weights."""
+        return False
+
+    @property
+    def merged(self) -> bool:
+        return False
+
+    def merge(self) -> None:
+        raise TypeError(
+            f"{type(self).__name__} ({self.method or 'this method'}) has nothing to merge into base weights; "
+            "it changes the model's inputs or adds modules rather than updating a weight."
+        )
+
+    def unmerge(self) -> None:
+        self.merge()
+
+    def on_unload(self) -> None:
+        """Undo side effects on the model (hooks) before the module is removed by ``unload``."""
+
+
+class AdapterLayer(AdapterModule):
+    """Wraps one base layer (kept as ``self.base_layer``) and adds an adapter around it.
+
+    The wrapper forwards attribute access it does not know to the base layer, so code that reads
+    ``module.weight`` or ``module.in_features`` keeps working. Subclasses implement ``forward``,
+    ``reset_adapter_parameters`` and, when the adapter folds into the weight,
+    ``_merge``/``_unmerge``.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._merged = False
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":  # not set yet (during __init__) or deleted: no recursion
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @staticmethod
+    def adapter_factory(base_weight: Tensor) -> dict[str, Any]:
+        """Device and dtype for new adapter tensors: the base weight's (float32 for quantized bases)."""
+        dtype = base_weight.dtype if base_weight.is_floating_point() else torch.float32
+        return {"device": base_weight.device, "dtype": dtype}
+
+    def reset_parameters(self) -> None:
+        """Initialize the adapter (not the base layer, which keeps its pretrained weights).
+
+        Named ``reset_parameters`` so that strategies that build on the meta device and then
+        materialize each module (FSDP, ``Fabric.init_module(empty_init=True)``) initialize it.
+        """
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def mergeable(self) -> bool:
+        return type(self)._merge is not AdapterLayer._merge
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight so the forward costs what the base layer costs."""
+        if not self.mergeable:
+            super().merge()
+        if not self._merged:
+            with torch.no_grad():
+                self._merge()
+            self._merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, restoring the base weight (to float rounding)."""
+        if not self.mergeable:
+            super().merge()
+        if self._merged:
+            with torch.no_grad():
+                self._unmerge()
+            self._merged = False
+
+    def _merge(self) -> None:
+        raise NotImplementedError
+
+    def _unmerge(self) -> None:
+        raise NotImplementedError
+
+    def unwrap(self) -> nn.Module:
+        """The base layer, with the adapter merged in if it was merged."""
+        return self.base_layer
+
+
+class TrainableModule(AdapterLayer):
+    """A module trained in full and saved whole (``modules_to_save``), e.g. a new task head."""
+
+    adapter_names = ("base_layer",)
+    method = "modules_to_save"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_layer(*args, **kwargs)
+
+    def reset_adapter_parameters(self) -> None:
+        reset = getattr(self.base_layer, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+    @property
+    def mergeable(self) -> bool:
+        return True  # its weights are the base weights: merging and unloading keep them as trained
+
+    def _merge(self) -> None:
+        pass
+
+    def _unmerge(self) -> None:
+        pass

@@ -1,0 +1,155 @@
+"""Which modules a method acts on: name matching, ``"all-linear"``, and per-architecture defaults.
+
+Matching follows Hugging Face peft so that a config written for peft selects the same modules:
+a list entry matches a full module name exactly or as a dotted suffix; a string is a regular
+expression that must match the whole name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+
+# Task heads that are newly initialized when a pretrained backbone gets a classification head;
+# trained in full unless the user says otherwise (peft does the same for its SEQ_CLS task type).
+_HEAD_NAMES = ("classifier", "score")
+_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def name_matches(name: str, key: str | Sequence[str]) -> bool:
+    """Whether a module's full name is selected by a target key (regex string or list of names)."""
+    if isinstance(key, str):
+        return re.fullmatch(key, name) is not None
+    return any(name == k or name.endswith("." + k) for k in key)
+
+
+def find_base_model(root: nn.Module) -> tuple[str, nn.Module]:
+    """The transformers model inside ``root`` (``root`` itself if it is one), with its module path.
+
+    A LightningModule usually holds the pretrained model as an attribute; the architecture, the
+    default targets and the base-model fingerprint all refer to that inner model. Falls back to
+    ``("", root)`` for plain ``nn.Module`` trees.
+    """
+    for name, module in root.named_modules():
+        if isinstance(getattr(getattr(module, "config", None), "model_type", None), str) and hasattr(
+            module, "get_input_embeddings"
+        ):
+            return name, module
+    return "", root
+
+
+def model_type(root: nn.Module) -> str | None:
+    """transformers' ``config.model_type`` of the base model (``"llama"``, ``"bert"``, ...), if any."""
+    _, base = find_base_model(root)
+    value = getattr(getattr(base, "config", None), "model_type", None)
+    return value if isinstance(value, str) else None
+
+
+def _prefixed(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def output_layer_names(root: nn.Module) -> set[str]:
+    """Full names of the output projection(s) (``lm_head``), which ``"all-linear"`` leaves alone."""
+    prefix, base = find_base_model(root)
+    get_output = getattr(base, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is None:
+        return set()
+    return {_prefixed(prefix, n) for n, m in base.named_modules(remove_duplicate=False) if m is output}
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or transformers' GPT-2 style ``Conv1D`` (a linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def default_modules_to_save(root: nn.Module) -> list[str]:
+    """The freshly initialized task head of a transformers classification model, else nothing."""
+    _, base = find_base_model(root)
+    if not type(base).__name__.endswith(_HEAD_SUFFIXES):
+        return []
+    return [name for name in _HEAD_NAMES if isinstance(getattr(base, name, None), nn.Module)]
+
+
+def leaf_names(root: nn.Module, limit: int = 12) -> list[str]:
+    """A few distinct leaf-module names of ``root``, for error messages that suggest targets."""
+    seen: dict[str, None] = {}
+    for name, module in root.named_modules():
+        if name and not any(True for _ in module.children()):
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+        if len(seen) >= limit:
+            break
+    return list(seen)
+
+
+def iter_named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every (name, module) pair, shared modules listed under each of their names."""
+    return root.named_modules(remove_duplicate=False)
+
+
+def select(
+    root: nn.Module,
+    target: str | Sequence[str],
+    exclude: str | Sequence[str] | None,
+    *,
+    field: str = "target_modules",
+    owner: str = "config",
+    skip: Sequence[str] = (),
+) -> list[str]:
+    """Full names of the modules selected by ``target`` minus ``exclude``.
+
+    Args:
+        root: the module tree to search.
+        target: a list of names/suffixes, a regular expression, or ``"all-linear"``.
+        exclude: modules to leave out, matched like ``target``.
+        field: the option being resolved, named in errors.
+        owner: the config class name, named in errors.
+        skip: names whose subtrees are never selected (e.g. ``modules_to_save``).
+
+    Raises:
+        ValueError: when nothing matches; the message lists module names the model has.
+    """
+    outputs = output_layer_names(root) if target == ALL_LINEAR else set()
+    selected: list[str] = []
+    for name, module in iter_named_modules(root):
+        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if ".base_layer" in f".{name}":  # the inside of a wrapper is never a target of its own
+            continue
+        if target == ALL_LINEAR:
+            hit = is_linear(module) and name not in outputs
+        else:
+            hit = name_matches(name, target)
+        if hit and not (exclude is not None and name_matches(name, exclude)):
+            selected.append(name)
+    if not selected:
+        excluded = f" (after exclude_modules={exclude!r})" if exclude else ""
+        raise ValueError(
+            f"{owner}.{field}={target!r} matched no module of {type(root).__name__}{excluded}. "
+            f"Module names it has include: {', '.join(leaf_names(root))}."
+        )
+    return selected
+
+
+def architecture_default(
+    root: nn.Module, defaults: Mapping[str, Sequence[str]], *, method: str, field: str = "target_modules"
+) -> list[str]:
+    """The default target list of ``method`` for the model's architecture.
+
+    Raises:
+        ValueError: when the model has no known architecture default; says how to pass targets.
+    """
+    kind = model_type(root)
+    if kind is not None and kind in defaults:
+        return list(defaults[kind])
+    known = ", ".join(sorted(defaults))
+    what = f"architecture {kind!r}" if kind else f"a {type(root).__name__} (not a transformers model)"
+    raise ValueError(
+        f"{method} has no default {field} for {what}; pass {field} explicitly, e.g. "
+        f"{field}={leaf_names(root, 4)!r} or {field}='all-linear'. Architectures with defaults: {known}."
+    )

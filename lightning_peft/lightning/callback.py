@@ -1,0 +1,192 @@
+"""PEFTCallback: parameter-efficient fine-tuning for any LightningModule, as one Trainer callback.
+
+    trainer = L.Trainer(callbacks=[PEFTCallback(method="lora", r=8)])
+
+At setup it injects the method into the LightningModule (after ``configure_model`` when the
+module builds its model there) and freezes everything else; at fit start it restricts the
+optimizers to the trainable parameters; checkpoints keep only the trainable state plus optimizer,
+scheduler, loop and RNG state, and resuming from them is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_peft import registry
+from lightning_peft.core import inject as core_inject
+from lightning_peft.core import state
+from lightning_peft.core.config import AdapterConfig
+
+#: Strategies that need nothing beyond what this callback does. Others are refused with a message.
+_SUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (dropout, shuffling, augmentation)."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    rng["python_version"], rng["python_gauss"] = random.getstate()[0], random.getstate()[2]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        return rng
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng["numpy"] = {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng:
+        import numpy as np
+
+        n = rng["numpy"]
+        np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+class PEFTCallback(Callback):
+    """Freeze the LightningModule, inject a PEFT method, train and checkpoint only the adapter.
+
+    Args:
+        method: a registered method name (``"lora"``; see ``lightning_peft.methods()``) or a
+            method config object such as ``LoRAConfig(r=16)``.
+        verbose: print the trainable-parameter summary at setup.
+        restore_rng: on resume, restore the RNG states saved with the checkpoint, so that dropout
+            and shuffling continue as in an uninterrupted run.
+        **options: the method's options when ``method`` is a name (``r=8, alpha=16, ...``).
+
+    Raises:
+        ValueError: for an unknown method or invalid options (at construction), and at setup for
+            targets that match nothing or an unsupported strategy.
+    """
+
+    def __init__(
+        self, method: str | AdapterConfig = "lora", *, verbose: bool = True, restore_rng: bool = True, **options: Any
+    ) -> None:
+        self.method, self.config = registry.to_config(method, options)
+        self.verbose = verbose
+        self.restore_rng = restore_rng
+        self._original_configure_model: Any = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method.name)
+
+    # ------------------------------------------------------------------ injection
+
+    @staticmethod
+    def check_strategy(trainer: pl.Trainer) -> None:
+        """Refuse strategies whose checkpointing or optimizer setup this callback does not handle."""
+        strategy = trainer.strategy
+        if not isinstance(strategy, _SUPPORTED_STRATEGIES) or isinstance(strategy, DeepSpeedStrategy):
+            supported = ", ".join(s.__name__ for s in _SUPPORTED_STRATEGIES)
+            raise ValueError(
+                f"PEFTCallback does not support strategy {type(trainer.strategy).__name__}; supported: {supported}."
+            )
+
+    def inject(self, pl_module: pl.LightningModule) -> None:
+        """Inject the method into ``pl_module`` unless this same adapter is already there."""
+        info = state.get_info(pl_module)
+        if info is not None:
+            if info.method == self.method.name and info.config == core_inject.resolve(pl_module, self.config):
+                return  # a second stage (validate after fit) or a second fit on the same module
+            raise ValueError(
+                f"{type(pl_module).__name__} already has a {info.method} adapter ({info.config}); "
+                f"this PEFTCallback would add {self.method.name} ({self.config}). Use one PEFTCallback per module."
+            )
+        core_inject.inject(pl_module, self.config)
+        if self.verbose:
+            rank_zero_info(core_inject.summary(pl_module))
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_strategy(trainer)
+        if not is_overridden("configure_model", pl_module):
+            self.inject(pl_module)
+            return
+        # The model is built in configure_model, which runs after setup and before the strategy
+        # wraps the model or builds optimizers: inject right after it, inside the same contexts.
+        original = pl_module.configure_model
+        self._original_configure_model = original
+
+        @functools.wraps(original)
+        def configure_model() -> None:
+            original()
+            self.inject(pl_module)
+
+        pl_module.configure_model = configure_model  # type: ignore[method-assign]
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._original_configure_model is not None:
+            pl_module.__dict__.pop("configure_model", None)
+            self._original_configure_model = None
+
+    # ------------------------------------------------------------------ optimization
+
+    @staticmethod
+    def restrict_optimizer(optimizer: torch.optim.Optimizer) -> int:
+        """Drop frozen parameters from every param group, keeping groups and their settings.
+
+        Empty groups stay so that LR schedulers, which hold one value per group, still line up.
+        Returns the number of parameters removed.
+        """
+        removed = 0
+        for group in optimizer.param_groups:
+            kept = [p for p in group["params"] if p.requires_grad]
+            removed += len(group["params"]) - len(kept)
+            group["params"] = kept
+        for param in [p for p in optimizer.state if not p.requires_grad]:
+            del optimizer.state[param]
+        return removed
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state.assert_no_grad_leak(pl_module)
+        for optimizer in trainer.optimizers:
+            self.restrict_optimizer(optimizer)
+        summary = core_inject.summary_dict(pl_module)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"peft": summary})
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Again, for modules that unfreeze something in their own on_fit_start (which runs after ours).
+        state.assert_no_grad_leak(pl_module)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["state_dict"] = state.trainable_state_dict(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method.name, "config": self.config.to_dict(), "rng": _rng_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Method, options and base model were already checked when the model's weights loaded
+        # (the state dict carries its own record); here only the RNG position remains. It is set
+        # now, before the fit loop creates its first data iterator (which draws a seed), as an
+        # uninterrupted run would be at that point; the sanity check in between runs under
+        # Lightning's isolate_rng.
+        if self.restore_rng and "rng" in state_dict:
+            _set_rng_state(state_dict["rng"])

@@ -1,0 +1,261 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A frozen weight ``W`` (out x in) is adapted by a trainable low-rank product::
+
+    h = W x + (alpha / r) * B A dropout(x),      A: r x in,  B: out x r,  B = 0 at init
+
+so the model starts out unchanged. With ``rslora`` the scale is ``alpha / sqrt(r)`` (Kalajdzievski,
+2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"). Merging adds
+``(alpha / r) B A`` to ``W``, which gives the adapted model at the base model's inference cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_peft.core.config import LayerConfig, check_choice, check_positive, check_positive_int, check_probability
+from lightning_peft.core.inject import inject_layers, resolve_targets
+from lightning_peft.core.layer import AdapterLayer
+from lightning_peft.core.targeting import is_linear
+from lightning_peft.registry import Method, register
+
+#: What LoRA wraps when no target list is given: the attention query and value projections, as in
+#: the paper's main experiments (and peft's defaults, so configs carry over).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "vit": ["query", "value"],
+    "whisper": ["q_proj", "v_proj"],
+}
+
+
+@dataclass(kw_only=True)
+class LoRAConfig(LayerConfig):
+    """LoRA options.
+
+    Args:
+        r: rank of the update ``B A``; the adapter has ``r * (in + out)`` parameters per layer.
+        alpha: scale numerator: the update is multiplied by ``alpha / r`` (or ``alpha / sqrt(r)``).
+        dropout: dropout on the adapter's input (linear and conv layers), in [0, 1).
+        rslora: scale by ``alpha / sqrt(r)``, which keeps the update's size stable as r grows.
+        init: ``"kaiming"`` (uniform A as nn.Linear does, B = 0; peft's default) or
+            ``"gaussian"`` (A ~ N(0, 1/r), B = 0). Embeddings always start with A = 0, B ~ N(0, 1).
+        target_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
+        exclude_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
+        modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self, "r", self.r)
+        check_positive(self, "alpha", self.alpha)
+        check_probability(self, "dropout", self.dropout)
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"LoRAConfig.rslora must be True or False; got {self.rslora!r}.")
+        check_choice(self, "init", self.init, ("kaiming", "gaussian"))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALayer(AdapterLayer):
+    """What the LoRA wrappers share: the scale, the merge bookkeeping and the declared weights."""
+
+    adapter_names = ("lora_A", "lora_B")
+    method = "lora"
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+        super().__init__(base_layer)
+        self.r = config.r
+        self.scaling = config.scaling
+        self.init = config.init
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B A`` laid out like the base layer's weight."""
+        raise NotImplementedError
+
+    def _merge(self) -> None:
+        weight = self.base_layer.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+
+    def _unmerge(self) -> None:
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+
+    def _add_update(self, result: Tensor, hidden: Tensor) -> Tensor:
+        """``result + scaling * hidden @ B^T`` in one fused ``addmm`` (no full-size temporaries)."""
+        lora_B = self.lora_B
+        if result.dtype != lora_B.dtype:
+            return result + (F.linear(hidden, lora_B) * self.scaling).to(result.dtype)
+        out = torch.addmm(
+            result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), lora_B.t(), alpha=self.scaling
+        )
+        return out.view(result.shape)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (whose weight is stored in x out)."""
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+        super().__init__(base_layer, config)
+        weight = base_layer.weight
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
+        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        factory = self.adapter_factory(weight)
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (..., out)
+        if self._merged:
+            return result
+        lora_A = self.lora_A
+        x = self.dropout(x)
+        if x.dtype != lora_A.dtype:
+            x = x.to(lora_A.dtype)
+        return self._add_update(result, F.linear(x, lora_A))  # hidden: (..., r)
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA around ``nn.Embedding``: ``A`` is a rank-r embedding table, ``B`` maps it up."""
+
+    def __init__(self, base_layer: nn.Embedding, config: LoRAConfig) -> None:
+        super().__init__(base_layer, config)
+        factory = self.adapter_factory(base_layer.weight)
+        self.lora_A = nn.Parameter(torch.empty(config.r, base_layer.num_embeddings, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.embedding_dim, config.r, **factory))
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B @ self.lora_A).t() * self.scaling  # (num_embeddings, embedding_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (..., dim)
+        if self._merged:
+            return result
+        base = self.base_layer
+        hidden = F.embedding(
+            x, self.lora_A.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )  # (..., r)
+        return self._add_update(result, hidden)
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA around ``nn.Conv2d``: ``A`` is a conv with the base kernel into r channels, ``B`` a 1x1 conv."""
+
+    adapter_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Conv2d, config: LoRAConfig) -> None:
+        super().__init__(base_layer, config)
+        if base_layer.groups != 1:
+            raise TypeError(f"lora wraps only ungrouped Conv2d layers; this one has groups={base_layer.groups}")
+        factory = self.adapter_factory(base_layer.weight)
+        self.lora_A = nn.Conv2d(
+            base_layer.in_channels,
+            config.r,
+            base_layer.kernel_size,
+            base_layer.stride,
+            base_layer.padding,
+            base_layer.dilation,
+            bias=False,
+            **factory,
+        )
+        self.lora_B = nn.Conv2d(config.r, base_layer.out_channels, 1, bias=False, **factory)
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> Tensor:
+        # Composing conv A (r, in, kh, kw) with 1x1 conv B (out, r, 1, 1) is one conv with weight B.A.
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (B, out, H', W')
+        if self._merged:
+            return result
+        x = self.dropout(x)
+        return result + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(result.dtype) * self.scaling
+
+
+def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
+    """The LoRA wrapper for one selected module."""
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbedding(module, config)
+    if isinstance(module, nn.Conv2d):
+        return LoRAConv2d(module, config)
+    if is_linear(module):
+        return LoRALinear(module, config)
+    raise TypeError(
+        f"it is a {type(module).__name__}, which lora cannot wrap; lora wraps nn.Linear, "
+        "transformers' Conv1D, nn.Embedding and nn.Conv2d"
+    )
+
+
+register(
+    Method(
+        name="lora",
+        config_cls=LoRAConfig,
+        kind="layer",
+        apply=partial(inject_layers, wrap=wrap),
+        resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
+        summary="low-rank update B A added to frozen linear, embedding and conv weights; mergeable",
+        paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models",
+    )
+)

@@ -1,0 +1,131 @@
+"""The registry: the single list of PEFT methods.
+
+Each file in ``lightning_peft/methods`` ends with one :func:`register` call. The CLI's choices,
+the shipped configs, the docs table and the test grids are all generated from this list, so a
+method exists exactly when it is registered here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lightning_peft.core.config import AdapterConfig
+
+MethodKind = Literal["layer", "input"]
+
+#: Adds the method to ``model`` in place, with an already resolved config; returns the names of
+#: the modules it wrapped or added.
+ApplyFn = Callable[["nn.Module", Any], list[str]]
+#: Returns a copy of the config with architecture-dependent defaults filled in (never mutates).
+ResolveFn = Callable[["nn.Module", Any], Any]
+
+
+def _no_defaults(model: nn.Module, config: Any) -> Any:
+    return config
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered PEFT method.
+
+    Args:
+        name: what users type (``method="lora"``).
+        config_cls: its options dataclass.
+        kind: ``"layer"`` methods wrap existing layers (LoRA, (IA)^3, adapters); ``"input"``
+            methods act on the model's inputs or attention cache (prompt and prefix tuning).
+        apply: adds the method to a model in place (see :data:`ApplyFn`).
+        resolve: fills in per-architecture defaults (see :data:`ResolveFn`).
+        summary: one line for ``--help`` and the README's table.
+        paper: the reference (authors, year, title).
+    """
+
+    name: str
+    config_cls: type[AdapterConfig]
+    kind: MethodKind
+    apply: ApplyFn
+    summary: str
+    paper: str = ""
+    resolve: ResolveFn = field(default=_no_defaults)
+
+    def make_config(self, **options: Any) -> AdapterConfig:
+        """The method's config from keyword options, with a clear error for unknown ones."""
+        return self.config_cls.from_dict(options)
+
+
+_METHODS: dict[str, Method] = {}
+_BUILTIN_LOADED = False
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (each method file calls this once, at import)."""
+    known = _METHODS.get(method.name)
+    if known is not None and known.config_cls is not method.config_cls:
+        raise ValueError(f"a method named {method.name!r} is already registered ({known.config_cls.__name__})")
+    for other in _METHODS.values():
+        if other.config_cls is method.config_cls and other.name != method.name:
+            raise ValueError(f"{method.config_cls.__name__} is already the config of method {other.name!r}")
+    _METHODS[method.name] = method
+    return method
+
+
+def _load_builtin() -> None:
+    global _BUILTIN_LOADED
+    if not _BUILTIN_LOADED:
+        importlib.import_module("lightning_peft.methods")
+        _BUILTIN_LOADED = True
+
+
+def methods() -> list[str]:
+    """Names of every registered method, in registration order."""
+    _load_builtin()
+    return list(_METHODS)
+
+
+def all_methods() -> list[Method]:
+    """Every registered :class:`Method`."""
+    _load_builtin()
+    return list(_METHODS.values())
+
+
+def get(name: str) -> Method:
+    """The method registered as ``name``.
+
+    Raises:
+        ValueError: for an unknown name, listing the registered ones.
+    """
+    _load_builtin()
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}; got {name!r}.")
+    return _METHODS[name]
+
+
+def for_config(config: AdapterConfig) -> Method:
+    """The method whose config class ``config`` is."""
+    _load_builtin()
+    for method in _METHODS.values():
+        if type(config) is method.config_cls:
+            return method
+    raise TypeError(
+        f"{type(config).__name__} is not the config of a registered method; "
+        f"registered: {', '.join(f'{m.name} ({m.config_cls.__name__})' for m in _METHODS.values())}."
+    )
+
+
+def to_config(method: str | AdapterConfig, options: dict[str, Any]) -> tuple[Method, AdapterConfig]:
+    """Normalize ``inject``-style arguments (a name plus options, or a config) to (method, config)."""
+    if isinstance(method, str):
+        entry = get(method)
+        return entry, entry.make_config(**options)
+    entry = for_config(method)
+    if options:
+        raise TypeError(
+            f"pass options either in the {type(method).__name__} or as keywords, not both "
+            f"(got keywords {sorted(options)})."
+        )
+    return entry, method

@@ -1,0 +1,158 @@
+"""Trainable state: freezing, the state dict and its record, and every load-time refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_peft as lp
+from lightning_peft import registry
+from lightning_peft.core import state
+from lightning_peft.core.config import AdapterConfig
+from tests import tiny
+from tests.peft_reference import randomize_adapter
+
+
+def trained(arch: str = "llama", seed: int = 0, **options: object) -> nn.Module:
+    model = lp.inject(tiny.build(arch, seed=seed), "lora", **({"r": 4} | options))
+    randomize_adapter(model)
+    return model
+
+
+def test_freeze_leaves_exactly_the_declared_parameters_trainable() -> None:
+    model = trained()
+    declared = {n for n, _ in state.adapter_parameters(model)}
+    assert declared == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith(("lora_A", "lora_B")) for n in declared)
+    trainable, total = state.count_parameters(model)
+    assert trainable == 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))  # 2 layers; q: 32->32, v: 32->16 (2 KV heads)
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_trainable_state_dict_holds_only_the_adapter_and_its_record() -> None:
+    model = trained()
+    sd = lp.trainable_state_dict(model)
+    assert set(sd) == {n for n, _ in state.adapter_parameters(model)}
+    record = state.read_metadata(sd)
+    assert record["method"] == "lora" and record["config"]["r"] == 4 and record["base"]["structure"]
+    assert all(sd[k].data_ptr() == dict(model.named_parameters())[k].data_ptr() for k in sd)  # views, no copy
+
+
+def test_full_state_dict_carries_the_record_too() -> None:
+    assert state.read_metadata(trained().state_dict())["method"] == "lora"
+
+
+def test_load_into_a_fresh_injection_and_strict_load_of_plain_tensors() -> None:
+    source, target = trained(), lp.inject(tiny.build("llama"), "lora", r=4)
+    target.load_state_dict(lp.trainable_state_dict(source))
+    for (name, a), (_, b) in zip(state.adapter_state(source), state.adapter_state(target), strict=True):
+        assert torch.equal(a, b), name
+    # A plain dict (no record) still loads strictly: only frozen keys may be missing.
+    plain = dict(lp.trainable_state_dict(source))
+    lp.inject(tiny.build("llama"), "lora", r=4).load_state_dict(plain)
+    plain.pop(next(iter(plain)))
+    with pytest.raises(
+        RuntimeError, match=r"Missing key\(s\) in state_dict: \"model\.layers\.0\.self_attn\.q_proj\.lora_A\""
+    ):
+        lp.inject(tiny.build("llama"), "lora", r=4).load_state_dict(plain)
+
+
+def test_refuses_another_rank() -> None:
+    with pytest.raises(ValueError, match=r"trained with other lora options: r=4 in the state dict, r=8 here"):
+        lp.inject(tiny.build("llama"), "lora", r=8).load_state_dict(lp.trainable_state_dict(trained()))
+
+
+def test_refuses_other_targets() -> None:
+    sd = lp.trainable_state_dict(trained(target_modules=["q_proj"]))
+    with pytest.raises(
+        ValueError, match=r"target_modules=\['q_proj'\] in the state dict, target_modules=\['q_proj', 'v_proj'\] here"
+    ):
+        lp.inject(tiny.build("llama"), "lora", r=4).load_state_dict(sd)
+
+
+def test_refuses_another_method() -> None:
+    sd = lp.trainable_state_dict(trained())
+    others = [m for m in registry.methods() if m != "lora"]
+    sd._metadata[""]["lightning_peft"]["method"] = others[0] if others else "ia3"
+    expected = f"holds a '{others[0] if others else 'ia3'}' adapter, but this model has method='lora' injected"
+    with pytest.raises(ValueError, match=expected):
+        lp.inject(tiny.build("llama"), "lora", r=4).load_state_dict(sd)
+
+
+def test_refuses_another_base_of_the_same_architecture() -> None:
+    sd = lp.trainable_state_dict(trained(seed=0))
+    with pytest.raises(
+        ValueError, match=r"does not fit this base model: it was trained on another base model of the same architecture"
+    ):
+        lp.inject(tiny.build("llama", seed=1), "lora", r=4).load_state_dict(sd)
+
+
+def test_refuses_another_architecture() -> None:
+    sd = lp.trainable_state_dict(trained("llama"))
+    other = tiny.BUILDERS["llama"]("lm")
+    other.model.layers = other.model.layers[:1]  # same names up to the depth: structure differs
+    with pytest.raises(ValueError, match=r"another architecture or size"):
+        lp.inject(other, "lora", r=4).load_state_dict(sd)
+
+
+def test_accepts_the_same_base_in_another_dtype() -> None:
+    sd = lp.trainable_state_dict(trained())
+    lp.inject(tiny.build("llama").to(torch.bfloat16), "lora", r=4).load_state_dict(sd)
+
+
+def test_refuses_a_record_without_all_adapter_keys() -> None:
+    sd = lp.trainable_state_dict(trained())
+    del sd["model.layers.1.self_attn.v_proj.lora_B"]
+    with pytest.raises(ValueError, match=r"lacks adapter weights: model\.layers\.1\.self_attn\.v_proj\.lora_B"):
+        lp.inject(tiny.build("llama"), "lora", r=4).load_state_dict(sd)
+
+
+def test_refuses_to_load_into_merged_layers() -> None:
+    target = lp.merge(trained())
+    with pytest.raises(ValueError, match=r"cannot load adapter weights into merged layers.*unmerge"):
+        target.load_state_dict(lp.trainable_state_dict(trained()))
+
+
+def test_injecting_twice_is_an_error() -> None:
+    model = lp.inject(tiny.build("llama"), "lora")
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM already has 'lora' injected; a model takes one adapter"):
+        lp.inject(model, "lora", r=2)
+
+
+def test_no_trainable_parameter_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import dataclass
+
+    @dataclass(kw_only=True)
+    class NothingConfig(AdapterConfig):
+        pass
+
+    empty = registry.Method("nothing", NothingConfig, "input", lambda model, config: [], summary="adds nothing")
+    monkeypatch.setitem(registry._METHODS, "nothing", empty)
+    model = tiny.build("llama")
+    with pytest.raises(
+        ValueError, match=r"nothing with NothingConfig.*left no trainable parameter in LlamaForCausalLM"
+    ):
+        lp.inject(model, "nothing")
+    assert lp.get_info(model) is None
+
+
+def test_save_and_load_adapter_files(tmp_path: object) -> None:
+    source = trained("bert", r=2)
+    folder = lp.save_adapter(source, tmp_path / "adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    restored = lp.load_adapter(tiny.build("bert"), folder)  # injects from the stored config
+    batch = tiny.inputs("bert")
+    torch.testing.assert_close(tiny.logits(restored, batch), tiny.logits(source, batch), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="another base model"):
+        lp.load_adapter(tiny.build("bert", seed=5), folder)
+    with pytest.raises(FileNotFoundError, match="no adapter folder or checkpoint file"):
+        lp.load_adapter(tiny.build("bert"), tmp_path / "missing")
+
+
+def test_unload_restores_a_plain_model() -> None:
+    model = trained()
+    lp.unload(model, merge=False)
+    assert lp.get_info(model) is None and not list(state.adapter_modules(model))
+    assert all(not p.requires_grad for p in model.parameters())
+    lp.inject(model, "lora")  # and it takes a new adapter

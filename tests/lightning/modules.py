@@ -1,0 +1,74 @@
+"""Small LightningModules for Trainer tests (tiny transformers models inside)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests import tiny
+
+
+class TinyLM(L.LightningModule):
+    """A causal LM over a tiny LLaMA; ``build_in_configure_model`` defers creating it."""
+
+    def __init__(
+        self, arch: str = "llama", build_in_configure_model: bool = False, seed: int = 0, param_groups: bool = False
+    ) -> None:
+        super().__init__()
+        self.arch, self.seed, self.param_groups = arch, seed, param_groups
+        self.model = None if build_in_configure_model else tiny.build(arch, seed=seed).train()
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+        (ids,) = batch
+        self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
+
+    def configure_optimizers(self) -> Any:
+        if not self.param_groups:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+        # Two groups with their own settings, plus a scheduler: both must survive the restriction.
+        decay = [p for n, p in self.named_parameters() if not n.endswith("lora_B")]
+        no_decay = [p for n, p in self.named_parameters() if n.endswith("lora_B")]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0, "lr": 5e-3}], lr=1e-2
+        )
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DeferredLM(TinyLM):
+    """Builds its model in ``configure_model``, as sharded-strategy recipes do."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(build_in_configure_model=True, **kwargs)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny.build(self.arch, seed=self.seed).train()
+
+
+def token_loader(n: int = 16, batch_size: int = 4, shuffle: bool = True, seed: int = 5) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        TensorDataset(torch.randint(3, tiny.VOCAB, (n, tiny.SEQ), generator=g)), batch_size=batch_size, shuffle=shuffle
+    )
+
+
+def trainer(root: Any, **kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = dict(
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    return L.Trainer(**(defaults | kwargs))

@@ -1,0 +1,198 @@
+"""PEFTCallback in real Trainer runs: injection, optimizer, checkpoints, exact resume, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+import lightning_peft as lp
+from lightning_peft import PEFTCallback
+from lightning_peft.core import state
+from tests.lightning.modules import DeferredLM, TinyLM, token_loader, trainer
+
+
+def adapter(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in lp.trainable_state_dict(module).items()}
+
+
+def test_fit_trains_only_the_adapter(tmp_path: Path) -> None:
+    module = TinyLM()
+    frozen_before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    callback = PEFTCallback("lora", r=4, verbose=False)
+    t = trainer(tmp_path, max_steps=3, callbacks=[callback])
+    t.fit(module, token_loader())
+    declared = {n for n, _ in state.adapter_parameters(module)}
+    assert declared and all("lora_" in n for n in declared)
+    for name, param in module.named_parameters():
+        if name in declared:
+            assert not torch.equal(param, frozen_before.get(name, torch.zeros(0))), f"{name} did not train"
+        else:
+            key = name.replace(".base_layer", "")
+            assert torch.equal(param, frozen_before[key]), f"frozen {name} changed"
+    # The optimizer holds exactly the trainable parameters although configure_optimizers passed all.
+    (optimizer,) = t.optimizers
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for _, p in state.adapter_parameters(module)}
+
+
+def test_param_groups_and_scheduler_survive(tmp_path: Path) -> None:
+    module = TinyLM(param_groups=True)
+    t = trainer(tmp_path, max_steps=4, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
+    t.fit(module, token_loader())
+    decay, no_decay = t.optimizers[0].param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.requires_grad for g in (decay, no_decay) for p in g["params"])
+    assert len(decay["params"]) == len(no_decay["params"]) == 4  # lora_A / lora_B of q, v in 2 layers
+    assert no_decay["lr"] == pytest.approx(5e-3 * 0.25) and decay["lr"] == pytest.approx(1e-2 * 0.25)
+
+
+def test_model_built_in_configure_model_is_injected_before_optimizers(tmp_path: Path) -> None:
+    module = DeferredLM()
+    t = trainer(tmp_path, max_steps=2, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
+    t.fit(module, token_loader())
+    assert lp.get_info(module).method == "lora"
+    assert {id(p) for g in t.optimizers[0].param_groups for p in g["params"]} == {
+        id(p) for _, p in state.adapter_parameters(module)
+    }
+    assert "configure_model" not in module.__dict__  # the hook wrapper is removed at teardown
+
+
+def test_summary_is_printed_and_logged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    logger = CSVLogger(tmp_path)
+    t = trainer(tmp_path, max_steps=1, logger=logger, callbacks=[PEFTCallback("lora", r=4)])
+    t.fit(TinyLM(), token_loader())
+    hparams = (Path(logger.log_dir) / "hparams.yaml").read_text()
+    assert "method: lora" in hparams and "trainable_params: 896" in hparams and "total_params:" in hparams
+    assert "q_proj (LoRALinear)" in hparams
+
+
+def test_fit_twice_and_validate_reuse_the_injection(tmp_path: Path) -> None:
+    module = TinyLM()
+    callback = PEFTCallback("lora", r=4, verbose=False)
+    trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(module, token_loader())
+    first = lp.get_info(module)
+    t = trainer(tmp_path, max_steps=2, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
+    t.fit(module, token_loader())
+    t.validate(module, token_loader(shuffle=False))
+    assert lp.get_info(module) is first
+    with pytest.raises(ValueError, match=r"already has a lora adapter .*this PEFTCallback would add lora"):
+        trainer(tmp_path, max_steps=1, callbacks=[PEFTCallback("lora", r=2)]).fit(module, token_loader())
+
+
+def test_checkpoint_holds_only_trainable_state_and_is_small(tmp_path: Path) -> None:
+    module = TinyLM()
+    t = trainer(tmp_path, max_steps=2, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
+    t.fit(module, token_loader())
+    path = tmp_path / "adapter.ckpt"
+    t.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert set(checkpoint["state_dict"]) == {n for n, _ in state.adapter_state(module)}
+    assert {"optimizer_states", "lr_schedulers", "loops", "callbacks"} <= set(checkpoint)
+    trainable_bytes = sum(p.numel() * p.element_size() for _, p in state.adapter_parameters(module))
+    adamw_bytes = 2 * trainable_bytes  # exp_avg and exp_avg_sq
+    assert path.stat().st_size <= 1.1 * (trainable_bytes + adamw_bytes) + 64 * 1024
+    full = sum(p.numel() * p.element_size() for p in module.parameters())
+    assert path.stat().st_size < full  # the frozen backbone is not in it
+
+
+def _run(root: Path, epochs: int, ckpt_path: Path | None = None, **options: object) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    module = TinyLM()
+    callbacks = [
+        PEFTCallback("lora", **({"r": 4, "dropout": 0.1, "verbose": False} | options)),
+        ModelCheckpoint(dirpath=root, save_last=True),
+    ]
+    t = trainer(root, max_epochs=epochs, callbacks=callbacks, num_sanity_val_steps=2)
+    t.fit(module, token_loader(shuffle=True), token_loader(n=8, shuffle=False), ckpt_path=ckpt_path)
+    return adapter(module)
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    """fit 2N steps == fit N, stop, resume, fit N more; with shuffling and dropout on."""
+    straight = _run(tmp_path / "straight", epochs=2)
+    _run(tmp_path / "first", epochs=1)
+    resumed = _run(tmp_path / "second", epochs=2, ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"r": 8}, r"trained with other lora options: r=4 in the state dict, r=8 here"),
+        ({"target_modules": ["q_proj"]}, r"target_modules=\['q_proj', 'v_proj'\] in the state dict"),
+        ({"seed": 3}, r"does not fit this base model: it was trained on another base model"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path, change: dict, message: str) -> None:
+    t = trainer(tmp_path, max_steps=1, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
+    t.fit(TinyLM(), token_loader())
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    seed = change.pop("seed", 0)
+    callback = PEFTCallback("lora", **({"r": 4, "verbose": False} | change))
+    with pytest.raises(ValueError, match=message):
+        trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(
+            TinyLM(seed=seed), token_loader(), ckpt_path=tmp_path / "a.ckpt"
+        )
+
+
+def test_resume_refuses_a_checkpoint_missing_adapter_keys(tmp_path: Path) -> None:
+    t = trainer(tmp_path, max_steps=1, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
+    t.fit(TinyLM(), token_loader())
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    checkpoint = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    del checkpoint["state_dict"]["model.model.layers.0.self_attn.q_proj.lora_A"]
+    torch.save(checkpoint, tmp_path / "b.ckpt")
+    with pytest.raises(ValueError, match=r"lacks adapter weights: model\.model\.layers\.0\.self_attn\.q_proj\.lora_A"):
+        trainer(tmp_path, max_steps=2, callbacks=[PEFTCallback("lora", r=4, verbose=False)]).fit(
+            TinyLM(), token_loader(), ckpt_path=tmp_path / "b.ckpt"
+        )
+
+
+def test_a_checkpoint_loads_into_the_bare_model_for_inference(tmp_path: Path) -> None:
+    module = TinyLM()
+    t = trainer(tmp_path, max_steps=2, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
+    t.fit(module, token_loader())
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    from tests import tiny
+
+    bare = lp.load_adapter(tiny.build("llama"), tmp_path / "a.ckpt")
+    batch = tiny.inputs("llama")
+    torch.testing.assert_close(tiny.logits(bare, batch), tiny.logits(module.model.eval(), batch), rtol=0, atol=0)
+
+
+def test_unfrozen_parameters_outside_the_adapter_are_refused(tmp_path: Path) -> None:
+    class Unfreezes(TinyLM):
+        def on_fit_start(self) -> None:
+            self.model.model.norm.weight.requires_grad_(True)
+
+    with pytest.raises(RuntimeError, match=r"model\.model\.norm\.weight require grad but belong to no adapter"):
+        # The module's on_fit_start runs after the callback's; the check runs again at train start.
+        trainer(tmp_path, max_steps=1, callbacks=[PEFTCallback("lora", verbose=False)]).fit(Unfreezes(), token_loader())
+
+
+def test_bad_arguments_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"method must be one of 'lora'.*got 'lorax'"):
+        PEFTCallback("lorax")
+    with pytest.raises(ValueError, match=r"LoRAConfig.r must be a positive integer; got 0"):
+        PEFTCallback("lora", r=0)
+
+
+def test_unsupported_strategy_is_refused() -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class FakeTrainer:
+        strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+
+    with pytest.raises(
+        ValueError,
+        match=r"PEFTCallback does not support strategy DeepSpeedStrategy; supported: "
+        r"SingleDeviceStrategy, DDPStrategy",
+    ):
+        PEFTCallback.check_strategy(FakeTrainer())  # type: ignore[arg-type]

@@ -1,0 +1,31 @@
+"""Per-method test cases: the options each registered method gets on the tiny models.
+
+The shared tester runs every registered method over every tiny architecture with these options;
+a method without a case here fails ``test_every_method_has_a_case``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Case:
+    """How the shared tester exercises one method.
+
+    Args:
+        options: keyword options for ``inject`` given the architecture name.
+        identity_at_init: the injected model computes exactly the base model before training.
+        archs: architectures the method supports (all by default).
+    """
+
+    options: Callable[[str], dict[str, Any]] = lambda arch: {}
+    identity_at_init: bool = True
+    archs: tuple[str, ...] = field(default=("llama", "gpt2", "bert", "roberta", "t5", "bart"))
+
+
+CASES: dict[str, Case] = {
+    "lora": Case(options=lambda arch: {"r": 4, "alpha": 8}),
+}
