@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,41 @@ class LoRALayer(AdapterLayer):
         return f"r={self.r}, scaling={self.scaling:g}"
 
 
+class _FusedLoRALinear(torch.autograd.Function):
+    """``y = x W + b + s (x A^T) B^T`` for a frozen ``W``, keeping only ``x`` and ``h = x A^T`` for backward.
+
+    The plain autograd expression allocates the base output, then the updated output, and in
+    backward two full-size input gradients that are then summed. Here the update is accumulated
+    into the base output in place and the input gradient is one buffer updated in place, so a
+    step costs the base layer's memory plus the (N x r) ``h``. ``W`` is (in, out) here: callers pass
+    ``weight.t()`` for ``nn.Linear`` and the weight itself for GPT-2's ``Conv1D``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float
+    ) -> Tensor:
+        h = x @ lora_A.t()  # (N, r)
+        out = torch.addmm(bias, x, w) if bias is not None else x @ w  # (N, out)
+        out.addmm_(h, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, h, w, lora_A, lora_B)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, h, w, lora_A, lora_B = ctx.saved_tensors
+        grad_h = (grad @ lora_B).mul_(ctx.scaling)  # (N, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ w.t()  # (N, in)
+            grad_x.addmm_(grad_h, lora_A)
+        grad_A = grad_h.t() @ x if ctx.needs_input_grad[3] else None  # (r, in)
+        grad_B = (grad.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None  # (out, r)
+        return grad_x, None, None, grad_A, grad_B, None
+
+
 class LoRALinear(LoRALayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (whose weight is stored in x out)."""
 
@@ -152,7 +187,33 @@ class LoRALinear(LoRALayer):
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
+    def _can_fuse(self, x: Tensor) -> bool:
+        """Whether the fused path computes exactly what ``base_layer(x)`` + update would.
+
+        Only for a plain frozen ``nn.Linear``/``Conv1D`` without hooks (a strategy that gathers
+        weights in a forward hook, as DeepSpeed ZeRO-3 does, keeps the generic path), no dropout,
+        no autocast and one dtype throughout.
+        """
+        base = self.base_layer
+        weight, bias = base.weight, base.bias
+        return (type(base) is nn.Linear or type(base).__name__ == "Conv1D") and not (
+            base._forward_hooks
+            or base._forward_pre_hooks
+            or weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or not isinstance(self.dropout, nn.Identity)
+            or torch.is_autocast_enabled(x.device.type)
+            or not x.dtype == weight.dtype == self.lora_A.dtype
+        )
+
     def forward(self, x: Tensor) -> Tensor:
+        if not self._merged and self._can_fuse(x):
+            base = self.base_layer
+            w = base.weight if self.fan_in_fan_out else base.weight.t()  # (in, out)
+            out = _FusedLoRALinear.apply(
+                x.reshape(-1, x.shape[-1]), w, base.bias, self.lora_A, self.lora_B, self.scaling
+            )
+            return out.view(*x.shape[:-1], out.shape[-1])
         result = self.base_layer(x)  # (..., out)
         if self._merged:
             return result

@@ -1,0 +1,334 @@
+"""Training-step benchmark: lightning_peft against peft, full fine-tuning and the frozen floor.
+
+Each mode runs in its own process (so peak memory is its own), and the modes are interleaved
+round by round (A B C A B C ...) so that drift of the machine hits every mode alike::
+
+    python -m benchmarks.step --rounds 3            # the table (CPU: 2 threads)
+    python -m benchmarks.step worker --mode lp_lora  # one measurement, printed as JSON
+
+Modes:
+    floor            every weight frozen; backward reaches the input embeddings only (the least
+                     any PEFT step can cost)
+    full             full fine-tuning with AdamW
+    peft_<method>    Hugging Face peft's implementation (where peft has the method)
+    lp_<method>      lightning_peft's pure-PyTorch core (inject + a plain loop)
+    lp_<method>_trainer  the same through a Lightning Trainer with PEFTCallback
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+#: The model of the issue: a LLaMA-style decoder built from config (~33 M parameters).
+MODEL = dict(
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    intermediate_size=1376,
+    vocab_size=8000,
+    max_position_embeddings=256,
+)
+BATCH, SEQ = 8, 128
+BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class MethodBench:
+    """How one registered method is benchmarked: our options and peft's equivalent config."""
+
+    ours: dict[str, Any]
+    peft: Callable[[], Any] | None  # builds the peft config; None where peft has no such method
+
+
+def _peft_lora() -> Any:
+    import peft
+
+    return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=BLOCK_LINEARS)
+
+
+METHODS: dict[str, MethodBench] = {
+    "lora": MethodBench({"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": BLOCK_LINEARS}, _peft_lora),
+}
+
+
+def modes() -> list[str]:
+    out = ["floor", "full"]
+    for name, bench in METHODS.items():
+        if bench.peft is not None:
+            out.append(f"peft_{name}")
+        out += [f"lp_{name}", f"lp_{name}_trainer"] if name == "lora" else [f"lp_{name}"]
+    return out
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _build_model(dtype: Any) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODEL)
+    return LlamaForCausalLM(config).to(device=_device(), dtype=dtype)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _peak_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _rss_mb()
+
+
+def _checkpoint_bytes(payload: dict[str, Any]) -> int:
+    import torch
+
+    with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+        torch.save(payload, f.name)
+        return os.path.getsize(f.name)
+
+
+def _loop(model: Any, step: Callable[[], None], warmup: int, steps: int) -> list[float]:
+    import torch
+
+    times = []
+    for i in range(warmup + steps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    dtype = getattr(torch, dtype_name)
+    model = _build_model(dtype).train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), generator=g).to(_device())
+    result: dict[str, Any] = {"mode": mode, "dtype": dtype_name, "device": _device()}
+
+    if mode.endswith("_trainer"):
+        return result | _run_trainer(model, mode.removeprefix("lp_").removesuffix("_trainer"), ids, warmup, steps)
+
+    if mode == "floor":
+        model.requires_grad_(False)
+        embed = model.get_input_embeddings()
+
+        def step() -> None:
+            inputs = embed(ids).detach().requires_grad_(True)
+            model(inputs_embeds=inputs, labels=ids).loss.backward()
+
+        optimizer = None
+    else:
+        if mode == "full":
+            pass
+        elif mode.startswith("peft_"):
+            import peft
+
+            model = peft.get_peft_model(model, METHODS[mode.removeprefix("peft_")].peft())
+        elif mode.startswith("lp_"):
+            import lightning_peft as lp
+
+            lp.inject(model, mode.removeprefix("lp_"), **METHODS[mode.removeprefix("lp_")].ours)
+        else:
+            raise SystemExit(f"unknown mode {mode!r}; modes: {', '.join(modes())}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def step() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    times = _loop(model, step, warmup, steps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result |= {"step_s": statistics.median(times), "peak_mb": _peak_mb(), "trainable": trainable}
+    if optimizer is not None:
+        if mode.startswith("lp_"):
+            import lightning_peft as lp
+
+            weights = lp.trainable_state_dict(model)
+        elif mode.startswith("peft_"):
+            import peft
+
+            weights = peft.get_peft_model_state_dict(model)
+        else:
+            weights = model.state_dict()
+        result["checkpoint_bytes"] = _checkpoint_bytes({"state_dict": weights, "optimizer": optimizer.state_dict()})
+    return result
+
+
+def _run_trainer(model: Any, method: str, ids: Any, warmup: int, steps: int) -> dict[str, Any]:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    import lightning_peft as lp
+
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+    module = Module()
+    loader = DataLoader([ids.cpu()] * (warmup + steps), batch_size=None)
+    trainer = L.Trainer(
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[lp.PEFTCallback(method, verbose=False, **METHODS[method].ours), Timer()],
+        accelerator="auto",
+        devices=1,
+    )
+    trainer.fit(module, loader)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        size = path.stat().st_size
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {
+        "step_s": statistics.median(times[warmup:]),
+        "peak_mb": _peak_mb(),
+        "trainable": trainable,
+        "checkpoint_bytes": size,
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _spawn(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.step",
+        "worker",
+        "--mode",
+        mode,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--dtype",
+        args.dtype,
+    ]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"mode {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt_ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.3f}" if value is not None and base else "-"
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    floor, peft = rows.get("floor", {}), rows.get("peft_lora", {})
+    lines = [
+        "| mode | step (s) | x floor | x peft LoRA | peak MB | x floor | trainable | checkpoint bytes | x (params+AdamW) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, r in rows.items():
+        ckpt = r.get("checkpoint_bytes")
+        budget = 3 * 4 * r["trainable"] if r.get("trainable") else None
+        lines.append(
+            f"| {mode} | {r['step_s']:.4f} | {_fmt_ratio(r['step_s'], floor.get('step_s'))} | "
+            f"{_fmt_ratio(r['step_s'], peft.get('step_s'))} | {r['peak_mb']:.0f} | "
+            f"{_fmt_ratio(r['peak_mb'], floor.get('peak_mb'))} | {r.get('trainable', 0):,} | "
+            f"{ckpt if ckpt is not None else '-'} | {_fmt_ratio(ckpt, budget)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="table", choices=["table", "worker"])
+    parser.add_argument("--mode", help="worker: the mode to measure")
+    parser.add_argument("--modes", nargs="*", help="table: which modes (default: all)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        print(json.dumps(run_worker(args.mode, args.warmup, args.steps, args.dtype)))
+        return
+    selected = args.modes or modes()
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in selected}
+    for round_ in range(args.rounds):
+        for mode in selected:
+            runs[mode].append(_spawn(mode, args))
+            print(f"round {round_ + 1}/{args.rounds} {mode}: {runs[mode][-1]['step_s']:.4f} s/step", file=sys.stderr)
+    rows = {
+        m: rs[0]
+        | {"step_s": statistics.median(r["step_s"] for r in rs), "peak_mb": statistics.median(r["peak_mb"] for r in rs)}
+        for m, rs in runs.items()
+    }
+    device = rows[selected[0]]["device"]
+    text = (
+        f"Step benchmark ({device}, {args.dtype}, batch {BATCH}x{SEQ}, {args.rounds} interleaved rounds x "
+        f"{args.steps} steps, median)\n\n" + table(rows) + "\n"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"step-{device}.md").write_text(text)
+    (RESULTS / f"step-{device}.json").write_text(json.dumps(runs, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
