@@ -1,3 +1,6 @@
 """Built-in methods. Importing this package registers each one (one file per method)."""
 
-from lightning_peft.methods import lora  # noqa: F401
+from lightning_peft.methods import (
+    ia3,  # noqa: F401
+    lora,  # noqa: F401
+)

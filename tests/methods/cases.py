@@ -28,4 +28,5 @@ class Case:
 
 CASES: dict[str, Case] = {
     "lora": Case(options=lambda arch: {"r": 4, "alpha": 8}),
+    "ia3": Case(),
 }
