@@ -34,11 +34,13 @@ from lightning_peft.registry import Method, register
 
 Targets = str | list[str]
 
-_DECODER = {"attention": ["self_attn.o_proj"], "ffn": ["mlp.down_proj"]}
+_DECODER: dict[str, Targets] = {"attention": ["self_attn.o_proj"], "ffn": ["mlp.down_proj"]}
 # BERT-style encoders name both output projections `*.output.dense`; the feed-forward one is
 # `layer.<i>.output.dense`, which only a regular expression tells apart.
-_BERT = {"attention": ["attention.output.dense"], "ffn": r".*\.layer\.\d+\.output\.dense"}
-_SEQ2SEQ = {"attention": ["self_attn.out_proj", "encoder_attn.out_proj"], "ffn": ["fc2"]}
+_BERT: dict[str, Targets] = {"attention": ["attention.output.dense"], "ffn": r".*\.layer\.\d+\.output\.dense"}
+_SEQ2SEQ: dict[str, Targets] = {"attention": ["self_attn.out_proj", "encoder_attn.out_proj"], "ffn": ["fc2"]}
+
+_T5: dict[str, Targets] = {"attention": ["SelfAttention.o", "EncDecAttention.o"], "ffn": ["DenseReluDense.wo"]}
 
 #: Sequential placement: the output projection of each sublayer.
 SEQUENTIAL_DEFAULTS: dict[str, dict[str, Targets]] = {
@@ -58,19 +60,22 @@ SEQUENTIAL_DEFAULTS: dict[str, dict[str, Targets]] = {
 
 #: Parallel placement: the attention / feed-forward block, where the model has it as one module
 #: (BERT-style and BART-style layers compute their feed-forward inline, so they have none).
+_BLOCKS: dict[str, Targets] = {"attention": ["self_attn"], "ffn": ["mlp"]}
+_T5_BLOCKS: dict[str, Targets] = {"attention": ["SelfAttention", "EncDecAttention"], "ffn": ["DenseReluDense"]}
+_SEQ2SEQ_BLOCKS: dict[str, Targets] = {"attention": ["self_attn", "encoder_attn"]}
+_NO_BLOCKS: dict[str, Targets] = {}
+
 PARALLEL_DEFAULTS: dict[str, dict[str, Targets]] = {
-    **dict.fromkeys(
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"), {"attention": ["self_attn"], "ffn": ["mlp"]}
-    ),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"), _BLOCKS),
     "gpt2": {"attention": ["attn"], "ffn": ["mlp"]},
     "gpt_neox": {"attention": ["attention"], "ffn": ["mlp"]},
     "falcon": {"attention": ["self_attention"], "ffn": ["mlp"]},
     "opt": {"attention": ["self_attn"]},
     "distilbert": {"attention": ["attention"], "ffn": ["ffn"]},
-    **dict.fromkeys(("t5", "mt5"), {"attention": ["SelfAttention", "EncDecAttention"], "ffn": ["DenseReluDense"]}),
-    **dict.fromkeys(("bart", "whisper"), {"attention": ["self_attn", "encoder_attn"]}),
+    **dict.fromkeys(("t5", "mt5"), _T5_BLOCKS),
+    **dict.fromkeys(("bart", "whisper"), _SEQ2SEQ_BLOCKS),
     "vit": {"attention": ["attention"], "ffn": ["mlp"]},
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta"), {}),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta"), _NO_BLOCKS),
 }
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -112,7 +117,7 @@ class BottleneckConfig(LayerConfig):
 
 def _features(module: nn.Module) -> tuple[int, int]:
     """(input, output) width of a linear layer, or of a block from its first and last linear layers."""
-    linears = [m for m in module.modules() if is_linear(m)]
+    linears: list[Any] = [m for m in module.modules() if is_linear(m)]
     if not linears:
         raise TypeError(
             f"it is a {type(module).__name__} without linear layers, which bottleneck cannot wrap; bottleneck "

@@ -20,6 +20,8 @@ This file is not a method of its own: it is LoRA's ``use_dora`` option, and regi
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,12 +33,13 @@ from lightning_peft.methods.lora import LoRAConfig, LoRALinear
 class DoRALinear(LoRALinear):
     """DoRA around ``nn.Linear`` or transformers' ``Conv1D``: LoRA's ``A``, ``B`` plus a magnitude."""
 
-    adapter_names = ("lora_A", "lora_B", "lora_magnitude")
+    adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude")  # type: ignore[assignment]
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
-        if not base_layer.weight.is_floating_point():
+        weight: Tensor = base_layer.weight  # type: ignore[assignment]
+        if not weight.is_floating_point():
             raise TypeError(
-                f"its weight is {base_layer.weight.dtype}; lora with use_dora=True needs a floating-point "
+                f"its weight is {weight.dtype}; lora with use_dora=True needs a floating-point "
                 "base weight to take its norm (quantized layers are not supported)"
             )
         super().__init__(base_layer, config)
@@ -56,7 +59,7 @@ class DoRALinear(LoRALinear):
 
     def _base_weight(self) -> Tensor:
         """The base weight as ``(out, in)`` (a view of Conv1D's ``(in, out)`` storage)."""
-        weight = self.base_layer.weight
+        weight: Tensor = self.base_layer.weight  # type: ignore[assignment]
         return weight.t() if self.fan_in_fan_out else weight
 
     def _lora_weight(self) -> Tensor:

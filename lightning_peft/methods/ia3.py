@@ -32,8 +32,9 @@ _BERT_TARGETS = r".*\.(key|value)|.*\.layer\.\d+\.output\.dense"
 _BERT_FEEDFORWARD = r".*\.layer\.\d+\.output\.dense"
 
 #: What (IA)^3 wraps by default: keys, values and the feed-forward's second projection, as in the
-#: paper. (peft's defaults agree for most models; for gemma, qwen2 and opt it takes the queries
-#: instead of the keys, and for BERT both `*.output.dense`, the attention one as a feed-forward.)
+#: paper. peft's defaults agree for most models; it takes queries instead of keys for gemma and
+#: qwen2 and instead of values for opt, and for BERT both `*.output.dense`, the attention one as a
+#: feed-forward. Pass peft's lists as target_modules / feedforward_modules to reproduce them.
 DEFAULT_TARGETS: dict[str, str | list[str]] = {
     "llama": ["k_proj", "v_proj", "down_proj"],
     "mistral": ["k_proj", "v_proj", "down_proj"],
@@ -141,7 +142,7 @@ class IA3Layer(AdapterLayer):
                 "transformers' Conv1D"
             )
         super().__init__(base_layer)
-        weight = base_layer.weight
+        weight: Tensor = base_layer.weight  # type: ignore[assignment]
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
         in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
         self.feedforward = feedforward
@@ -168,13 +169,13 @@ class IA3Layer(AdapterLayer):
         return scale[:, None] if along_rows else scale[None, :]
 
     def _merge(self) -> None:
-        weight, bias, scale = self.base_layer.weight, self.bias, self.ia3_l
+        weight, bias, scale = self.weight, self.bias, self.ia3_l
         weight.mul_(self._weight_scale(scale).to(weight.dtype))
         if not self.feedforward and bias is not None:
             bias.mul_(scale.to(bias.dtype))
 
     def _unmerge(self) -> None:
-        weight, bias, scale = self.base_layer.weight, self.bias, self.ia3_l
+        weight, bias, scale = self.weight, self.bias, self.ia3_l
         zeros = int((scale == 0).sum())
         if zeros:
             raise ValueError(

@@ -19,7 +19,6 @@ from tests.lightning.modules import TinyLM, token_loader, trainer
 METHODS = {
     "ia3": ("ia3", {}),
     "bottleneck-parallel": ("bottleneck", {"variant": "parallel", "placement": "both", "scaling": 4.0}),
-    "bottleneck-sequential": ("bottleneck", {"placement": "both", "activation": "gelu"}),
     "dora": ("lora", {"r": 4, "dropout": 0.1, "use_dora": True}),
 }
 
