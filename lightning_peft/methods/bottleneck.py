@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lightning_peft.core.config import LayerConfig, check_choice, check_positive
 from lightning_peft.core.inject import replace_modules
 from lightning_peft.core.layer import AdapterLayer
-from lightning_peft.core.targeting import architecture_default, is_linear, model_type, select
+from lightning_peft.core.targeting import architecture_default, find_base_model, is_linear, model_type, select
 from lightning_peft.registry import Method, register
 
 Targets = str | list[str]
@@ -115,15 +115,21 @@ class BottleneckConfig(LayerConfig):
         check_positive(self, "scaling", self.scaling)
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(input, output) width of a linear layer, or of a block from its first and last linear layers."""
+def _features(module: nn.Module, hidden_size: int | None) -> tuple[int, int]:
+    """(input, output) width of a linear layer, or of a block.
+
+    A block (an attention or feed-forward module) maps the model's hidden size to itself; outside
+    transformers models, where there is no ``config.hidden_size``, its widths are read from its
+    first and last linear layers (in registration order).
+    """
     linears: list[Any] = [m for m in module.modules() if is_linear(m)]
     if not linears:
         raise TypeError(
             f"it is a {type(module).__name__} without linear layers, which bottleneck cannot wrap; bottleneck "
-            "wraps a linear layer (sequential) or an attention / feed-forward block (parallel), and reads the "
-            "hidden size from their linear layers"
+            "wraps a linear layer (sequential) or an attention / feed-forward block (parallel)"
         )
+    if hidden_size is not None and not is_linear(module):
+        return hidden_size, hidden_size
     first, last = linears[0], linears[-1]
     in_features = first.weight.shape[0] if not isinstance(first, nn.Linear) else first.in_features
     out_features = last.weight.shape[1] if not isinstance(last, nn.Linear) else last.out_features
@@ -131,13 +137,20 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 
 class BottleneckAdapter(AdapterLayer):
-    """A module (output projection or whole block) followed by, or beside, a bottleneck adapter."""
+    """A module (output projection or whole block) followed by, or beside, a bottleneck adapter.
+
+    Args:
+        base_layer: the module to wrap.
+        config: the adapter's options.
+        hidden_size: the model's hidden size, the width of a wrapped block (None: read it from the
+            block's linear layers).
+    """
 
     adapter_names = ("adapter_down", "adapter_up")
     method = "bottleneck"
 
-    def __init__(self, base_layer: nn.Module, config: BottleneckConfig) -> None:
-        in_features, out_features = _features(base_layer)
+    def __init__(self, base_layer: nn.Module, config: BottleneckConfig, hidden_size: int | None = None) -> None:
+        in_features, out_features = _features(base_layer, hidden_size)
         parallel = config.variant == "parallel"
         width = in_features if parallel else out_features
         size = int(width // config.reduction_factor)
@@ -237,10 +250,11 @@ def apply(model: nn.Module, config: BottleneckConfig) -> list[str]:
     """Wrap every module that ``target_modules`` selects."""
     assert config.target_modules is not None, "resolve() runs first"
     names = select(model, config.target_modules, config.exclude_modules, owner=type(config).__name__)
+    hidden_size = getattr(getattr(find_base_model(model)[1], "config", None), "hidden_size", None)
 
     def build(name: str, module: nn.Module) -> nn.Module:
         try:
-            return BottleneckAdapter(module, config)
+            return BottleneckAdapter(module, config, hidden_size if isinstance(hidden_size, int) else None)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{type(config).__name__}.target_modules selected {name!r}: {err}") from None
 

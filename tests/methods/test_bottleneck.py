@@ -14,7 +14,7 @@ from torch import nn
 import lightning_peft as lp
 from lightning_peft.core import state
 from lightning_peft.methods.bottleneck import BottleneckAdapter, BottleneckConfig
-from tests import tiny
+from tests import more_archs, tiny
 
 
 def adapters(model: nn.Module) -> dict[str, BottleneckAdapter]:
@@ -200,3 +200,15 @@ def test_targets_it_cannot_wrap_are_named() -> None:
         nn.Sequential(nn.Linear(4, 4), nn.Identity()), "bottleneck", target_modules=["0"], reduction_factor=2
     )
     assert isinstance(model[0], BottleneckAdapter)  # any linear layer can be a target
+
+
+@pytest.mark.parametrize("arch", list(more_archs.BUILDERS))
+def test_defaults_on_the_other_named_architectures(arch: str) -> None:
+    """Sequential (both sublayers) and parallel (attention blocks) defaults select modules and run."""
+    batch = more_archs.inputs(arch)
+    base = more_archs.build(arch)(**batch).logits
+    for options in ({"placement": "both"}, {"placement": "attention", "variant": "parallel"}):
+        model = lp.inject(more_archs.build(arch), "bottleneck", **options)
+        torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=1e-6)
+        perturb(model)
+        assert not torch.allclose(model(**batch).logits, base, atol=1e-4), options

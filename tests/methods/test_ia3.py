@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lightning_peft as lp
 from lightning_peft.methods.ia3 import IA3Config, IA3Layer
-from tests import tiny
+from tests import more_archs, tiny
 from tests.peft_reference import copy_into_peft, randomize_adapter
 
 
@@ -154,3 +154,16 @@ def test_a_plain_module_needs_feedforward_modules() -> None:
         lp.inject(model, "ia3", target_modules=["0", "2"])
     lp.inject(model, "ia3", target_modules=["0", "2"], feedforward_modules=["2"])
     assert model[2].feedforward and not model[0].feedforward
+
+
+@pytest.mark.parametrize("arch", list(more_archs.BUILDERS))
+def test_defaults_on_the_other_named_architectures(arch: str) -> None:
+    """Every architecture with a default: it selects keys/values and a feed-forward layer, and runs."""
+    batch = more_archs.inputs(arch)
+    base = more_archs.build(arch)(**batch).logits
+    model = lp.inject(more_archs.build(arch), "ia3")
+    layers = ia3_layers(model)
+    assert any(m.feedforward for m in layers.values()) and not all(m.feedforward for m in layers.values())
+    torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=1e-6)
+    randomize_adapter(model, std=0.5)
+    assert not torch.allclose(model(**batch).logits, base, atol=1e-4)
