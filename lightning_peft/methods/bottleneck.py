@@ -9,12 +9,12 @@ View of Parameter-Efficient Transfer Learning" (parallel to the sublayer, scaled
     sequential:  y = h + s * adapter(h),      h = sublayer(x)     (wraps the sublayer's output projection)
     parallel:    y = sublayer(x) + s * adapter(x)                 (wraps the whole sublayer)
 
-``W_up`` and ``b_up`` start at zero, so the model starts out exactly unchanged (the near-identity
-initialization of Houlsby et al.). Sequential adapters wrap each sublayer's output projection, so
-they act on its output before the residual connection and layer norm, in every architecture.
-Parallel adapters need the sublayer's input, so they wrap the attention or feed-forward block
-itself (whose first output is the hidden states). The adapter is non-linear, so it cannot be merged
-into a weight.
+``W_up`` and ``b_up`` start at zero, so the model starts out exactly unchanged (Houlsby et al.
+initialize near the identity; a zero up-projection makes it exact, as LoRA's ``B = 0`` does).
+Sequential adapters wrap each sublayer's output projection, so they act on its output before the
+residual connection and layer norm, in every architecture. Parallel adapters need the sublayer's
+input, so they wrap the attention or feed-forward block itself (whose first output is the hidden
+states). The adapter is non-linear, so it cannot be merged into a weight.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ _DECODER: dict[str, Targets] = {"attention": ["self_attn.o_proj"], "ffn": ["mlp.
 # `layer.<i>.output.dense`, which only a regular expression tells apart.
 _BERT: dict[str, Targets] = {"attention": ["attention.output.dense"], "ffn": r".*\.layer\.\d+\.output\.dense"}
 _SEQ2SEQ: dict[str, Targets] = {"attention": ["self_attn.out_proj", "encoder_attn.out_proj"], "ffn": ["fc2"]}
-
 _T5: dict[str, Targets] = {"attention": ["SelfAttention.o", "EncDecAttention.o"], "ffn": ["DenseReluDense.wo"]}
 
 #: Sequential placement: the output projection of each sublayer.
@@ -51,15 +50,15 @@ SEQUENTIAL_DEFAULTS: dict[str, dict[str, Targets]] = {
     "opt": {"attention": ["self_attn.out_proj"], "ffn": ["fc2"]},
     **dict.fromkeys(("bert", "roberta", "xlm-roberta"), _BERT),
     "distilbert": {"attention": ["attention.out_lin"], "ffn": ["ffn.lin2"]},
-    **dict.fromkeys(
-        ("t5", "mt5"), {"attention": ["SelfAttention.o", "EncDecAttention.o"], "ffn": ["DenseReluDense.wo"]}
-    ),
+    **dict.fromkeys(("t5", "mt5"), _T5),
     **dict.fromkeys(("bart", "whisper"), _SEQ2SEQ),
     "vit": {"attention": ["attention.o_proj"], "ffn": ["mlp.fc2"]},
 }
 
 #: Parallel placement: the attention / feed-forward block, where the model has it as one module
-#: (BERT-style and BART-style layers compute their feed-forward inline, so they have none).
+#: that returns the sublayer's output before the residual connection. BART-style layers compute
+#: their feed-forward inline; BERT-style layers also fold the residual and layer norm into both
+#: blocks; neither has such a module there.
 _BLOCKS: dict[str, Targets] = {"attention": ["self_attn"], "ffn": ["mlp"]}
 _T5_BLOCKS: dict[str, Targets] = {"attention": ["SelfAttention", "EncDecAttention"], "ffn": ["DenseReluDense"]}
 _SEQ2SEQ_BLOCKS: dict[str, Targets] = {"attention": ["self_attn", "encoder_attn"]}

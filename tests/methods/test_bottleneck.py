@@ -36,7 +36,10 @@ class Block(nn.Module):
         self.inner = nn.Linear(8, 12)
         self.out = nn.Linear(12, 8)
 
-    def forward(self, hidden_states: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, str]:
+    def forward(
+        self, hidden_states: torch.Tensor | None = None, scale: float = 1.0, states: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, str]:
+        hidden_states = states if hidden_states is None else hidden_states
         return self.out(torch.tanh(self.inner(hidden_states))) * scale, "extra"
 
 
@@ -212,3 +215,20 @@ def test_defaults_on_the_other_named_architectures(arch: str) -> None:
         torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=1e-6)
         perturb(model)
         assert not torch.allclose(model(**batch).logits, base, atol=1e-4), options
+
+
+def test_blocks_it_cannot_read_are_named() -> None:
+    class ReturnsDict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"out": self.proj(x)}
+
+    layer = BottleneckAdapter(ReturnsDict(), BottleneckConfig(reduction_factor=2))
+    with pytest.raises(TypeError, match=r"return a tensor or a tuple starting with one; ReturnsDict returned dict"):
+        layer(torch.randn(2, 8))
+    parallel = BottleneckAdapter(Block(), BottleneckConfig(reduction_factor=2, variant="parallel"))
+    with pytest.raises(TypeError, match=r"reads the hidden states its block is called with .*; Block got none"):
+        parallel(states=torch.randn(2, 8))
