@@ -51,7 +51,7 @@ def replace_modules(root: nn.Module, names: Sequence[str], build: Callable[[str,
     return list(names)
 
 
-def resolve_targets(model: nn.Module, config: L, *, defaults: Mapping[str, Sequence[str]]) -> L:
+def resolve_targets(model: nn.Module, config: L, *, defaults: Mapping[str, str | Sequence[str]]) -> L:
     """``resolve`` for layer methods: fill ``target_modules`` from the architecture default."""
     if config.target_modules is not None:
         return config

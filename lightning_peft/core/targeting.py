@@ -137,16 +137,21 @@ def select(
 
 
 def architecture_default(
-    root: nn.Module, defaults: Mapping[str, Sequence[str]], *, method: str, field: str = "target_modules"
-) -> list[str]:
-    """The default target list of ``method`` for the model's architecture.
+    root: nn.Module, defaults: Mapping[str, str | Sequence[str]], *, method: str, field: str = "target_modules"
+) -> str | list[str]:
+    """The default targets of ``method`` for the model's architecture.
+
+    A default is a list of names (matched as dotted suffixes) or, where a suffix cannot tell two
+    modules apart (BERT's attention and feed-forward output projections are both ``*.output.dense``),
+    a regular expression, returned as it is.
 
     Raises:
         ValueError: when the model has no known architecture default; says how to pass targets.
     """
     kind = model_type(root)
     if kind is not None and kind in defaults:
-        return list(defaults[kind])
+        value = defaults[kind]
+        return value if isinstance(value, str) else list(value)
     known = ", ".join(sorted(defaults))
     what = f"architecture {kind!r}" if kind else f"a {type(root).__name__} (not a transformers model)"
     raise ValueError(

@@ -64,6 +64,9 @@ class LoRAConfig(LayerConfig):
         rslora: scale by ``alpha / sqrt(r)``, which keeps the update's size stable as r grows.
         init: ``"kaiming"`` (uniform A as nn.Linear does, B = 0; peft's default) or
             ``"gaussian"`` (A ~ N(0, 1/r), B = 0). Embeddings always start with A = 0, B ~ N(0, 1).
+        use_dora: DoRA (Liu et al., 2024): split each weight into a trained magnitude per output
+            feature and a direction that LoRA updates (see :mod:`lightning_peft.methods.dora`).
+            nn.Linear and Conv1D layers only.
         target_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
         exclude_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
         modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
@@ -74,6 +77,7 @@ class LoRAConfig(LayerConfig):
     dropout: float = 0.0
     rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +87,8 @@ class LoRAConfig(LayerConfig):
         if not isinstance(self.rslora, bool):
             raise ValueError(f"LoRAConfig.rslora must be True or False; got {self.rslora!r}.")
         check_choice(self, "init", self.init, ("kaiming", "gaussian"))
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoRAConfig.use_dora must be True or False; got {self.use_dora!r}.")
 
     @property
     def scaling(self) -> float:
@@ -297,6 +303,10 @@ class LoRAConv2d(LoRALayer):
 
 def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
     """The LoRA wrapper for one selected module."""
+    if config.use_dora:
+        from lightning_peft.methods import dora  # its layers build on LoRALinear
+
+        return dora.wrap(module, config)
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding(module, config)
     if isinstance(module, nn.Conv2d):

@@ -28,4 +28,6 @@ class Case:
 
 CASES: dict[str, Case] = {
     "lora": Case(options=lambda arch: {"r": 4, "alpha": 8}),
+    "ia3": Case(),
+    "bottleneck": Case(options=lambda arch: {"placement": "both", "reduction_factor": 8, "activation": "gelu"}),
 }

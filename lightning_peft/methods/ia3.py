@@ -1,0 +1,233 @@
+"""(IA)^3: infused adapter by inhibiting and amplifying inner activations.
+
+Liu et al., 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning" (T-Few). Learned vectors rescale the attention keys and values and the feed-forward
+activations, elementwise::
+
+    k = l_k * (W_k x + b_k),    v = l_v * (W_v x + b_v),    h = W_2 (l_ff * f(W_1 x)) + b_2
+
+with every ``l`` initialized to ones, so the model starts out unchanged. Attention targets scale
+their output (``y = l * (W x + b)``); feed-forward targets scale their input (``y = W (l * x) + b``),
+which for the feed-forward's second projection is exactly the paper's ``l_ff * f(W_1 x)``. Both fold
+into the weight: ``W <- diag(l) W, b <- l * b`` and ``W <- W diag(l)`` respectively. The T-Few
+training losses live in :mod:`lightning_peft.losses`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.core.config import LayerConfig, check_module_keys, invalid
+from lightning_peft.core.inject import replace_modules
+from lightning_peft.core.layer import AdapterLayer
+from lightning_peft.core.targeting import ALL_LINEAR, architecture_default, is_linear, name_matches, select
+from lightning_peft.registry import Method, register
+
+# BERT-style encoders name both the attention and the feed-forward output projection
+# `*.output.dense`; only the feed-forward one sits at `layer.<i>.output.dense`.
+_BERT_TARGETS = r".*\.(key|value)|.*\.layer\.\d+\.output\.dense"
+_BERT_FEEDFORWARD = r".*\.layer\.\d+\.output\.dense"
+
+#: What (IA)^3 wraps by default: keys, values and the feed-forward's second projection, as in the
+#: paper. peft's defaults agree for most models; it takes queries instead of keys for gemma and
+#: qwen2 and instead of values for opt, and for BERT both `*.output.dense`, the attention one as a
+#: feed-forward. Pass peft's lists as target_modules / feedforward_modules to reproduce them.
+DEFAULT_TARGETS: dict[str, str | list[str]] = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["k_proj", "v_proj", "down_proj"],
+    "qwen3": ["k_proj", "v_proj", "down_proj"],
+    "gemma": ["k_proj", "v_proj", "down_proj"],
+    "gemma2": ["k_proj", "v_proj", "down_proj"],
+    "phi3": ["qkv_proj", "down_proj"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "opt": ["k_proj", "v_proj", "fc2"],
+    "bert": _BERT_TARGETS,
+    "roberta": _BERT_TARGETS,
+    "xlm-roberta": _BERT_TARGETS,
+    "distilbert": ["k_lin", "v_lin", "lin2"],
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wo"],
+    "bart": ["k_proj", "v_proj", "fc2"],
+    "vit": ["k_proj", "v_proj", "mlp.fc2"],
+    "whisper": ["k_proj", "v_proj", "fc2"],
+}
+
+#: Which of the default targets are feed-forward layers (their input is scaled, not their output).
+DEFAULT_FEEDFORWARD: dict[str, str | list[str]] = {
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "phi3": ["down_proj"],
+    "gpt2": ["mlp.c_proj"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "opt": ["fc2"],
+    "bert": _BERT_FEEDFORWARD,
+    "roberta": _BERT_FEEDFORWARD,
+    "xlm-roberta": _BERT_FEEDFORWARD,
+    "distilbert": ["lin2"],
+    "t5": ["wo"],
+    "mt5": ["wo"],
+    "bart": ["fc2"],
+    "vit": ["mlp.fc2"],
+    "whisper": ["fc2"],
+}
+
+
+@dataclass(kw_only=True)
+class IA3Config(LayerConfig):
+    """(IA)^3 options.
+
+    Args:
+        feedforward_modules: which of the targeted modules are feed-forward layers, whose input
+            (not output) is rescaled. Matched like ``target_modules`` (a list of names or a regular
+            expression); as a list it must be a subset of a ``target_modules`` list. ``None`` uses
+            the architecture default (restricted to the given ``target_modules`` when those are a
+            list); ``[]`` treats every target as an attention projection.
+        target_modules: see :class:`~lightning_peft.core.config.LayerConfig`. The default covers
+            keys, values and the feed-forward's second projection.
+        exclude_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
+        modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
+    """
+
+    feedforward_modules: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ff = self.feedforward_modules
+        try:
+            check_module_keys(self, "feedforward_modules", ff, allow_str=True, allow_empty=True)
+            valid = ff != ALL_LINEAR  # a layer kind, not a name: feed-forward layers must be named
+        except ValueError:
+            valid = False
+        if not valid:
+            raise invalid(self, "feedforward_modules", ff, "None, a regular expression or a list of module names")
+        if isinstance(ff, tuple):
+            object.__setattr__(self, "feedforward_modules", list(ff))
+        targets = self.target_modules
+        if isinstance(self.feedforward_modules, list) and isinstance(targets, list):
+            outside = [m for m in self.feedforward_modules if m not in targets]
+            if outside:
+                raise invalid(
+                    self,
+                    "feedforward_modules",
+                    self.feedforward_modules,
+                    f"a subset of target_modules {targets!r} ({outside!r} are not targets)",
+                )
+
+
+class IA3Layer(AdapterLayer):
+    """(IA)^3 around ``nn.Linear`` or transformers' ``Conv1D``: one learned vector ``ia3_l``.
+
+    Attention layers: ``y = l * (W x + b)`` (``l`` has ``out`` entries). Feed-forward layers:
+    ``y = W (l * x) + b`` (``l`` has ``in`` entries).
+    """
+
+    adapter_names = ("ia3_l",)
+    method = "ia3"
+
+    def __init__(self, base_layer: nn.Module, *, feedforward: bool) -> None:
+        if not is_linear(base_layer):
+            raise TypeError(
+                f"it is a {type(base_layer).__name__}, which ia3 cannot wrap; ia3 wraps nn.Linear and "
+                "transformers' Conv1D"
+            )
+        super().__init__(base_layer)
+        weight: Tensor = base_layer.weight  # type: ignore[assignment]
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
+        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        self.feedforward = feedforward
+        size = in_features if feedforward else out_features
+        self.ia3_l = nn.Parameter(torch.empty(size, **self.adapter_factory(weight)))
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        nn.init.ones_(self.ia3_l)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._merged:
+            return self.base_layer(x)
+        scale = self.ia3_l
+        if self.feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))  # (..., in)
+        result = self.base_layer(x)  # (..., out)
+        return (result.to(scale.dtype) * scale).to(result.dtype)
+
+    def _weight_scale(self, scale: Tensor) -> Tensor:
+        """``scale`` shaped to multiply the base weight along the axis it acts on."""
+        # nn.Linear stores (out, in), Conv1D (in, out); output scaling acts on `out`, input on `in`.
+        along_rows = self.feedforward == self.fan_in_fan_out
+        return scale[:, None] if along_rows else scale[None, :]
+
+    def _merge(self) -> None:
+        weight, bias, scale = self.weight, self.bias, self.ia3_l
+        weight.mul_(self._weight_scale(scale).to(weight.dtype))
+        if not self.feedforward and bias is not None:
+            bias.mul_(scale.to(bias.dtype))
+
+    def _unmerge(self) -> None:
+        weight, bias, scale = self.weight, self.bias, self.ia3_l
+        zeros = int((scale == 0).sum())
+        if zeros:
+            raise ValueError(
+                f"cannot unmerge this (IA)^3 layer: its vector has {zeros} zero entries, so merging erased "
+                "those parts of the base weight. Reload the base model to get them back."
+            )
+        weight.div_(self._weight_scale(scale).to(weight.dtype))
+        if not self.feedforward and bias is not None:
+            bias.div_(scale.to(bias.dtype))
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.feedforward}, size={self.ia3_l.numel()}"
+
+
+def resolve(model: nn.Module, config: IA3Config) -> IA3Config:
+    """Fill ``target_modules`` and ``feedforward_modules`` from the architecture defaults."""
+    targets = config.target_modules
+    feedforward = config.feedforward_modules
+    if targets is None:
+        targets = architecture_default(model, DEFAULT_TARGETS, method="ia3")
+    if feedforward is None:
+        feedforward = architecture_default(model, DEFAULT_FEEDFORWARD, method="ia3", field="feedforward_modules")
+        if isinstance(feedforward, list) and isinstance(targets, list):
+            feedforward = [m for m in feedforward if m in targets]
+    return config.replace(target_modules=targets, feedforward_modules=feedforward)
+
+
+def apply(model: nn.Module, config: IA3Config) -> list[str]:
+    """Wrap every target; those that ``feedforward_modules`` matches scale their input."""
+    assert config.target_modules is not None and config.feedforward_modules is not None, "resolve() runs first"
+    names = select(model, config.target_modules, config.exclude_modules, owner=type(config).__name__)
+    feedforward = {n for n in names if name_matches(n, config.feedforward_modules)}
+
+    def build(name: str, module: nn.Module) -> nn.Module:
+        try:
+            return IA3Layer(module, feedforward=name in feedforward)
+        except TypeError as err:
+            raise TypeError(f"{type(config).__name__}.target_modules selected {name!r}: {err}") from None
+
+    return replace_modules(model, names, build)
+
+
+_PAPER = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
+
+register(
+    Method(
+        name="ia3",
+        config_cls=IA3Config,
+        kind="layer",
+        apply=apply,
+        resolve=resolve,
+        summary="learned vectors rescaling keys, values and feed-forward activations; mergeable",
+        paper=_PAPER,
+    )
+)

@@ -1,0 +1,173 @@
+"""DoRA (LoRA's ``use_dora`` option): parity with peft, the formula, merge/unmerge, gradients, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lightning_peft as lp
+from lightning_peft.core import state
+from lightning_peft.methods.dora import DoRALinear
+from lightning_peft.methods.lora import LoRAConfig
+from tests import tiny
+from tests.peft_reference import copy_into_peft, randomize_adapter
+
+
+def dora_rename(module: str, local: str) -> str:
+    if local == "lora_magnitude":
+        return f"{module}.lora_magnitude_vector.default.weight"
+    return f"{module}.{local}.default.weight"
+
+
+def randomize(model: nn.Module, seed: int = 0) -> None:
+    """Random A, B and a magnitude near the initial norms (positive, as after training)."""
+    randomize_adapter(model, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, module in state.wrapped_layers(model):
+            if isinstance(module, DoRALinear):
+                noise = torch.rand(module.lora_magnitude.shape, generator=g) + 0.5
+                module.lora_magnitude.copy_(module.weight_norm() * noise)
+
+
+@pytest.mark.parametrize("arch", tiny.PARITY_ARCHS)
+@pytest.mark.parametrize("rslora", [False, True])
+def test_parity_with_peft(arch: str, rslora: bool) -> None:
+    ours = lp.inject(tiny.build(arch), "lora", r=4, alpha=8, rslora=rslora, dropout=0.1, use_dora=True)
+    targets = lp.get_info(ours).config.target_modules
+    reference = peft.get_peft_model(
+        tiny.build(arch),
+        peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, lora_dropout=0.1, target_modules=targets, use_dora=True),
+    ).eval()
+    batch = tiny.inputs(arch)
+    # At init both are the base model, and our magnitude equals peft's (||W|| per output feature).
+    torch.testing.assert_close(tiny.logits(ours, batch), tiny.logits(reference, batch), rtol=0, atol=1e-5)
+    peft_state = reference.state_dict()
+    for name, tensor in lp.trainable_state_dict(ours).items():
+        if name.endswith("lora_magnitude"):
+            key = "base_model.model." + dora_rename(*name.rsplit(".", 1))
+            torch.testing.assert_close(tensor, peft_state[key], rtol=0, atol=1e-6)
+    randomize(ours)
+    assert copy_into_peft(ours, reference, dora_rename) == 3 * len(lp.get_info(ours).modules)
+    torch.testing.assert_close(tiny.logits(ours, batch), tiny.logits(reference, batch), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_follows_the_formula(kind: str) -> None:
+    """h = m * (W + s B A) / ||W + s B A||_row x + b, with the weight written out as (out, in)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5) if kind == "linear" else Conv1D(5, 6)
+    weight = base.weight if kind == "linear" else base.weight.T  # (out, in)
+    layer = DoRALinear(copy.deepcopy(base), LoRAConfig(r=3, alpha=6, use_dora=True))
+    torch.testing.assert_close(layer.lora_magnitude, weight.norm(dim=1))  # m starts as ||W||
+    nn.init.normal_(layer.lora_B)
+    nn.init.uniform_(layer.lora_magnitude, 0.5, 2.0)
+    x = torch.randn(4, 7, 6)
+    adapted = weight + (6 / 3) * layer.lora_B @ layer.lora_A
+    directions = adapted / adapted.norm(dim=1, keepdim=True)
+    expected = x @ (layer.lora_magnitude[:, None] * directions).T + base.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_norm_is_a_constant_in_backpropagation() -> None:
+    """Section 4.3: dL/dB flows only through the update term, as if ||W + sBA|| were fixed."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5).requires_grad_(False)
+    layer = DoRALinear(copy.deepcopy(base), LoRAConfig(r=2, alpha=2, use_dora=True))
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 6)
+    layer(x).pow(2).sum().backward()
+    A, B, m = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
+    norm = (base.weight + B.detach() @ A.detach()).norm(dim=1)  # detached, as the paper says
+    out = x @ ((m / norm)[:, None] * (base.weight + B @ A)).T + base.bias
+    out.pow(2).sum().backward()
+    for ours, reference in [(layer.lora_A, A), (layer.lora_B, B), (layer.lora_magnitude, m)]:
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-5)
+    # Had the norm been differentiated, B's gradient would differ (so the check above can fail).
+    B.grad = None
+    full = (base.weight + B @ A.detach()).norm(dim=1)
+    (x @ ((m.detach() / full)[:, None] * (base.weight + B @ A.detach())).T + base.bias).pow(2).sum().backward()
+    assert not torch.allclose(layer.lora_B.grad, B.grad, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merge_unmerge_is_exact(kind: str) -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6) if kind == "linear" else Conv1D(6, 8)
+    original = base.weight.detach().clone()
+    model = nn.Sequential(base)
+    lp.inject(model, "lora", r=3, alpha=5, target_modules=["0"], use_dora=True)
+    randomize(model)
+    x = torch.randn(3, 8)
+    adapted = model(x)
+    lp.merge(model)
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model[0].base_layer(x), adapted, rtol=0, atol=1e-5)  # really in the weight
+    lp.unmerge(model)
+    torch.testing.assert_close(model[0].base_layer.weight, original, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+    assert model[0]._merged_norm is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5", "bart"])
+def test_round_trip_merge_and_unload_on_models(arch: str) -> None:
+    trained = lp.inject(tiny.build(arch), "lora", r=4, use_dora=True)
+    randomize(trained, seed=2)
+    fresh = lp.inject(tiny.build(arch), "lora", r=4, use_dora=True)
+    fresh.load_state_dict(lp.trainable_state_dict(trained))
+    batch = tiny.inputs(arch)
+    adapted = tiny.logits(trained, batch)
+    torch.testing.assert_close(tiny.logits(fresh, batch), adapted, rtol=0, atol=0)
+    torch.testing.assert_close(tiny.logits(lp.merge(fresh), batch), adapted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny.logits(lp.unmerge(fresh), batch), adapted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny.logits(lp.unload(fresh, merge=True), batch), adapted, rtol=0, atol=1e-5)
+
+
+def test_dropout_applies_to_the_rescaled_base_term_in_training() -> None:
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(16, 16), LoRAConfig(r=4, dropout=0.5, use_dora=True))
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(8, 16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(1)
+    dropped = layer.dropout(x)
+    torch.manual_seed(1)
+    out = layer(x)
+    scale = layer.lora_magnitude / layer.weight_norm()
+    base = x @ layer.weight.T + layer.bias
+    update = layer.scaling * dropped @ layer.lora_A.T @ layer.lora_B.T
+    expected = base + (scale - 1) * (dropped @ layer.weight.T) + scale * update
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("embed_tokens", r"selected 'model.embed_tokens': it is a Embedding, which lora with use_dora=True cannot"),
+        ("input_layernorm", r"it is a LlamaRMSNorm, which lora with use_dora=True cannot wrap; DoRA wraps nn.Linear"),
+    ],
+)
+def test_unsupported_layers_are_named(target: str, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        lp.inject(tiny.build("llama"), "lora", target_modules=[target], use_dora=True)
+
+
+def test_conv2d_is_refused_and_a_bad_flag_is_named() -> None:
+    with pytest.raises(TypeError, match=r"it is a Conv2d, which lora with use_dora=True cannot wrap"):
+        lp.inject(nn.Sequential(nn.Conv2d(3, 4, 3)), "lora", target_modules=["0"], use_dora=True)
+    with pytest.raises(ValueError, match=r"LoRAConfig.use_dora must be True or False; got 'yes'"):
+        LoRAConfig(use_dora="yes")  # type: ignore[arg-type]
+
+
+def test_a_dora_checkpoint_does_not_load_into_plain_lora() -> None:
+    dora = lp.inject(tiny.build("llama"), "lora", r=4, use_dora=True)
+    plain = lp.inject(tiny.build("llama"), "lora", r=4)
+    with pytest.raises(ValueError, match=r"use_dora=True in the state dict, use_dora=False here"):
+        plain.load_state_dict(lp.trainable_state_dict(dora))
