@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_peft.core.config import AdapterConfig
-from lightning_peft.core.layer import AdapterModule
+from lightning_peft.core.layer import AdapterLayer, AdapterModule
 from lightning_peft.core.targeting import find_base_model
 
 #: Key of our record inside ``state_dict._metadata[prefix]``.
@@ -314,6 +314,13 @@ def detach(model: nn.Module) -> None:
     for handle in model.__dict__.pop("_lightning_peft_hooks", []):
         handle.remove()
     model.__dict__.pop(_INFO_ATTR, None)
+
+
+def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(full name, wrapper) for every adapter that wraps a base layer."""
+    for name, module in adapter_modules(model):
+        if isinstance(module, AdapterLayer):
+            yield name, module
 
 
 def to_cpu_contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
