@@ -86,6 +86,7 @@ class PEFTCallback(Callback):
         self.restore_rng = restore_rng
         self._original_configure_model: Any = None
         self._stepped = 0  # trainer.global_step when the method's on_step last ran
+        self._total_steps: int | None = None  # optimizer steps the fit will take, if known
 
     @property
     @override
@@ -174,6 +175,8 @@ class PEFTCallback(Callback):
         # Again, for modules that unfreeze something in their own on_fit_start (which runs after ours).
         state.assert_no_grad_leak(pl_module)
         self._stepped = trainer.global_step
+        total = trainer.estimated_stepping_batches
+        self._total_steps = int(total) if math.isfinite(total) else None
         if self.method.calibrate is not None:
             self.calibrate(trainer, pl_module)
 
@@ -186,7 +189,8 @@ class PEFTCallback(Callback):
         """Run the method's calibration on the training dataloader, through ``training_step``.
 
         Under ``isolate_rng``, so drawing these batches leaves shuffling and dropout of the run
-        itself as they would be without it.
+        itself as they would be without it, and with ``self.log`` muted, so that they do not count
+        toward the run's metrics.
         """
 
         def loss_fn(batch: Any) -> torch.Tensor:
@@ -200,8 +204,16 @@ class PEFTCallback(Callback):
                 )
             return loss
 
-        with isolate_rng():
-            training.calibrate(pl_module, trainer.train_dataloader, loss_fn)
+        def mute(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        pl_module.__dict__.update(log=mute, log_dict=mute)
+        try:
+            with isolate_rng():
+                training.calibrate(pl_module, trainer.train_dataloader, loss_fn)
+        finally:
+            for name in ("log", "log_dict"):
+                pl_module.__dict__.pop(name, None)
 
     @override
     def on_before_optimizer_step(
@@ -221,8 +233,7 @@ class PEFTCallback(Callback):
         if self.method.on_step is None or trainer.global_step == self._stepped:
             return
         self._stepped = trainer.global_step
-        total = trainer.estimated_stepping_batches
-        training.on_step(pl_module, trainer.global_step, int(total) if math.isfinite(total) else None)
+        training.on_step(pl_module, trainer.global_step, self._total_steps)
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -1,3 +1,9 @@
-"""Built-in methods. Importing this package registers each one (one file per method)."""
+"""Built-in methods. Importing this package registers each one (one file per method).
 
-from lightning_peft.methods import adalora, bitfit, last_k, lora, topk  # noqa: F401
+LoRA is imported first so that it, the default method, leads every listing (README, CLI, errors).
+"""
+
+from lightning_peft.methods import lora  # noqa: F401
+
+# isort: split
+from lightning_peft.methods import adalora, bitfit, last_k, topk  # noqa: F401
