@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 import lightning_peft as lp
 from lightning_peft import PEFTCallback
-from lightning_peft.core import state
+from lightning_peft.core import state, training
 from lightning_peft.methods import adalora
 from tests.lightning.modules import TinyLM, token_loader, trainer
 
@@ -130,3 +130,21 @@ def test_selective_checkpoints_hold_only_what_trains(tmp_path: Path, method: str
 
     batch = tiny.inputs(arch)
     torch.testing.assert_close(tiny.logits(bare, batch), tiny.logits(module.model.eval(), batch), rtol=0, atol=0)
+
+
+def test_on_step_runs_once_per_optimizer_step_with_accumulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int | None]] = []
+    run_on_step = training.on_step
+
+    def spy(model: torch.nn.Module, step: int, total_steps: int | None = None) -> None:
+        calls.append((step, total_steps))
+        run_on_step(model, step, total_steps)
+
+    monkeypatch.setattr(training, "on_step", spy)
+    callback = PEFTCallback("adalora", init_r=4, target_r=2, verbose=False)
+    t = trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, callbacks=[callback])
+    t.fit(TinyLM(), token_loader(n=32))  # 8 batches -> 4 optimizer steps
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert t.global_step == 4
