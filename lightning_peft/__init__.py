@@ -21,6 +21,9 @@ _EXPORTS = {
     "summary": "lightning_peft.core.inject",
     "trainable_state_dict": "lightning_peft.core.state",
     "get_info": "lightning_peft.core.state",
+    "on_step": "lightning_peft.core.training",
+    "regularization": "lightning_peft.core.training",
+    "calibrate": "lightning_peft.core.training",
     "save_adapter": "lightning_peft.core.io",
     "load_adapter": "lightning_peft.core.io",
     "methods": "lightning_peft.registry",
@@ -29,12 +32,15 @@ _EXPORTS = {
 
 __all__ = [
     "PEFTCallback",
+    "calibrate",
     "get_info",
     "get_method",
     "inject",
     "load_adapter",
     "merge",
     "methods",
+    "on_step",
+    "regularization",
     "save_adapter",
     "summary",
     "trainable_state_dict",
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
     from lightning_peft.core.inject import inject, merge, summary, unload, unmerge
     from lightning_peft.core.io import load_adapter, save_adapter
     from lightning_peft.core.state import get_info, trainable_state_dict
+    from lightning_peft.core.training import calibrate, on_step, regularization
     from lightning_peft.lightning.callback import PEFTCallback
     from lightning_peft.registry import get as get_method
     from lightning_peft.registry import methods

@@ -8,12 +8,12 @@ method exists exactly when it is registered here.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
     from lightning_peft.core.config import AdapterConfig
 
@@ -24,6 +24,19 @@ MethodKind = Literal["layer", "input"]
 ApplyFn = Callable[["nn.Module", Any], list[str]]
 #: Returns a copy of the config with architecture-dependent defaults filled in (never mutates).
 ResolveFn = Callable[["nn.Module", Any], Any]
+
+# Optional training hooks, for methods that do more than let the optimizer update their tensors.
+# Each gets the model the method was injected into and its resolved config; a training loop runs
+# them through lightning_peft.core.training (PEFTCallback does it for Lightning).
+
+#: After each optimizer step, before the gradients are cleared: ``(model, config, step, total_steps)``,
+#: ``step`` counting optimizer steps from 1, ``total_steps`` the planned number (``None`` if unknown).
+StepFn = Callable[["nn.Module", Any, int, "int | None"], None]
+#: A penalty joining the training loss (``loss + penalty``), or ``None`` when there is none.
+RegularizationFn = Callable[["nn.Module", Any], "Tensor | None"]
+#: Once before training: ``(model, config, batches, loss_fn)`` with ``loss_fn(batch) -> loss``.
+#: Called again on resume, so it must leave a model whose choices were restored alone.
+CalibrateFn = Callable[["nn.Module", Any, Iterable[Any], Callable[[Any], "Tensor"]], None]
 
 
 def _no_defaults(model: nn.Module, config: Any) -> Any:
@@ -41,6 +54,10 @@ class Method:
             methods act on the model's inputs or attention cache (prompt and prefix tuning).
         apply: adds the method to a model in place (see :data:`ApplyFn`).
         resolve: fills in per-architecture defaults (see :data:`ResolveFn`).
+        on_step: per-step work after the optimizer step (see :data:`StepFn`), e.g. AdaLoRA's budget.
+        regularization: a penalty added to the loss (see :data:`RegularizationFn`).
+        calibrate: a pass over a few training batches before training (see :data:`CalibrateFn`),
+            e.g. to pick the entries a sparse method trains.
         summary: one line for ``--help`` and the README's table.
         paper: the reference (authors, year, title).
     """
@@ -52,6 +69,9 @@ class Method:
     summary: str
     paper: str = ""
     resolve: ResolveFn = field(default=_no_defaults)
+    on_step: StepFn | None = None
+    regularization: RegularizationFn | None = None
+    calibrate: CalibrateFn | None = None
 
     def make_config(self, **options: Any) -> AdapterConfig:
         """The method's config from keyword options, with a clear error for unknown ones."""

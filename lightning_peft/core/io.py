@@ -34,7 +34,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     info = state.require_info(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = state.to_cpu_contiguous(state.trainable_state_dict(model))
+    # Training-only statistics (see AdapterModule.training_state_names) stay in checkpoints.
+    tensors = state.to_cpu_contiguous(state.trainable_state_dict(model, training_state=False))
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "method": info.method})
     (out / CONFIG_NAME).write_text(json.dumps({state.METADATA_KEY: info.metadata()}, indent=2, sort_keys=True))
     return out

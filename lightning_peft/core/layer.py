@@ -23,12 +23,23 @@ class AdapterModule(nn.Module):
     """
 
     adapter_names: ClassVar[tuple[str, ...]] = ()
+    #: Buffers that only training uses, such as statistics a method updates step by step (AdaLoRA's
+    #: importance scores): checkpoints keep them so that resuming is exact, adapter files leave them
+    #: out, and loading never requires them.
+    training_state_names: ClassVar[tuple[str, ...]] = ()
     #: The registered method this module belongs to (set by each method's subclass).
     method: ClassVar[str] = ""
 
     def adapter_state(self) -> Iterator[tuple[str, Tensor]]:
         """(local name, tensor) for every declared parameter and buffer."""
-        for attr in self.adapter_names:
+        return self._declared(self.adapter_names)
+
+    def training_state(self) -> Iterator[tuple[str, Tensor]]:
+        """(local name, tensor) for every buffer in ``training_state_names``."""
+        return self._declared(self.training_state_names)
+
+    def _declared(self, names: tuple[str, ...]) -> Iterator[tuple[str, Tensor]]:
+        for attr in names:
             target = self.get_submodule(attr.rsplit(".", 1)[0]) if "." in attr else self
             leaf = attr.rsplit(".", 1)[-1]
             value = getattr(target, leaf)
@@ -40,7 +51,7 @@ class AdapterModule(nn.Module):
             elif isinstance(value, Tensor):
                 yield attr, value
             elif value is not None:
-                raise TypeError(f"{type(self).__name__}.adapter_names names {attr!r}, which is a {type(value)}")
+                raise TypeError(f"{type(self).__name__} declares {attr!r}, which is a {type(value)}")
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(local name, parameter) for every declared parameter: what the optimizer trains."""

@@ -126,14 +126,23 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def adapter_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(full name, tensor) for every declared adapter parameter and buffer."""
+def _declared(model: nn.Module, kind: str) -> Iterator[tuple[str, Tensor]]:
     seen: set[int] = set()
     for prefix, module in adapter_modules(model):
-        for local, tensor in module.adapter_state():
+        for local, tensor in getattr(module, kind)():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 yield _join(prefix, local), tensor
+
+
+def adapter_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(full name, tensor) for every declared adapter parameter and buffer."""
+    return _declared(model, "adapter_state")
+
+
+def training_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(full name, tensor) for every buffer that adapter modules keep only for training."""
+    return _declared(model, "training_state")
 
 
 def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -187,7 +196,7 @@ def _checksum(tensor: Tensor) -> float:
 def fingerprint(model: nn.Module) -> BaseFingerprint:
     """Fingerprint of the frozen base weights of ``model`` (adapter state excluded)."""
     base_path, base = find_base_model(model)
-    adapter_ids = {id(t) for _, t in adapter_state(model)}
+    adapter_ids = {id(t) for _, t in [*adapter_state(model), *training_state(model)]}
     entries: dict[str, Tensor] = {}
     for name, tensor in [*base.named_parameters(), *base.named_buffers()]:
         if id(tensor) not in adapter_ids:
@@ -204,14 +213,21 @@ def fingerprint(model: nn.Module) -> BaseFingerprint:
 # --------------------------------------------------------------------------- state dicts
 
 
-def trainable_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
+def trainable_state_dict(model: nn.Module, *, training_state: bool = True) -> OrderedDict[str, Tensor]:
     """The adapter's state only (tensors detached, not copied), keyed like ``model.state_dict()``.
 
     The returned dict carries the injection record in ``_metadata`` like any torch state dict, so
     ``model.load_state_dict(sd)`` on an injected model validates method, options and base model.
+
+    Args:
+        model: a model with an injected adapter.
+        training_state: include the buffers adapter modules keep only for training (see
+            ``AdapterModule.training_state_names``), as a checkpoint to resume from needs;
+            ``save_adapter`` leaves them out.
     """
     info = require_info(model)
-    state: OrderedDict[str, Tensor] = OrderedDict((n, t.detach()) for n, t in adapter_state(model))
+    tensors = [*adapter_state(model), *(_declared(model, "training_state") if training_state else ())]
+    state: OrderedDict[str, Tensor] = OrderedDict((n, t.detach()) for n, t in tensors)
     metadata: dict[str, dict[str, Any]] = {"": {"version": model._version, METADATA_KEY: info.metadata()}}
     for prefix, module in adapter_modules(model):
         metadata.setdefault(prefix, {"version": module._version})

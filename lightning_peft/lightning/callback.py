@@ -5,12 +5,15 @@
 At setup it injects the method into the LightningModule (after ``configure_model`` when the
 module builds its model there) and freezes everything else; at fit start it restricts the
 optimizers to the trainable parameters; checkpoints keep only the trainable state plus optimizer,
-scheduler, loop and RNG state, and resuming from them is exact.
+scheduler, loop and RNG state, and resuming from them is exact. Methods that declare training hooks
+(see ``lightning_peft.core.training``) get them run: calibration at train start, a regularization
+penalty's gradient before each optimizer step, and per-step work after it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import random
 from typing import Any
 
@@ -20,11 +23,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
 from typing_extensions import override
 
 from lightning_peft import registry
 from lightning_peft.core import inject as core_inject
-from lightning_peft.core import state
+from lightning_peft.core import state, training
 from lightning_peft.core.config import AdapterConfig
 
 #: Strategies that need nothing beyond what this callback does. Others are refused with a message.
@@ -81,6 +85,8 @@ class PEFTCallback(Callback):
         self.verbose = verbose
         self.restore_rng = restore_rng
         self._original_configure_model: Any = None
+        self._stepped = 0  # trainer.global_step when the method's on_step last ran
+        self._total_steps: int | None = None  # optimizer steps the fit will take, if known
 
     @property
     @override
@@ -168,6 +174,66 @@ class PEFTCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Again, for modules that unfreeze something in their own on_fit_start (which runs after ours).
         state.assert_no_grad_leak(pl_module)
+        self._stepped = trainer.global_step
+        total = trainer.estimated_stepping_batches
+        self._total_steps = int(total) if math.isfinite(total) else None
+        if self.method.calibrate is not None:
+            self.calibrate(trainer, pl_module)
+
+    # ------------------------------------------------------------------ method training hooks
+    # Methods declare optional hooks on their registry entry (lightning_peft.core.training runs
+    # them); none is specific to a method here.
+
+    @staticmethod
+    def calibrate(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the method's calibration on the training dataloader, through ``training_step``.
+
+        Under ``isolate_rng``, so drawing these batches leaves shuffling and dropout of the run
+        itself as they would be without it, and with ``self.log`` muted, so that they do not count
+        toward the run's metrics.
+        """
+
+        def loss_fn(batch: Any) -> torch.Tensor:
+            with trainer.precision_plugin.train_step_context():
+                output = pl_module.training_step(trainer.strategy.batch_to_device(batch), 0)
+            loss = output["loss"] if isinstance(output, dict) else output
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(
+                    f"{type(pl_module).__name__}.training_step must return the loss (a tensor or a dict with "
+                    f"'loss') for {state.require_info(pl_module).method} to calibrate on it; got {type(output)}."
+                )
+            return loss
+
+        def mute(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        pl_module.__dict__.update(log=mute, log_dict=mute)
+        try:
+            with isolate_rng():
+                training.calibrate(pl_module, trainer.train_dataloader, loss_fn)
+        finally:
+            for name in ("log", "log_dict"):
+                pl_module.__dict__.pop(name, None)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Gradients are accumulated and unscaled here, and not yet clipped: adding the penalty's
+        # gradient equals having added the penalty to the loss.
+        if self.method.regularization is not None:
+            training.add_regularization_grad(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # After the optimizer step (if this batch ended an accumulation window) and before the next
+        # batch's zero_grad; the model is not in a forward pass, so hooks may edit tensors in place.
+        if self.method.on_step is None or trainer.global_step == self._stepped:
+            return
+        self._stepped = trainer.global_step
+        training.on_step(pl_module, trainer.global_step, self._total_steps)
 
     # ------------------------------------------------------------------ checkpointing
 

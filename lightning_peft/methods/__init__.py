@@ -1,9 +1,16 @@
-"""Built-in methods. Importing this package registers each one (one file per method)."""
+"""Built-in methods. Importing this package registers each one (one file per method).
+
+Registration order is the order methods are listed in (README, CLI, errors); LoRA, the default,
+comes first.
+"""
 
 # isort: off
-# Registration order is the order methods are listed in; LoRA, the default, comes first.
 from lightning_peft.methods import lora  # noqa: F401
 from lightning_peft.methods import ia3  # noqa: F401
 from lightning_peft.methods import bottleneck  # noqa: F401
+from lightning_peft.methods import adalora  # noqa: F401
+from lightning_peft.methods import bitfit  # noqa: F401
+from lightning_peft.methods import last_k  # noqa: F401
+from lightning_peft.methods import topk  # noqa: F401
 
 # isort: on

@@ -30,4 +30,9 @@ CASES: dict[str, Case] = {
     "lora": Case(options=lambda arch: {"r": 4, "alpha": 8}),
     "ia3": Case(),
     "bottleneck": Case(options=lambda arch: {"placement": "both", "reduction_factor": 8, "activation": "gelu"}),
+    "adalora": Case(options=lambda arch: {"init_r": 4, "target_r": 2, "alpha": 8}),
+    # LLaMA and T5 have no bias terms for BitFit to train (tests/methods/test_bitfit.py checks the error).
+    "bitfit": Case(archs=("gpt2", "bert", "roberta", "bart")),
+    "last_k": Case(options=lambda arch: {"k": 1}),
+    "topk": Case(options=lambda arch: {"fraction": 0.05}),
 }

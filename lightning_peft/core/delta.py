@@ -1,0 +1,126 @@
+"""A layer that trains a delta on some of its wrapped module's own parameters.
+
+Selective methods (BitFit, the last k blocks, importance-based top-k) train a subset of the base
+model's parameters rather than adding new ones. They share this wrapper: for each selected
+parameter ``p`` of the wrapped module it holds either a dense delta of ``p``'s shape, or values at
+chosen flat positions (a sparse delta)::
+
+    p_eff = p + delta                              (dense)
+    p_eff.flatten()[indices] = p.flatten()[indices] + values,  other entries exactly p   (sparse)
+
+and calls the wrapped module with ``p_eff``. Keeping the delta apart from the frozen ``p`` gives
+every selective method what the others have: the base stays untouched (``unload(merge=False)``
+returns it), ``merge`` folds the delta in, the optimizer (and weight decay) only ever sees the
+selected entries, and checkpoints hold only them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_peft.core.layer import AdapterLayer
+
+
+class _Buffers(nn.Module):
+    """A named set of buffers (``nn.ParameterDict`` has no buffer counterpart)."""
+
+    def __init__(self, buffers: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._buffers[name]  # type: ignore[return-value]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._buffers
+
+
+class DeltaLayer(AdapterLayer):
+    """Wraps a module and trains a dense or sparse delta on chosen parameters of its own.
+
+    Args:
+        base_layer: the module whose parameters are tuned; only its direct parameters
+            (``named_parameters(recurse=False)``) can be selected.
+        dense: names of parameters trained in full (a delta of the same shape, zero at init).
+        sparse: ``{name: k}`` for parameters of which k entries are trained; their positions
+            start as the first k and are set with :meth:`select`.
+
+    Subclasses set ``method`` (the registered method they belong to).
+    """
+
+    adapter_names = ("delta", "values", "indices")
+
+    def __init__(
+        self, base_layer: nn.Module, dense: Iterable[str] = (), sparse: Mapping[str, int] | None = None
+    ) -> None:
+        super().__init__(base_layer)
+        own = dict(base_layer.named_parameters(recurse=False))
+        sparse = dict(sparse or {})
+        for name in [*dense, *sparse]:
+            if name not in own:
+                raise TypeError(f"{type(base_layer).__name__} has no parameter {name!r} of its own ({sorted(own)})")
+        self.delta = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(own[n].shape, **self._factory(own[n]))) for n in dense}
+        )
+        self.values = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(k, **self._factory(own[n]))) for n, k in sparse.items()}
+        )
+        self.indices = _Buffers({n: torch.arange(k, device=own[n].device) for n, k in sparse.items()})
+
+    @staticmethod
+    def _factory(param: Tensor) -> dict[str, Any]:
+        return AdapterLayer.adapter_factory(param)
+
+    def _own(self) -> dict[str, Tensor]:
+        return dict(self.base_layer.named_parameters(recurse=False))
+
+    def select(self, name: str, indices: Tensor) -> None:
+        """Set the flat positions of ``name`` that :attr:`values` trains (sorted, distinct, k of them)."""
+        current = self.indices[name]
+        if indices.shape != current.shape:
+            raise ValueError(f"{name}: expected {current.numel()} positions, got shape {tuple(indices.shape)}")
+        with torch.no_grad():
+            current.copy_(indices)
+            self.values[name].zero_()
+
+    def effective_parameters(self) -> dict[str, Tensor]:
+        """The selected parameters with their deltas applied (differentiable in the deltas)."""
+        own = self._own()
+        out = {n: own[n] + d.to(own[n].dtype) for n, d in self.delta.items()}
+        for n, v in self.values.items():
+            p = own[n]
+            out[n] = p.reshape(-1).index_add(0, self.indices[n], v.to(p.dtype)).view_as(p)
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._merged:
+            return self.base_layer(*args, **kwargs)
+        return functional_call(self.base_layer, self.effective_parameters(), args, kwargs)
+
+    def reset_adapter_parameters(self) -> None:
+        with torch.no_grad():
+            for tensor in [*self.delta.values(), *self.values.values()]:
+                tensor.zero_()
+
+    def _apply_delta(self, sign: float) -> None:
+        own = self._own()
+        for n, d in self.delta.items():
+            own[n].add_(d.to(own[n].dtype), alpha=sign)
+        for n, v in self.values.items():
+            own[n].view(-1).index_add_(0, self.indices[n], v.to(own[n].dtype), alpha=sign)
+
+    def _merge(self) -> None:
+        self._apply_delta(1.0)
+
+    def _unmerge(self) -> None:
+        self._apply_delta(-1.0)
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: dense" for n in self.delta] + [f"{n}: {v.numel()} entries" for n, v in self.values.items()]
+        return ", ".join(parts)

@@ -1,0 +1,328 @@
+"""AdaLoRA: adaptive budget allocation (Zhang et al., 2023, "Adaptive Budget Allocation for
+Parameter-Efficient Fine-Tuning", ICLR 2023).
+
+A frozen weight ``W`` (out x in) gets an update in SVD form::
+
+    h = W x + (alpha / init_r) * P diag(lambda) Q dropout(x),   P: out x r,  lambda: r,  Q: r x in
+
+(peft's ``lora_B``, ``lora_E``, ``lora_A``), with ``lambda = 0`` at init so the model starts out
+unchanged. Each triplet ``(P[:, i], lambda_i, Q[i, :])`` is one rank. During training the least
+important triplets are pruned (``lambda_i = 0``) until the total budget has fallen from ``init_r``
+to ``target_r`` per layer. After optimizer step ``t`` (1, 2, ..., T)::
+
+    sensitivity     I(w) = |w * dL/dw|            for every entry w of P, lambda and Q
+    smoothed        Ibar = beta1 * Ibar + (1 - beta1) * I
+    uncertainty     Ubar = beta2 * Ubar + (1 - beta2) * |I - Ibar|
+    triplet score   S_i  = s(lambda_i) + mean_j s(Q_ij) + mean_j s(P_ji),    s = Ibar * Ubar
+    budget          b(t) = b(0)                                                      t <= tinit
+                    b(t) = floor(b(T) + (b(0) - b(T)) (1 - (t - tinit) / (T - tfinal - tinit))^3)
+                    b(t) = b(T)                                                      t >= T - tfinal
+
+with ``b(0) = init_r * n`` and ``b(T) = target_r * n`` over the ``n`` adapted layers. Every
+``delta_t`` steps of the budgeting phase, and at ``T - tfinal``, the ``b(t)`` triplets with the
+highest scores (over all layers) are kept and the others' ``lambda`` zeroed; after ``T - tfinal``
+that final pattern is re-applied every step. The loss gets the orthogonality penalty::
+
+    R = orth_reg_weight * mean over the 2n matrices of ||Q Q^T - I||_F and ||P^T P - I||_F
+
+Where it runs: :func:`lightning_peft.core.training.on_step` and ``regularization`` (PEFTCallback
+calls both). The kept/pruned pattern is the ``rank_mask`` buffer, saved with the adapter, so loading
+restores the pruned ranks; the importance statistics are training state (in checkpoints, not in
+adapter files). Differences from peft: exactly ``b(t)`` triplets are kept (peft prunes every
+triplet tied with the k-th score), and scores are updated through step ``T - tfinal`` inclusive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_peft.core import state
+from lightning_peft.core.config import (
+    LayerConfig,
+    check_positive,
+    check_positive_int,
+    check_probability,
+    invalid,
+)
+from lightning_peft.core.inject import inject_layers, resolve_targets
+from lightning_peft.core.layer import AdapterLayer
+from lightning_peft.core.targeting import is_linear
+from lightning_peft.registry import Method, register
+
+#: peft's AdaLoRA defaults, so that configs carry over.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def _check_count(config: object, field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(config, field, value, "a non-negative integer")
+
+
+@dataclass(kw_only=True)
+class AdaLoRAConfig(LayerConfig):
+    """AdaLoRA options (peft's names in brackets where they differ).
+
+    Args:
+        init_r: rank of every adapter at the start.
+        target_r: average rank per layer at the end: the final budget is ``target_r`` times the
+            number of adapted layers, shared out by importance. At most ``init_r``.
+        alpha: the update is scaled by ``alpha / init_r`` [lora_alpha].
+        dropout: dropout on the adapter's input, in [0, 1) [lora_dropout].
+        tinit: warm-up steps before any rank is pruned.
+        tfinal: final steps that fine-tune the final rank pattern without changing it.
+        delta_t: steps between two budget allocations [deltaT].
+        beta1: EMA coefficient of the smoothed sensitivity, in (0, 1).
+        beta2: EMA coefficient of the uncertainty, in (0, 1).
+        orth_reg_weight: weight of the orthogonality penalty on P and Q (0 turns it off).
+        total_step: number of optimizer steps the schedule spans. ``None`` takes it from the
+            training loop (PEFTCallback: the Trainer's estimated number of steps).
+        target_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
+        exclude_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
+        modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
+    """
+
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self, "init_r", self.init_r)
+        check_positive_int(self, "target_r", self.target_r)
+        if self.target_r > self.init_r:
+            raise invalid(self, "target_r", self.target_r, f"at most init_r ({self.init_r})")
+        check_positive(self, "alpha", self.alpha)
+        check_probability(self, "dropout", self.dropout)
+        _check_count(self, "tinit", self.tinit)
+        _check_count(self, "tfinal", self.tfinal)
+        check_positive_int(self, "delta_t", self.delta_t)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise invalid(self, name, value, "a number in (0, 1)")
+        weight = self.orth_reg_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise invalid(self, "orth_reg_weight", weight, "a number >= 0")
+        if self.total_step is not None:
+            check_positive_int(self, "total_step", self.total_step)
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_steps: int, source: str = "total_step") -> None:
+        """Raise unless warm-up and final phase leave steps to prune in (``tinit + tfinal < T``)."""
+        if self.tinit + self.tfinal >= total_steps:
+            raise ValueError(
+                f"AdaLoRAConfig.tinit + tfinal must be smaller than the number of training steps "
+                f"({source}={total_steps}), so that the budget has steps to fall from init_r to target_r; "
+                f"got tinit={self.tinit}, tfinal={self.tfinal}."
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.init_r
+
+
+def budget(config: AdaLoRAConfig, step: int, total_steps: int, layers: int) -> int:
+    """The total number of triplets kept after optimizer step ``step`` (the cubic schedule b(t))."""
+    initial, final = config.init_r * layers, config.target_r * layers
+    if step <= config.tinit:
+        return initial
+    if step >= total_steps - config.tfinal:
+        return final
+    progress = (step - config.tinit) / (total_steps - config.tfinal - config.tinit)
+    return int(final + (initial - final) * (1 - progress) ** 3)
+
+
+class SVDLinear(AdapterLayer):
+    """AdaLoRA around ``nn.Linear`` or transformers' ``Conv1D``: ``h = W x + scaling * P diag(lambda) Q x``."""
+
+    adapter_names = ("lora_A", "lora_E", "lora_B", "rank_mask")
+    training_state_names = tuple(f"{kind}_{m}" for kind in ("sensitivity", "uncertainty") for m in "AEB")
+    method = "adalora"
+
+    def __init__(self, base_layer: nn.Module, config: AdaLoRAConfig) -> None:
+        super().__init__(base_layer)
+        weight = base_layer.weight
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
+        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        self.r = config.init_r
+        self.scaling = config.scaling
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        factory = self.adapter_factory(weight)
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))  # Q (right singular vectors)
+        self.lora_E = nn.Parameter(torch.empty(self.r, **factory))  # lambda (singular values)
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))  # P (left singular vectors)
+        self.register_buffer("rank_mask", torch.ones(self.r, dtype=torch.bool, device=weight.device))
+        for kind in ("sensitivity", "uncertainty"):
+            for m in "AEB":
+                shape = getattr(self, f"lora_{m}").shape
+                self.register_buffer(f"{kind}_{m}", torch.zeros(shape, dtype=torch.float32, device=weight.device))
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        nn.init.zeros_(self.lora_E)
+        nn.init.normal_(self.lora_A, std=0.02)
+        nn.init.normal_(self.lora_B, std=0.02)
+
+    def delta_weight(self) -> Tensor:
+        delta = self.lora_B @ (self.lora_A * self.lora_E[:, None]) * self.scaling  # (out, in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def _merge(self) -> None:
+        weight = self.base_layer.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+
+    def _unmerge(self) -> None:
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (..., out)
+        if self._merged:
+            return result
+        lora_A = self.lora_A
+        x = self.dropout(x)
+        if x.dtype != lora_A.dtype:
+            x = x.to(lora_A.dtype)
+        hidden = F.linear(x, lora_A * self.lora_E[:, None])  # (..., r)
+        return result + (F.linear(hidden, self.lora_B) * self.scaling).to(result.dtype)
+
+    # ------------------------------------------------------------------ budget allocation
+
+    @torch.no_grad()
+    def update_importance(self, beta1: float, beta2: float) -> None:
+        """Fold this step's sensitivity ``|w * grad|`` into the smoothed sensitivity and uncertainty."""
+        for m in "AEB":
+            param = getattr(self, f"lora_{m}")
+            if param.grad is None:
+                continue
+            sensitivity = (param * param.grad).abs().float()
+            smoothed, uncertainty = getattr(self, f"sensitivity_{m}"), getattr(self, f"uncertainty_{m}")
+            smoothed.mul_(beta1).add_(sensitivity, alpha=1 - beta1)
+            uncertainty.mul_(beta2).add_((sensitivity - smoothed).abs(), alpha=1 - beta2)
+
+    def triplet_scores(self) -> Tensor:
+        """``S_i = s(lambda_i) + mean_j s(Q_ij) + mean_j s(P_ji)`` with ``s = Ibar * Ubar``; shape (r,)."""
+        a = self.sensitivity_A * self.uncertainty_A  # (r, in)
+        e = self.sensitivity_E * self.uncertainty_E  # (r,)
+        b = self.sensitivity_B * self.uncertainty_B  # (out, r)
+        return e + a.mean(dim=1) + b.mean(dim=0)
+
+    @torch.no_grad()
+    def apply_rank_mask(self) -> None:
+        """Zero the singular values of pruned triplets."""
+        self.lora_E.masked_fill_(~self.rank_mask, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"init_r={self.r}, scaling={self.scaling:g}"
+
+
+def wrap(module: nn.Module, config: AdaLoRAConfig) -> SVDLinear:
+    """The AdaLoRA wrapper for one selected module."""
+    if is_linear(module):
+        return SVDLinear(module, config)
+    raise TypeError(
+        f"it is a {type(module).__name__}, which adalora cannot wrap; adalora wraps nn.Linear and transformers' Conv1D"
+    )
+
+
+def svd_layers(model: nn.Module) -> list[tuple[str, SVDLinear]]:
+    """(name, layer) for every AdaLoRA layer of ``model``, in module order."""
+    return [(n, m) for n, m in state.adapter_modules(model) if isinstance(m, SVDLinear)]
+
+
+def rank_pattern(model: nn.Module) -> dict[str, int]:
+    """The current rank (kept triplets) of every AdaLoRA layer, by module name."""
+    return {name: int(layer.rank_mask.sum()) for name, layer in svd_layers(model)}
+
+
+@torch.no_grad()
+def allocate(layers: list[SVDLinear], keep: int) -> None:
+    """Keep the ``keep`` triplets with the highest scores over all ``layers``; prune the rest."""
+    scores = [layer.triplet_scores() for layer in layers]
+    device = scores[0].device
+    flat = torch.cat([s.to(device) for s in scores])  # (n * init_r,)
+    kept = torch.zeros_like(flat, dtype=torch.bool)
+    kept[flat.topk(min(keep, flat.numel())).indices] = True
+    for layer, mask in zip(layers, kept.split([s.numel() for s in scores]), strict=True):
+        layer.rank_mask.copy_(mask)
+        layer.apply_rank_mask()
+
+
+def on_step(model: nn.Module, config: AdaLoRAConfig, step: int, total_steps: int | None) -> None:
+    """Update importance scores and, on the schedule, reallocate the rank budget (see the module doc)."""
+    total = config.total_step if config.total_step is not None else total_steps
+    if total is None:
+        raise ValueError(
+            "adalora needs the number of training steps for its budget schedule: set AdaLoRAConfig.total_step, "
+            "or pass total_steps to on_step (PEFTCallback takes it from the Trainer's max_steps / max_epochs)."
+        )
+    config.check_schedule(total, "total_step" if config.total_step is not None else "total_steps")
+    layers = [layer for _, layer in svd_layers(model)]
+    final_step = total - config.tfinal
+    if step > final_step:
+        for layer in layers:
+            layer.apply_rank_mask()  # the optimizer may have moved pruned singular values off zero
+        return
+    for layer in layers:
+        layer.update_importance(config.beta1, config.beta2)
+    if step == final_step or (step > config.tinit and step % config.delta_t == 0):
+        allocate(layers, budget(config, step, total, len(layers)))
+
+
+def regularization(model: nn.Module, config: AdaLoRAConfig) -> Tensor | None:
+    """``orth_reg_weight`` times the mean of ``||Q Q^T - I||_F`` and ``||P^T P - I||_F`` over all layers."""
+    if config.orth_reg_weight == 0:
+        return None
+    terms: list[Tensor] = []
+    for _, layer in svd_layers(model):
+        eye = torch.eye(layer.r, device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+        terms.append(torch.linalg.matrix_norm(layer.lora_A @ layer.lora_A.T - eye))
+        terms.append(torch.linalg.matrix_norm(layer.lora_B.T @ layer.lora_B - eye))
+    device = terms[0].device
+    return config.orth_reg_weight * torch.stack([t.to(device) for t in terms]).mean()
+
+
+register(
+    Method(
+        name="adalora",
+        config_cls=AdaLoRAConfig,
+        kind="layer",
+        apply=partial(inject_layers, wrap=wrap),
+        resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
+        on_step=on_step,
+        regularization=regularization,
+        summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
+        "on a cubic schedule; mergeable",
+        paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
+    )
+)
