@@ -54,16 +54,52 @@ class MethodBench:
 
     ours: dict[str, Any]
     peft: Callable[[], Any] | None  # builds the peft config; None where peft has no such method
+    method: str | None = None  # the registered method, when the row is an option of another (DoRA)
 
 
-def _peft_lora() -> Any:
-    import peft
+def _peft(kind: str, **options: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        import peft
 
-    return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=BLOCK_LINEARS)
+        return getattr(peft, kind)(**options)
+
+    return build
 
 
+_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": BLOCK_LINEARS}
+_PEFT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": BLOCK_LINEARS}
+#: Every registered method that runs on a LLaMA model (bitfit has no biases to train there).
 METHODS: dict[str, MethodBench] = {
-    "lora": MethodBench({"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": BLOCK_LINEARS}, _peft_lora),
+    "lora": MethodBench(_LORA, _peft("LoraConfig", **_PEFT_LORA)),
+    "dora": MethodBench(_LORA | {"use_dora": True}, _peft("LoraConfig", use_dora=True, **_PEFT_LORA), "lora"),
+    "ia3": MethodBench(
+        {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+        _peft("IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    ),
+    "adalora": MethodBench(
+        {
+            "init_r": 16,
+            "target_r": 8,
+            "alpha": 32,
+            "target_modules": BLOCK_LINEARS,
+            "tinit": 2,
+            "tfinal": 2,
+            "total_step": 50,
+        },
+        _peft(
+            "AdaLoraConfig",
+            init_r=16,
+            target_r=8,
+            lora_alpha=32,
+            target_modules=BLOCK_LINEARS,
+            tinit=2,
+            tfinal=2,
+            total_step=50,
+        ),
+    ),
+    "bottleneck": MethodBench({"placement": "both", "reduction_factor": 16}, None),
+    "last_k": MethodBench({"k": 2}, None),
+    "topk": MethodBench({"fraction": 0.01, "target_modules": BLOCK_LINEARS, "calibration_batches": 1}, None),
 }
 
 
@@ -142,6 +178,7 @@ def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str,
 
     if mode.endswith("_trainer"):
         return result | _run_trainer(model, mode.removeprefix("lp_").removesuffix("_trainer"), ids, warmup, steps)
+    method = mode.split("_", 1)[1] if mode.startswith(("lp_", "peft_")) else None
 
     if mode == "floor":
         model.requires_grad_(False)
@@ -158,19 +195,32 @@ def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str,
         elif mode.startswith("peft_"):
             import peft
 
-            model = peft.get_peft_model(model, METHODS[mode.removeprefix("peft_")].peft())
+            model = peft.get_peft_model(model, METHODS[method].peft())
         elif mode.startswith("lp_"):
             import lightning_peft as lp
 
-            lp.inject(model, mode.removeprefix("lp_"), **METHODS[mode.removeprefix("lp_")].ours)
+            lp.inject(model, METHODS[method].method or method, **METHODS[method].ours)
+            lp.calibrate(model, [ids], lambda batch: model(input_ids=batch, labels=batch).loss)
         else:
             raise SystemExit(f"unknown mode {mode!r}; modes: {', '.join(modes())}")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
+        counter = iter(range(1, 10**9))
 
         def step() -> None:
-            model(input_ids=ids, labels=ids).loss.backward()
+            # The methods' own training hooks run as a user's loop would run them (AdaLoRA's
+            # penalty and budget update; peft's AdaLoRA adds its penalty inside forward).
+            loss = model(input_ids=ids, labels=ids).loss
+            if mode.startswith("lp_"):
+                penalty = lp.regularization(model)
+                loss = loss if penalty is None else loss + penalty
+            loss.backward()
             optimizer.step()
+            n = next(counter)
+            if mode.startswith("lp_"):
+                lp.on_step(model, n, total_steps=50)
+            elif method == "adalora":
+                model.base_model.update_and_allocate(n)
             optimizer.zero_grad(set_to_none=True)
 
     times = _loop(model, step, warmup, steps)
