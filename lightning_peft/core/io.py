@@ -29,13 +29,18 @@ M = TypeVar("M", bound=nn.Module)
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write the adapter of ``model`` to ``directory`` (created if needed) and return the folder."""
+    return write_adapter(state.require_info(model), state.trainable_state_dict(model), directory)
+
+
+def write_adapter(info: state.PEFTInfo, tensors: dict[str, Tensor], directory: str | os.PathLike[str]) -> Path:
+    """Write already collected adapter ``tensors`` (e.g. gathered from a sharded model) with ``info``'s record."""
     from safetensors.torch import save_file
 
-    info = state.require_info(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = state.to_cpu_contiguous(state.trainable_state_dict(model))
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "method": info.method})
+    save_file(
+        state.to_cpu_contiguous(tensors), str(out / WEIGHTS_NAME), metadata={"format": "pt", "method": info.method}
+    )
     (out / CONFIG_NAME).write_text(json.dumps({state.METADATA_KEY: info.metadata()}, indent=2, sort_keys=True))
     return out
 

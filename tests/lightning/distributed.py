@@ -1,0 +1,128 @@
+"""Helpers for multi-process Trainer tests on CPU: forked ranks, per-rank probes, collective counting.
+
+Ranks are forked (not spawned) so that they share the parent's imports: a 2-process fit then costs
+about a second instead of the ~6 s each spawned rank spends importing torch, Lightning and
+transformers. The strategies and their code paths are the same as with ``strategy="ddp"``; only the
+launcher differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lightning_peft as lp
+from lightning_peft.core import state
+from lightning_peft.lightning import strategies
+
+
+class _ForkLauncher(_MultiProcessingLauncher):
+    """Fork ranks; bring back only the trainer state (sharded weights cannot be copied into the parent)."""
+
+    def _collect_rank_zero_results(self, trainer: L.Trainer, results: Any) -> _WorkerOutput | None:
+        if self._strategy.local_rank != 0:
+            return None
+        return _WorkerOutput(None, None, trainer.state, results, self.get_extra_results(trainer))
+
+
+def forked(strategy: Strategy) -> Strategy:
+    """``strategy`` launched by forking this process (FSDP and DeepSpeed otherwise re-run the script)."""
+    strategy._configure_launcher = lambda: setattr(  # type: ignore[method-assign]
+        strategy, "_launcher", _ForkLauncher(strategy, start_method="fork")
+    )
+    return strategy
+
+
+class Collectives(TorchDispatchMode):
+    """Counts what collectives move and the largest tensor any op produces, while active.
+
+    Both c10d (FSDP1, DeepSpeed) and functional collectives (FSDP2, DTensor) dispatch as ops, so
+    a gathered frozen weight shows up here as a gather output of its full size.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gathered = 0  # elements received by all-gathers and broadcasts
+        self.largest = 0  # elements of the largest tensor produced by any op
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        tensors = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        sizes = [t.numel() for t in tensors]
+        if sizes:
+            self.largest = max(self.largest, *sizes)
+        if "gather" in name or "broadcast" in name:
+            self.gathered += sum(sizes)
+        return out
+
+
+class RankProbe(Callback):
+    """Writes, per rank, at train end: the adapter as this rank holds it and facts about the run."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rank = trainer.global_rank
+        facts: dict[str, Any] = {"world_size": trainer.world_size}
+        trainable = {n: p for n, p in state.adapter_parameters(pl_module)}
+        facts["trainable_numel"] = sum(p.numel() for p in trainable.values())
+        facts["frozen_grads"] = [
+            n for n, p in pl_module.named_parameters() if p.grad is not None and n not in trainable
+        ]
+        ddp = trainer.strategy.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            # What DDP's reducer all-reduces: its logging data counts the tensors and bytes it registered.
+            logged = ddp._get_ddp_logging_data()
+            facts["ddp_synced_tensors"] = logged.get("num_parameter_tensors")
+            facts["ddp_synced_bytes"] = logged.get("total_parameter_size_bytes")
+            facts["ddp_find_unused_parameters"] = ddp.find_unused_parameters
+            facts["trainable_tensors"] = len(trainable)
+            facts["trainable_bytes"] = sum(p.numel() * p.element_size() for p in trainable.values())
+        adapter = strategies.adapter_state_dict(trainer.strategy, pl_module)
+        torch.save({k: v.detach().cpu().clone() for k, v in adapter.items()}, self.out / f"adapter_rank{rank}.pt")
+        (self.out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
+
+
+class SaveProbe(Callback):
+    """At train end, saves a checkpoint while counting collectives, then (for contrast) lets the
+    stock Lightning strategy collect its model state dict, and writes both counts per rank."""
+
+    def __init__(self, out: Path, stock: type[Strategy] | None = None) -> None:
+        self.out, self.stock = Path(out), stock
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        facts: dict[str, Any] = {}
+        with Collectives() as probe:
+            trainer.save_checkpoint(self.out / "probed.ckpt")
+        facts["peft"] = {"gathered": probe.gathered, "largest": probe.largest}
+        if self.stock is not None:
+            with Collectives() as probe:
+                self.stock.lightning_module_state_dict(trainer.strategy)  # type: ignore[arg-type]
+            facts["stock"] = {"gathered": probe.gathered, "largest": probe.largest}
+        facts["trainable_numel"] = sum(p.numel() for _, p in state.adapter_parameters(pl_module))
+        facts["largest_adapter_numel"] = max(
+            t.numel() for t in strategies.adapter_state_dict(trainer.strategy, pl_module).values()
+        )
+        (self.out / f"save_rank{trainer.global_rank}.json").write_text(json.dumps(facts))
+
+
+def load_ranks(out: Path, world_size: int = 2) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(out / f"adapter_rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+def facts(out: Path, name: str = "facts", world_size: int = 2) -> list[dict[str, Any]]:
+    return [json.loads((out / f"{name}_rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def adapter_keys(module: L.LightningModule) -> set[str]:
+    return set(lp.trainable_state_dict(module))
