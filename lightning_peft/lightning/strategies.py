@@ -46,6 +46,7 @@ from lightning.pytorch.strategies import (
     StrategyRegistry,
 )
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_peft.core import io, state
@@ -238,10 +239,8 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        from lightning.pytorch.strategies.fsdp import _get_full_state_dict_context
         from lightning.pytorch.trainer.states import TrainerFn
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import OptimStateKeyType
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         assert self.model is not None and self.lightning_module is not None
         path = Path(self.broadcast(checkpoint_path))
@@ -254,13 +253,22 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
             raise RuntimeError(
                 f"the checkpoint holds {len(optimizer_states)} optimizer states for {len(self.optimizers)} optimizers."
             )
-        # Optimizer states exist for trainable parameters only, so this gathers nothing frozen.
-        with _get_full_state_dict_context(self.model, world_size=self.world_size, rank0_only=False):
-            for optimizer, opt_state in zip(self.optimizers, optimizer_states, strict=False):
-                if opt_state["state"] and isinstance(next(iter(opt_state["state"])), int):
-                    opt_state = FSDP.rekey_optim_state_dict(opt_state, OptimStateKeyType.PARAM_NAME, self.model)
-                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, opt_state))
+        # Keyed by parameter name; the states exist for trainable parameters only: nothing frozen moves.
+        options = StateDictOptions(full_state_dict=True)
+        for optimizer, opt_state in zip(self.optimizers, optimizer_states, strict=True):
+            set_optimizer_state_dict(self.model, optimizer, opt_state, options=options)
         return checkpoint
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        assert self.model is not None
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        # torch's name-keyed full optimizer state (every rank computes it; rank 0 writes it).
+        return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True))
 
     def _write_adapter(self, tensors: Mapping[str, Tensor]) -> None:
         assert self.model is not None and self.lightning_module is not None

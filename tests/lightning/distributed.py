@@ -9,6 +9,7 @@ launcher differs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_peft as lp
@@ -56,7 +58,9 @@ class Collectives(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = str(func)
-        tensors = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        # Floating-point only: pickled objects (paths, optimizer metadata) travel as byte tensors.
+        leaves = torch.utils._pytree.tree_leaves(out)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
         sizes = [t.numel() for t in tensors]
         if sizes:
             self.largest = max(self.largest, *sizes)
@@ -70,6 +74,10 @@ class RankProbe(Callback):
 
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        adapter = strategies.adapter_state_dict(trainer.strategy, pl_module)
+        torch.save(dict(adapter), self.out / f"start_rank{trainer.global_rank}.pt")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rank = trainer.global_rank
@@ -88,16 +96,24 @@ class RankProbe(Callback):
             facts["ddp_find_unused_parameters"] = ddp.find_unused_parameters
             facts["trainable_tensors"] = len(trainable)
             facts["trainable_bytes"] = sum(p.numel() * p.element_size() for p in trainable.values())
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        units = FSDP.fsdp_modules(trainer.strategy.model)
+        if units:
+            # Which FSDP1 units hold both trainable and frozen tensors in their flat parameter.
+            own = [{p.requires_grad for p in strategies._own_parameters(u)} for u in units]
+            facts["fsdp_units"] = len(units)
+            facts["fsdp_mixed_units"] = sum(len(flags) > 1 for flags in own)
         adapter = strategies.adapter_state_dict(trainer.strategy, pl_module)
         torch.save({k: v.detach().cpu().clone() for k, v in adapter.items()}, self.out / f"adapter_rank{rank}.pt")
         (self.out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
 
 
 class SaveProbe(Callback):
-    """At train end, saves a checkpoint while counting collectives, then (for contrast) lets the
-    stock Lightning strategy collect its model state dict, and writes both counts per rank."""
+    """At train end, saves a checkpoint while counting collectives, then (for contrast) collects the
+    model state dict the way the stock Lightning strategy does, and writes both counts per rank."""
 
-    def __init__(self, out: Path, stock: type[Strategy] | None = None) -> None:
+    def __init__(self, out: Path, stock: Callable[[nn.Module], Any] | None = None) -> None:
         self.out, self.stock = Path(out), stock
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -107,13 +123,30 @@ class SaveProbe(Callback):
         facts["peft"] = {"gathered": probe.gathered, "largest": probe.largest}
         if self.stock is not None:
             with Collectives() as probe:
-                self.stock.lightning_module_state_dict(trainer.strategy)  # type: ignore[arg-type]
+                self.stock(trainer.strategy.model)
             facts["stock"] = {"gathered": probe.gathered, "largest": probe.largest}
-        facts["trainable_numel"] = sum(p.numel() for _, p in state.adapter_parameters(pl_module))
-        facts["largest_adapter_numel"] = max(
-            t.numel() for t in strategies.adapter_state_dict(trainer.strategy, pl_module).values()
-        )
+        adapter = strategies.adapter_state_dict(trainer.strategy, pl_module)  # gathered: global sizes
+        facts["trainable_numel"] = sum(t.numel() for t in adapter.values())
+        facts["largest_adapter_numel"] = max(t.numel() for t in adapter.values())
         (self.out / f"save_rank{trainer.global_rank}.json").write_text(json.dumps(facts))
+
+
+def fsdp1_full_state_dict(model: nn.Module) -> Any:
+    """Lightning's FSDPStrategy full state dict, without CPU offload and rank0_only: with those, torch
+    2.13's FSDP1 on CPU clones freed memory on the other ranks and crashes."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+        return model.state_dict()
+
+
+def fsdp2_full_state_dict(model: nn.Module) -> Any:
+    """Lightning's ModelParallelStrategy full state dict (``save_distributed_checkpoint=False``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_ranks(out: Path, world_size: int = 2) -> list[dict[str, torch.Tensor]]:

@@ -11,8 +11,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import lightning_peft as lp
 from lightning_peft import PEFTCallback, registry
-from tests.lightning.distributed import RankProbe, facts, load_ranks
+from tests import tiny
+from tests.lightning.distributed import (
+    RankProbe,
+    SaveProbe,
+    facts,
+    forked,
+    fsdp1_full_state_dict,
+    load_ranks,
+)
 from tests.lightning.modules import TinyLM, token_loader
 from tests.methods.cases import CASES
 
@@ -79,3 +88,50 @@ def test_ddp_two_cpu_ranks(tmp_path: Path, method: str) -> None:
     checkpoint = torch.load(first / "last.ckpt", weights_only=True)
     assert set(checkpoint["state_dict"]) == set(rank0)
     assert checkpoint["global_step"] == 2  # 16 samples / (2 ranks x 4) per epoch
+
+
+def _fsdp() -> Any:
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_peft.lightning.strategies import PEFTFSDPStrategy
+
+    return forked(PEFTFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}))
+
+
+@pytest.mark.slow
+def test_fsdp_two_cpu_ranks(tmp_path: Path) -> None:
+    """FSDP1 on gloo: adapter units of their own, trainable-only checkpoint gathered without a frozen
+    weight, exact resume, and the same adapter as DDP."""
+    straight = tmp_path / "straight"
+    _fit(straight, _fsdp(), epochs=2, callbacks=(SaveProbe(straight, stock=fsdp1_full_state_dict),))
+    first = tmp_path / "first"
+    _fit(first, _fsdp(), epochs=1)
+    resumed = tmp_path / "resumed"
+    _fit(resumed, _fsdp(), epochs=2, ckpt_path=first / "last.ckpt")
+    ddp = tmp_path / "ddp"
+    _fit(ddp, "ddp_fork", epochs=2)
+
+    fsdp_adapter, ddp_adapter = load_ranks(straight)[0], load_ranks(ddp)[0]
+    assert fsdp_adapter.keys() == ddp_adapter.keys()
+    for name, tensor in fsdp_adapter.items():
+        torch.testing.assert_close(tensor, ddp_adapter[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, tensor in load_ranks(resumed)[0].items():
+        assert torch.equal(tensor, fsdp_adapter[name]), f"resumed {name} differs from the uninterrupted run"
+    for fact in facts(straight):
+        assert fact["fsdp_units"] > 8 and fact["fsdp_mixed_units"] == 0
+        assert fact["frozen_grads"] == []
+
+    checkpoint = torch.load(first / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(fsdp_adapter)
+    assert {"optimizer_states", "loops", "callbacks"} <= set(checkpoint)
+    assert (first / "last.ckpt").stat().st_size < 64 * 1024
+    for saved in facts(straight, "save"):
+        # The adapter units are the only ones unsharded: nothing gathered is larger than an adapter
+        # tensor, and all gathered together is the adapter (plus its optimizer state) and no more.
+        assert saved["peft"]["largest"] <= 2 * saved["largest_adapter_numel"]  # one unit: lora_A and lora_B
+        assert saved["peft"]["gathered"] <= 3 * saved["trainable_numel"]  # weights, exp_avg, exp_avg_sq
+        # Lightning's own FSDP state dict, under the same probe, unshards every frozen unit.
+        assert saved["stock"]["largest"] >= 96 * 32 and saved["stock"]["gathered"] > 20 * saved["trainable_numel"]
+
+    bare = lp.load_adapter(tiny.build("llama"), first / "last.ckpt")
+    assert lp.get_info(bare).method == "lora"
