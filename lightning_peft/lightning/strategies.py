@@ -519,9 +519,10 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         assert self.lightning_module is not None
         adapter = self.adapter_state_dict()  # every rank: the gather is a collective
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        folder = self.broadcast(filepath)
+        super().save_checkpoint(checkpoint, folder, storage_options)
         if self.is_global_zero:
-            io.write_adapter(state.require_info(self.lightning_module), adapter, self.broadcast(filepath))
+            io.write_adapter(state.require_info(self.lightning_module), adapter, folder)
         self.barrier()
 
     @classmethod

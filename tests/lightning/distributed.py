@@ -54,6 +54,7 @@ class Collectives(TorchDispatchMode):
         super().__init__()
         self.gathered = 0  # elements received by all-gathers and broadcasts
         self.largest = 0  # elements of the largest tensor produced by any op
+        self.largest_gathered = 0  # elements of the largest collective output
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -64,8 +65,9 @@ class Collectives(TorchDispatchMode):
         sizes = [t.numel() for t in tensors]
         if sizes:
             self.largest = max(self.largest, *sizes)
-        if "gather" in name or "broadcast" in name:
+        if sizes and ("gather" in name or "broadcast" in name):
             self.gathered += sum(sizes)
+            self.largest_gathered = max(self.largest_gathered, *sizes)
         return out
 
 
@@ -120,11 +122,17 @@ class SaveProbe(Callback):
         facts: dict[str, Any] = {}
         with Collectives() as probe:
             trainer.save_checkpoint(self.out / "probed.ckpt")
-        facts["peft"] = {"gathered": probe.gathered, "largest": probe.largest}
+        facts["peft"] = {
+            "gathered": probe.gathered,
+            "largest": probe.largest,
+            "largest_gathered": probe.largest_gathered,
+        }
         if self.stock is not None:
             with Collectives() as probe:
                 self.stock(trainer.strategy.model)
             facts["stock"] = {"gathered": probe.gathered, "largest": probe.largest}
+        # What a plain walk of the model sees (ZeRO-3: empty placeholders; FSDP1: this rank's slices).
+        facts["ungathered_numel"] = sum(t.numel() for t in lp.trainable_state_dict(pl_module).values())
         adapter = strategies.adapter_state_dict(trainer.strategy, pl_module)  # gathered: global sizes
         facts["trainable_numel"] = sum(t.numel() for t in adapter.values())
         facts["largest_adapter_numel"] = max(t.numel() for t in adapter.values())
@@ -159,3 +167,37 @@ def facts(out: Path, name: str = "facts", world_size: int = 2) -> list[dict[str,
 
 def adapter_keys(module: L.LightningModule) -> set[str]:
     return set(lp.trainable_state_dict(module))
+
+
+def cpu_deepspeed(stage: int) -> Strategy:
+    """``PEFTDeepSpeedStrategy`` on CPU ranks (gloo), forked.
+
+    Lightning's DeepSpeedStrategy accepts only CUDA devices (DeepSpeed itself runs on CPU with
+    ``DS_ACCELERATOR=cpu``): these overrides lift that check and nothing else. DeepSpeed's
+    shared-memory all-reduce kernel is skipped: it is compiled on first use (over a minute).
+    """
+    import deepspeed.comm.torch
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_peft.lightning.strategies import PEFTDeepSpeedStrategy
+
+    deepspeed.comm.torch.build_shm_op = lambda: None
+
+    class CPUDeepSpeed(PEFTDeepSpeedStrategy):
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)
+
+        def setup_distributed(self) -> None:
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        @property
+        def root_device(self) -> torch.device:
+            return torch.device("cpu", self.local_rank)  # DeepSpeed reads the index as its device rank
+
+    strategy = CPUDeepSpeed(stage=stage, process_group_backend="gloo")
+    # ZeRO-3 otherwise keeps every tensor under 100k elements (all of a tiny model) whole on each rank.
+    strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return forked(strategy)

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_peft as lp
 from lightning_peft import PEFTCallback, registry
+from lightning_peft.core import state
 from tests import tiny
 from tests.lightning.distributed import (
     RankProbe,
@@ -60,6 +61,14 @@ def _fit(
     return module
 
 
+@pytest.fixture(scope="module")
+def ddp_lora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The adapter a 2-rank DDP run trains: what the sharded strategies must reproduce."""
+    root = tmp_path_factory.mktemp("ddp_lora")
+    _fit(root, "ddp_fork", epochs=2)
+    return load_ranks(root)[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", registry.methods())
 def test_ddp_two_cpu_ranks(tmp_path: Path, method: str) -> None:
@@ -99,7 +108,7 @@ def _fsdp() -> Any:
 
 
 @pytest.mark.slow
-def test_fsdp_two_cpu_ranks(tmp_path: Path) -> None:
+def test_fsdp_two_cpu_ranks(tmp_path: Path, ddp_lora: dict[str, torch.Tensor]) -> None:
     """FSDP1 on gloo: adapter units of their own, trainable-only checkpoint gathered without a frozen
     weight, exact resume, and the same adapter as DDP."""
     straight = tmp_path / "straight"
@@ -108,10 +117,8 @@ def test_fsdp_two_cpu_ranks(tmp_path: Path) -> None:
     _fit(first, _fsdp(), epochs=1)
     resumed = tmp_path / "resumed"
     _fit(resumed, _fsdp(), epochs=2, ckpt_path=first / "last.ckpt")
-    ddp = tmp_path / "ddp"
-    _fit(ddp, "ddp_fork", epochs=2)
 
-    fsdp_adapter, ddp_adapter = load_ranks(straight)[0], load_ranks(ddp)[0]
+    fsdp_adapter, ddp_adapter = load_ranks(straight)[0], ddp_lora
     assert fsdp_adapter.keys() == ddp_adapter.keys()
     for name, tensor in fsdp_adapter.items():
         torch.testing.assert_close(tensor, ddp_adapter[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -135,3 +142,48 @@ def test_fsdp_two_cpu_ranks(tmp_path: Path) -> None:
 
     bare = lp.load_adapter(tiny.build("llama"), first / "last.ckpt")
     assert lp.get_info(bare).method == "lora"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_cpu_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: int, ddp_lora: dict[str, torch.Tensor]
+) -> None:
+    """ZeRO-2/3 on gloo: optimizer restricted before the engine, trainable-only checkpoint folder
+    with complete adapter files, frozen weights never gathered, exact resume, same adapter as DDP."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    pytest.importorskip("deepspeed")
+    from tests.lightning.distributed import cpu_deepspeed
+
+    straight = tmp_path / "straight"
+    _fit(straight, cpu_deepspeed(stage), epochs=2, callbacks=(SaveProbe(straight),))
+    first = tmp_path / "first"
+    _fit(first, cpu_deepspeed(stage), epochs=1)
+    resumed = tmp_path / "resumed"
+    _fit(resumed, cpu_deepspeed(stage), epochs=2, ckpt_path=first / "last.ckpt")
+
+    ds_adapter, ddp_adapter = load_ranks(straight)[0], ddp_lora
+    for name, tensor in ds_adapter.items():
+        torch.testing.assert_close(tensor, ddp_adapter[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(load_ranks(straight)[1][name], tensor)
+    for name, tensor in load_ranks(resumed)[0].items():
+        assert torch.equal(tensor, ds_adapter[name]), f"resumed {name} differs from the uninterrupted run"
+
+    # The checkpoint folder is an adapter folder too: complete adapter files, gathered under ZeRO-3.
+    folder = first / "last.ckpt"
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    bare = lp.load_adapter(tiny.build("llama"), folder)
+    first_adapter = load_ranks(first)[0]
+    for name, tensor in state.adapter_state(bare):
+        assert torch.equal(tensor, first_adapter[f"model.{name}"]), name
+    # exclude_frozen_parameters: DeepSpeed's module file holds the adapter's tensors and nothing frozen.
+    # (Under ZeRO-3 its tensors are empty placeholders: the adapter files above are the complete copy.)
+    for model_states in (folder / "checkpoint").glob("*model_states.pt"):
+        saved = torch.load(model_states, weights_only=False)
+        assert set(saved["module"]) == set(first_adapter) and not saved.get("frozen_param_fragments")
+    for saved in facts(straight, "save"):
+        # Only the adapter is gathered (ZeRO-3), each tensor no larger than the largest adapter tensor.
+        assert saved["peft"]["gathered"] <= saved["trainable_numel"] + 64
+        assert saved["peft"]["largest_gathered"] <= saved["largest_adapter_numel"]
+        if stage == 3:  # and the gather is needed: the parameters themselves are empty placeholders
+            assert saved["ungathered_numel"] == 0
