@@ -312,7 +312,7 @@ class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
     """FSDP2 (``fully_shard``) applied after injection, with trainable-only full or sharded checkpoints.
 
     The LightningModule needs no ``configure_model``: the strategy shards the injected model itself,
-    one FSDP2 group per instance of ``wrap_modules`` (say, the decoder block) plus the root. FSDP2
+    one FSDP2 group per instance of ``wrap_modules`` (say, the decoder block) plus the base model. FSDP2
     keeps every parameter as a DTensor, so mixing frozen and trainable tensors in a group is fine and
     the adapter's shards are read without any communication.
 
@@ -342,14 +342,22 @@ class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> None:
-        """Apply ``fully_shard`` to each ``wrap_modules`` instance, then to the LightningModule."""
+        """Apply ``fully_shard`` to each ``wrap_modules`` instance, then to the base model.
+
+        The root group is the base model (the transformers model inside the LightningModule), not
+        the LightningModule: FSDP2 gathers a group in its ``forward``, and Lightning calls
+        ``training_step``, which calls the base model.
+        """
         from torch.distributed.fsdp import fully_shard
 
+        from lightning_peft.core.targeting import find_base_model
+
         mesh = self.device_mesh["data_parallel"]
-        for module in list(model.modules()):
-            if module is not model and isinstance(module, self.wrap_modules):
+        _, base = find_base_model(model)
+        for module in list(base.modules()):
+            if module is not base and isinstance(module, self.wrap_modules):
                 fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fully_shard(base, mesh=mesh)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

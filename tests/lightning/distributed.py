@@ -130,7 +130,11 @@ class SaveProbe(Callback):
         if self.stock is not None:
             with Collectives() as probe:
                 self.stock(trainer.strategy.model)
-            facts["stock"] = {"gathered": probe.gathered, "largest": probe.largest}
+            facts["stock"] = {
+                "gathered": probe.gathered,
+                "largest": probe.largest,
+                "largest_gathered": probe.largest_gathered,
+            }
         # What a plain walk of the model sees (ZeRO-3: empty placeholders; FSDP1: this rank's slices).
         facts["ungathered_numel"] = sum(t.numel() for t in lp.trainable_state_dict(pl_module).values())
         adapter = strategies.adapter_state_dict(trainer.strategy, pl_module)  # gathered: global sizes

@@ -21,6 +21,7 @@ from tests.lightning.distributed import (
     facts,
     forked,
     fsdp1_full_state_dict,
+    fsdp2_full_state_dict,
     load_ranks,
 )
 from tests.lightning.modules import TinyLM, token_loader
@@ -187,3 +188,50 @@ def test_deepspeed_two_cpu_ranks(
         assert saved["peft"]["largest_gathered"] <= saved["largest_adapter_numel"]
         if stage == 3:  # and the gather is needed: the parameters themselves are empty placeholders
             assert saved["ungathered_numel"] == 0
+
+
+def _fsdp2(sharded: bool) -> Any:
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_peft.lightning.strategies import PEFTFSDP2Strategy
+
+    return forked(PEFTFSDP2Strategy(wrap_modules={LlamaDecoderLayer}, save_distributed_checkpoint=sharded))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "full"])
+def test_fsdp2_two_cpu_ranks(tmp_path: Path, sharded: bool, ddp_lora: dict[str, torch.Tensor]) -> None:
+    """FSDP2 applied after injection: sharded (per-rank) or full adapter checkpoints, no frozen
+    weight gathered to write them, exact resume, and the same adapter as DDP."""
+    straight = tmp_path / "straight"
+    _fit(straight, _fsdp2(sharded), epochs=2, callbacks=(SaveProbe(straight, stock=fsdp2_full_state_dict),))
+    first = tmp_path / "first"
+    _fit(first, _fsdp2(sharded), epochs=1)
+    resumed = tmp_path / "resumed"
+    _fit(resumed, _fsdp2(sharded), epochs=2, ckpt_path=first / "last.ckpt")
+
+    adapter = load_ranks(straight)[0]
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(tensor, ddp_lora[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, tensor in load_ranks(resumed)[0].items():
+        assert torch.equal(tensor, adapter[name]), f"resumed {name} differs from the uninterrupted run"
+
+    checkpoint = first / "last.ckpt"
+    assert checkpoint.is_dir() == sharded
+    if sharded:  # every tensor in the distributed checkpoint is the adapter's or its optimizer state
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+        assert {k.removeprefix("state_dict.") for k in keys if k.startswith("state_dict.")} == set(adapter)
+        assert all(k.split(".", 2)[2].rsplit(".", 1)[0] in adapter for k in keys if k.startswith("optimizer_0.state."))
+    else:
+        assert set(torch.load(checkpoint, weights_only=True)["state_dict"]) == set(adapter)
+        assert checkpoint.stat().st_size < 64 * 1024
+    for saved in facts(straight, "save"):
+        if sharded:  # each rank writes its own shards: nothing at all is gathered
+            assert saved["peft"]["largest_gathered"] == 0
+        else:  # one adapter tensor at a time (and its optimizer state)
+            assert saved["peft"]["largest_gathered"] <= saved["largest_adapter_numel"]
+            assert saved["peft"]["gathered"] <= 3 * saved["trainable_numel"]
+        # Lightning's own full state dict gathers every frozen weight as well.
+        assert saved["stock"]["largest_gathered"] >= 96 * 32
