@@ -78,6 +78,7 @@ class RankProbe(Callback):
         self.out = Path(out)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        strategies.save_adapter(trainer, self.out / "exported")  # the adapter folder, written by rank 0
         adapter = strategies.adapter_state_dict(trainer.strategy, pl_module)
         torch.save(dict(adapter), self.out / f"start_rank{trainer.global_rank}.pt")
 
@@ -106,6 +107,7 @@ class RankProbe(Callback):
             own = [{p.requires_grad for p in strategies._own_parameters(u)} for u in units]
             facts["fsdp_units"] = len(units)
             facts["fsdp_mixed_units"] = sum(len(flags) > 1 for flags in own)
+        strategies.save_adapter(trainer, self.out / "exported")  # the adapter folder, written by rank 0
         adapter = strategies.adapter_state_dict(trainer.strategy, pl_module)
         torch.save({k: v.detach().cpu().clone() for k, v in adapter.items()}, self.out / f"adapter_rank{rank}.pt")
         (self.out / f"facts_rank{rank}.json").write_text(json.dumps(facts))

@@ -143,6 +143,10 @@ def test_fsdp_two_cpu_ranks(tmp_path: Path, ddp_lora: dict[str, torch.Tensor]) -
 
     bare = lp.load_adapter(tiny.build("llama"), first / "last.ckpt")
     assert lp.get_info(bare).method == "lora"
+    # save_adapter from the running sharded Trainer: a complete adapter folder.
+    exported = lp.load_adapter(tiny.build("llama"), straight / "exported")
+    for name, tensor in state.adapter_state(exported):
+        assert torch.equal(tensor, fsdp_adapter[f"model.{name}"]), name
 
 
 @pytest.mark.slow
