@@ -29,14 +29,20 @@ M = TypeVar("M", bound=nn.Module)
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write the adapter of ``model`` to ``directory`` (created if needed) and return the folder."""
+    # Training-only statistics (see AdapterModule.training_state_names) stay in checkpoints.
+    tensors = state.trainable_state_dict(model, training_state=False)
+    return write_adapter(state.require_info(model), tensors, directory)
+
+
+def write_adapter(info: state.PEFTInfo, tensors: dict[str, Tensor], directory: str | os.PathLike[str]) -> Path:
+    """Write already collected adapter ``tensors`` (e.g. gathered from a sharded model) with ``info``'s record."""
     from safetensors.torch import save_file
 
-    info = state.require_info(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    # Training-only statistics (see AdapterModule.training_state_names) stay in checkpoints.
-    tensors = state.to_cpu_contiguous(state.trainable_state_dict(model, training_state=False))
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "method": info.method})
+    save_file(
+        state.to_cpu_contiguous(tensors), str(out / WEIGHTS_NAME), metadata={"format": "pt", "method": info.method}
+    )
     (out / CONFIG_NAME).write_text(json.dumps({state.METADATA_KEY: info.metadata()}, indent=2, sort_keys=True))
     return out
 

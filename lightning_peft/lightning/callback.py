@@ -3,10 +3,11 @@
     trainer = L.Trainer(callbacks=[PEFTCallback(method="lora", r=8)])
 
 At setup it injects the method into the LightningModule (after ``configure_model`` when the
-module builds its model there) and freezes everything else; at fit start it restricts the
-optimizers to the trainable parameters; checkpoints keep only the trainable state plus optimizer,
-scheduler, loop and RNG state, and resuming from them is exact. Methods that declare training hooks
-(see ``lightning_peft.core.training``) get them run: calibration at train start, a regularization
+module builds its model there) and freezes everything else; the optimizers that
+``configure_optimizers`` returns are restricted to the trainable parameters before any strategy
+wraps them; checkpoints keep only the trainable state plus optimizer, scheduler, loop and RNG
+state, and resuming from them is exact. Methods that declare training hooks (see
+``lightning_peft.core.training``) get them run: calibration at train start, a regularization
 penalty's gradient before each optimizer step, and per-step work after it.
 """
 
@@ -20,7 +21,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
@@ -30,9 +30,7 @@ from lightning_peft import registry
 from lightning_peft.core import inject as core_inject
 from lightning_peft.core import state, training
 from lightning_peft.core.config import AdapterConfig
-
-#: Strategies that need nothing beyond what this callback does. Others are refused with a message.
-_SUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy)
+from lightning_peft.lightning import strategies
 
 
 def _rng_state() -> dict[str, Any]:
@@ -62,6 +60,17 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
         np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
+def _optimizers_in(result: Any) -> list[torch.optim.Optimizer]:
+    """Every optimizer in what ``configure_optimizers`` may return (one, lists, dicts, tuples of lists)."""
+    if isinstance(result, torch.optim.Optimizer):
+        return [result]
+    if isinstance(result, dict):
+        return [o for value in result.values() for o in _optimizers_in(value)]
+    if isinstance(result, (list, tuple)):
+        return [o for value in result for o in _optimizers_in(value)]
+    return []
+
+
 class PEFTCallback(Callback):
     """Freeze the LightningModule, inject a PEFT method, train and checkpoint only the adapter.
 
@@ -87,6 +96,7 @@ class PEFTCallback(Callback):
         self._original_configure_model: Any = None
         self._stepped = 0  # trainer.global_step when the method's on_step last ran
         self._total_steps: int | None = None  # optimizer steps the fit will take, if known
+        self._original_configure_optimizers: Any = None
 
     @property
     @override
@@ -98,12 +108,7 @@ class PEFTCallback(Callback):
     @staticmethod
     def check_strategy(trainer: pl.Trainer) -> None:
         """Refuse strategies whose checkpointing or optimizer setup this callback does not handle."""
-        strategy = trainer.strategy
-        if not isinstance(strategy, _SUPPORTED_STRATEGIES) or isinstance(strategy, DeepSpeedStrategy):
-            supported = ", ".join(s.__name__ for s in _SUPPORTED_STRATEGIES)
-            raise ValueError(
-                f"PEFTCallback does not support strategy {type(trainer.strategy).__name__}; supported: {supported}."
-            )
+        strategies.check_supported(trainer.strategy)
 
     def inject(self, pl_module: pl.LightningModule) -> None:
         """Inject the method into ``pl_module`` unless this same adapter is already there."""
@@ -115,6 +120,12 @@ class PEFTCallback(Callback):
                 f"{type(pl_module).__name__} already has a {info.method} adapter ({info.config}); "
                 f"this PEFTCallback would add {self.method.name} ({self.config}). Use one PEFTCallback per module."
             )
+        if strategies.is_sharded(pl_module):
+            raise ValueError(
+                f"{type(pl_module).__name__}'s weights are already sharded (FSDP or ZeRO-3) when PEFTCallback injects "
+                f"{self.method.name}: the adapter must be added before the model is wrapped. Build the model without "
+                "wrapping it in configure_model and let the strategy shard it (strategy='peft_fsdp' or 'peft_fsdp2')."
+            )
         core_inject.inject(pl_module, self.config)
         if self.verbose:
             rank_zero_info(core_inject.summary(pl_module))
@@ -122,6 +133,7 @@ class PEFTCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.check_strategy(trainer)
+        self._restrict_configure_optimizers(pl_module)
         if not is_overridden("configure_model", pl_module):
             self.inject(pl_module)
             return
@@ -142,6 +154,9 @@ class PEFTCallback(Callback):
         if self._original_configure_model is not None:
             pl_module.__dict__.pop("configure_model", None)
             self._original_configure_model = None
+        if self._original_configure_optimizers is not None:
+            pl_module.__dict__.pop("configure_optimizers", None)
+            self._original_configure_optimizers = None
 
     # ------------------------------------------------------------------ optimization
 
@@ -161,11 +176,29 @@ class PEFTCallback(Callback):
             del optimizer.state[param]
         return removed
 
+    def _restrict_configure_optimizers(self, pl_module: pl.LightningModule) -> None:
+        """Restrict the optimizers where ``configure_optimizers`` returns them.
+
+        That is before any strategy sees them: DeepSpeed builds its engine (and ZeRO its partitions)
+        from the optimizer inside ``strategy.setup``, long before ``on_fit_start``.
+        """
+        if self._original_configure_optimizers is not None:
+            return
+        original = pl_module.configure_optimizers
+        self._original_configure_optimizers = original
+
+        @functools.wraps(original)
+        def configure_optimizers() -> Any:
+            result = original()
+            for optimizer in _optimizers_in(result):
+                self.restrict_optimizer(optimizer)
+            return result
+
+        pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state.assert_no_grad_leak(pl_module)
-        for optimizer in trainer.optimizers:
-            self.restrict_optimizer(optimizer)
         summary = core_inject.summary_dict(pl_module)
         for logger in trainer.loggers:
             logger.log_hyperparams({"peft": summary})
@@ -241,7 +274,8 @@ class PEFTCallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint["state_dict"] = state.trainable_state_dict(pl_module)
+        if not isinstance(trainer.strategy, strategies.PEFTStrategy):  # those collected the adapter themselves
+            checkpoint["state_dict"] = state.trainable_state_dict(pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -55,6 +55,17 @@ class DeferredLM(TinyLM):
             self.model = tiny.build(self.arch, seed=self.seed).train()
 
 
+class StopAfterFirstEpoch(L.Callback):
+    """Stops a fit after its first epoch, as a preempted job would be (the plan stays as configured).
+
+    Stopping this way, rather than running a shorter fit, keeps everything that depends on the
+    planned length (LR schedules, AdaLoRA's budget) the same as in the uninterrupted run.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
 def token_loader(n: int = 16, batch_size: int = 4, shuffle: bool = True, seed: int = 5) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(

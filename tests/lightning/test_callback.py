@@ -184,15 +184,25 @@ def test_bad_arguments_fail_at_construction() -> None:
         PEFTCallback("lora", r=0)
 
 
-def test_unsupported_strategy_is_refused() -> None:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+@pytest.mark.parametrize(
+    ("strategy", "instead"),
+    [
+        ("DeepSpeedStrategy", r"Use strategy='peft_deepspeed_stage_2' or 'peft_deepspeed_stage_3'"),
+        ("FSDPStrategy", r"Use strategy='peft_fsdp' \(PEFTFSDPStrategy\)"),
+        ("ModelParallelStrategy", r"Use strategy='peft_fsdp2' \(PEFTFSDP2Strategy\)"),
+    ],
+)
+def test_unsupported_strategy_is_refused(strategy: str, instead: str) -> None:
+    import lightning.pytorch.strategies as strategies
+
+    cls = getattr(strategies, strategy)
 
     class FakeTrainer:
-        strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+        strategy = cls.__new__(cls)
 
     with pytest.raises(
         ValueError,
-        match=r"PEFTCallback does not support strategy DeepSpeedStrategy; supported: "
-        r"SingleDeviceStrategy, DDPStrategy",
+        match=rf"PEFTCallback does not support strategy {strategy}; supported: SingleDeviceStrategy, DDPStrategy, "
+        rf"PEFTFSDPStrategy, PEFTFSDP2Strategy, PEFTDeepSpeedStrategy \(by name: 'ddp', .*'peft_fsdp'.*\)\. {instead}",
     ):
         PEFTCallback.check_strategy(FakeTrainer())  # type: ignore[arg-type]

@@ -7,14 +7,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_peft as lp
 from lightning_peft import PEFTCallback
 from lightning_peft.core import state, training
 from lightning_peft.methods import adalora
-from tests.lightning.modules import TinyLM, token_loader, trainer
+from tests.lightning.modules import StopAfterFirstEpoch, TinyLM, token_loader, trainer
 
 #: (method, options, architecture) for the resume round trip; AdaLoRA's schedule is mid-way at the cut.
 RESUMABLE = [
@@ -30,20 +30,13 @@ def _state(module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in [*state.adapter_state(module), *state.training_state(module)]}
 
 
-class _Interrupt(Callback):
-    """Stops the fit after its first epoch, as a preempted job would be (the plan stays 2 epochs)."""
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.should_stop = True
-
-
 def _run(
     root: Path, method: str, options: dict, arch: str, *, interrupt: bool = False, ckpt_path: Path | None = None
 ) -> L.LightningModule:
     L.seed_everything(0)
     module = TinyLM(arch=arch)
     callbacks = [PEFTCallback(method, verbose=False, **options), ModelCheckpoint(dirpath=root, save_last=True)]
-    t = trainer(root, max_epochs=2, callbacks=callbacks + ([_Interrupt()] if interrupt else []))
+    t = trainer(root, max_epochs=2, callbacks=callbacks + ([StopAfterFirstEpoch()] if interrupt else []))
     t.fit(module, token_loader(shuffle=True), ckpt_path=ckpt_path)
     return module
 

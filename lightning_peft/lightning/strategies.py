@@ -1,0 +1,610 @@
+"""Strategy hooks: PEFT under FSDP, FSDP2 and DeepSpeed with trainable-only, frozen-aware state.
+
+Pick one by name and nothing else in a config changes::
+
+    trainer:
+      strategy: peft_fsdp              # or peft_fsdp2, peft_deepspeed_stage_2, peft_deepspeed_stage_3
+      callbacks: [{class_path: lightning_peft.PEFTCallback, init_args: {method: lora}}]
+
+Single-device, DDP (``ddp``, ``ddp_spawn``, ``ddp_fork``) need no special strategy: DDP
+registers only parameters that require grad with its reducer, so frozen weights never enter
+gradient sync, and PEFTCallback trims the checkpoint. The sharded strategies need more, because
+Lightning's own versions gather the whole model to save a few MB of adapter:
+
+- ``PEFTFSDPStrategy`` (FSDP1, ``peft_fsdp``): an auto-wrap policy that puts every adapter in an
+  FSDP unit of its own, apart from the frozen layer it wraps, so each flat parameter is uniformly
+  trainable or frozen; checkpoints gather only those adapter units. Runs on CPU with gloo too.
+- ``PEFTFSDP2Strategy`` (``fully_shard``, ``peft_fsdp2``): parameters are DTensors, so the
+  trainable-only state dict is taken shard by shard (sharded checkpoints) or gathered one
+  adapter tensor at a time (full checkpoints); frozen weights are never touched.
+- ``PEFTDeepSpeedStrategy`` (``peft_deepspeed_stage_2``/``_3``): ``exclude_frozen_parameters``,
+  and the adapter gathered with ``GatheredParameters`` (only its own tensors) so that under
+  ZeRO-3 the adapter files in each checkpoint folder are complete.
+
+Injection happens before any of them wraps the model (PEFTCallback injects in ``setup`` or right
+after ``configure_model``), and PEFTCallback restricts the optimizer where ``configure_optimizers``
+returns, before FSDP or DeepSpeed see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+    StrategyRegistry,
+)
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_peft.core import io, state
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+#: Prefixes that wrappers (FSDP1, activation checkpointing) insert into parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the unwrapped model spells it."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _clean_state(sd: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
+    out: OrderedDict[str, Tensor] = OrderedDict((clean_name(k), v) for k, v in sd.items())
+    out._metadata = {clean_name(k): v for k, v in getattr(sd, "_metadata", {}).items()}  # type: ignore[attr-defined]
+    return out
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether a sharding wrapper (FSDP1, FSDP2, DeepSpeed ZeRO-3) already holds ``module``'s weights."""
+    from torch.distributed.tensor import DTensor
+
+    for param in module.parameters():
+        if isinstance(param, DTensor) or hasattr(param, "ds_id") or type(param).__name__ == "FlatParameter":
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- FSDP1
+
+
+def adapter_units(model: nn.Module) -> list[nn.Module]:
+    """The modules an FSDP wrap policy must wrap so that no flat parameter mixes trainable and frozen.
+
+    For every adapter layer: its frozen ``base_layer`` (one unit) and the adapter layer itself,
+    whose own flat parameter then holds only the adapter tensors. Adapter modules that do not wrap
+    a layer (input-side methods) hold only adapter tensors and become one unit each.
+    """
+    from lightning_peft.core.layer import AdapterLayer
+
+    units: list[nn.Module] = []
+    for _, module in state.adapter_modules(model):
+        if isinstance(module, AdapterLayer):
+            base = {id(p) for p in module.base_layer.parameters()}
+            if base:
+                units.append(module.base_layer)
+            if any(id(p) not in base for p in module.parameters()):
+                units.append(module)
+        elif any(True for _ in module.parameters()):
+            units.append(module)
+    return units
+
+
+def adapter_wrap_policy(model: nn.Module, policy: Any = None) -> Any:
+    """An FSDP1 ``auto_wrap_policy``: the given one (classes or a policy) plus :func:`adapter_units`.
+
+    Args:
+        model: the injected model about to be wrapped.
+        policy: the user's policy: ``None``, a set of module classes (e.g. the decoder block),
+            a ``ModuleWrapPolicy``/``CustomPolicy``, or a legacy callable policy.
+    """
+    from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy, _Policy
+
+    units = {id(m) for m in adapter_units(model)}
+    adapters = CustomPolicy(lambda module: id(module) in units)
+    if policy is None:
+        return adapters
+    if isinstance(policy, (set, frozenset, list, tuple)):
+        policy = ModuleWrapPolicy(set(policy))
+    if isinstance(policy, _Policy):
+        inner: _Policy = policy
+
+        class _Both(_Policy):
+            def _run_policy(self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: Any) -> Any:
+                targets = inner._run_policy(root_module, ignored_modules, root_kwargs)
+                for module, kwargs in adapters._run_policy(root_module, ignored_modules, root_kwargs).items():
+                    targets.setdefault(module, kwargs)
+                return targets
+
+        return _Both()
+    # A legacy callable ``(module, recurse, nonwrapped_numel) -> bool``: or it with ours.
+
+    def either(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        return recurse or id(module) in units or bool(policy(module, recurse, nonwrapped_numel))
+
+    return either
+
+
+def _own_parameters(unit: FullyShardedDataParallel) -> Iterator[nn.Parameter]:
+    """Parameters held in ``unit``'s own flat parameter (not in a nested FSDP unit)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    stack: list[nn.Module] = [unit.module]
+    while stack:
+        module = stack.pop()
+        yield from module.parameters(recurse=False)
+        stack.extend(child for child in module.children() if not isinstance(child, FSDP))
+
+
+@contextlib.contextmanager
+def _summon_adapter(root: nn.Module, params: list[Tensor], writeback: bool) -> Generator[None, None, None]:
+    """Unshard exactly the FSDP1 units that own ``params`` (``recurse=False``), one at a time inside."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+    fsdp_root = next(m for m in root.modules() if isinstance(m, FSDP))
+    _lazy_init(fsdp_root, fsdp_root)  # before any unit is touched, or the first one thinks it is the root
+    wanted = {id(p) for p in params}
+    units = [u for u in FSDP.fsdp_modules(fsdp_root) if any(id(p) in wanted for p in _own_parameters(u))]
+    with contextlib.ExitStack() as stack:
+        for unit in units:
+            stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=writeback))
+        yield
+
+
+class PEFTStrategy:
+    """Marks a strategy whose checkpoints PEFTCallback leaves alone (the strategy trims them itself)."""
+
+    def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
+        """The complete adapter (CPU tensors, frozen weights never gathered); call on every rank."""
+        raise NotImplementedError
+
+
+class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
+    """FSDP1 with an adapter-aware wrap policy and trainable-only full checkpoints.
+
+    Takes every argument of Lightning's ``FSDPStrategy``; ``auto_wrap_policy`` (say, the decoder
+    block class) is extended with :func:`adapter_units`. ``use_orig_params`` stays on so that the
+    optimizer and the adapter walk see the original parameters. Checkpoints are one file written by
+    rank 0 with the adapter, its optimizer state and the loops; only the adapter units are
+    unsharded to write it. For sharded (per-rank) checkpoints use :class:`PEFTFSDP2Strategy`.
+    """
+
+    strategy_name = "peft_fsdp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("state_dict_type", "full") != "full":
+            raise ValueError(
+                f"PEFTFSDPStrategy(state_dict_type={kwargs['state_dict_type']!r}) is not supported: FSDP1's sharded "
+                "state dict unshards every unit, frozen ones included. Use 'full' (the adapter is small), or "
+                "strategy='peft_fsdp2' for sharded checkpoints."
+            )
+        if kwargs.get("use_orig_params") is False:
+            raise ValueError("PEFTFSDPStrategy needs use_orig_params=True (the default) to find the adapter's tensors.")
+        super().__init__(*args, **kwargs)
+
+    @override
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if any(isinstance(m, FSDP) for m in model.modules()):
+            return super()._setup_model(model)  # wrapped by hand in configure_model: keep the user's units
+        self.kwargs["auto_wrap_policy"] = adapter_wrap_policy(model, self.kwargs.get("auto_wrap_policy"))
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        # torch refuses FSDP on CPU unless the device is named explicitly (gloo runs it fine).
+        wrapped = FSDP(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=self.root_device,
+            **self.kwargs,
+        )
+        _move_torchmetrics_to_device(wrapped, self.root_device)
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        return wrapped
+
+    @override
+    def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
+        assert self.model is not None and self.lightning_module is not None
+        params = [p for _, p in state.adapter_parameters(self.lightning_module)]
+        with _summon_adapter(self.model, params, writeback=False):
+            sd = state.trainable_state_dict(self.lightning_module)  # inside: the full views, not the shards
+            for key in sd:
+                sd[key] = sd[key].detach().to("cpu", copy=True)
+        return _clean_state(sd)
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self.adapter_state_dict()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        from lightning.pytorch.trainer.states import TrainerFn
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        assert self.model is not None and self.lightning_module is not None
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+        _load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_adapter)
+        optimizer_states = checkpoint.get("optimizer_states")
+        if optimizer_states is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        if len(self.optimizers) != len(optimizer_states):
+            raise RuntimeError(
+                f"the checkpoint holds {len(optimizer_states)} optimizer states for {len(self.optimizers)} optimizers."
+            )
+        # Keyed by parameter name; the states exist for trainable parameters only: nothing frozen moves.
+        options = StateDictOptions(full_state_dict=True)
+        for optimizer, opt_state in zip(self.optimizers, optimizer_states, strict=True):
+            set_optimizer_state_dict(self.model, optimizer, opt_state, options=options)
+        return checkpoint
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        assert self.model is not None
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        # torch's name-keyed full optimizer state (every rank computes it; rank 0 writes it).
+        return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+    def _write_adapter(self, tensors: Mapping[str, Tensor]) -> None:
+        assert self.model is not None and self.lightning_module is not None
+        named = [(clean_name(n), p) for n, p in state.adapter_state(self.lightning_module)]
+        params = [p for _, p in named if isinstance(p, nn.Parameter)]
+        with _summon_adapter(self.model, params, writeback=True), torch.no_grad():
+            for name, tensor in named:
+                tensor.copy_(tensors[name])
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "peft_fsdp", cls, description="FSDP with adapter units of their own and trainable-only checkpoints"
+        )
+
+
+def _load_adapter_into(
+    pl_module: nn.Module, tensors: Mapping[str, Tensor], write: Callable[[Mapping[str, Tensor]], None]
+) -> None:
+    """Validate a trainable-only state dict against ``pl_module``'s adapter, then ``write`` it in."""
+    info = state.require_info(pl_module)
+    record = state.read_metadata(tensors)  # type: ignore[arg-type]
+    if record is not None:
+        state.check_record(info, record)
+    expected = [clean_name(n) for n, _ in state.adapter_state(pl_module)]
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks adapter weights: {', '.join(missing[:5])}"
+            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}. It is incomplete or not a "
+            "lightning_peft checkpoint."
+        )
+    write(tensors)
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) applied after injection, with trainable-only full or sharded checkpoints.
+
+    The LightningModule needs no ``configure_model``: the strategy shards the injected model itself,
+    one FSDP2 group per instance of ``wrap_modules`` (say, the decoder block) plus the base model. FSDP2
+    keeps every parameter as a DTensor, so mixing frozen and trainable tensors in a group is fine and
+    the adapter's shards are read without any communication.
+
+    Args:
+        wrap_modules: module classes that become FSDP2 groups of their own.
+        save_distributed_checkpoint: ``True``: a folder with each rank's adapter shards (nothing
+            gathered at all); ``False``: one file, each adapter tensor gathered on its own.
+        **kwargs: the rest of ``ModelParallelStrategy``'s arguments (``process_group_backend``, ...).
+    """
+
+    strategy_name = "peft_fsdp2"
+
+    def __init__(
+        self,
+        wrap_modules: set[type[nn.Module]] | None = None,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.wrap_modules = tuple(wrap_modules or ())
+
+    @override
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def shard(self, model: nn.Module) -> None:
+        """Apply ``fully_shard`` to each ``wrap_modules`` instance, then to the base model.
+
+        The root group is the base model (the transformers model inside the LightningModule), not
+        the LightningModule: FSDP2 gathers a group in its ``forward``, and Lightning calls
+        ``training_step``, which calls the base model.
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        from lightning_peft.core.targeting import find_base_model
+
+        mesh = self.device_mesh["data_parallel"]
+        _, base = find_base_model(model)
+        for module in list(base.modules()):
+            if module is not base and isinstance(module, self.wrap_modules):
+                fully_shard(module, mesh=mesh)
+        fully_shard(base, mesh=mesh)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        from lightning.fabric.utilities.init import _materialize_distributed_module
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if not is_sharded(self.model):
+            self.shard(self.model)
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _sharded_adapter(self) -> OrderedDict[str, Tensor]:
+        assert self.lightning_module is not None
+        return state.trainable_state_dict(self.lightning_module)  # DTensors: local shards, no communication
+
+    @override
+    def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        sd = self._sharded_adapter()
+        for key, value in sd.items():
+            # Each adapter tensor on its own: the gather touches nothing frozen.
+            sd[key] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().to("cpu", copy=True)
+        return sd
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self._sharded_adapter() if self._save_distributed_checkpoint else self.adapter_state_dict()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        assert self.lightning_module is not None
+        # Distributed checkpoints lose the state dict's torch metadata: keep our record beside it.
+        checkpoint[state.METADATA_KEY] = state.require_info(self.lightning_module).metadata()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from lightning.pytorch.trainer.states import TrainerFn
+        from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        assert self.model is not None and self.lightning_module is not None
+        path = Path(self.broadcast(checkpoint_path))
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        info = state.require_info(self.lightning_module)
+        if _is_sharded_checkpoint(path):
+            metadata = torch.load(path / _METADATA_FILENAME, weights_only=bool(weights_only))
+            state.check_record(info, metadata.pop(state.METADATA_KEY, info.metadata()))
+            target: dict[str, Any] = {"state_dict": dict(self._sharded_adapter())}
+            sharded = StateDictOptions(full_state_dict=False, cpu_offload=False)
+            if fitting:
+                for idx, optimizer in enumerate(self.optimizers):
+                    target[f"optimizer_{idx}"] = get_optimizer_state_dict(self.model, optimizer, options=sharded)
+            dcp_load(target, checkpoint_id=path)  # in place into the adapter's own shards
+            if fitting:
+                for idx, optimizer in enumerate(self.optimizers):
+                    set_optimizer_state_dict(self.model, optimizer, target[f"optimizer_{idx}"], options=sharded)
+            return metadata
+        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+        checkpoint.pop(state.METADATA_KEY, None)
+        _load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_full)
+        if fitting:
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            for optimizer, opt_state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+                set_optimizer_state_dict(self.model, optimizer, _param_names(self.model, opt_state), options=full)
+        return checkpoint
+
+    def _write_full(self, tensors: Mapping[str, Tensor]) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        assert self.lightning_module is not None
+        with torch.no_grad():
+            for name, tensor in state.adapter_state(self.lightning_module):
+                source = tensors[name].to(tensor.device, tensor.dtype)
+                if isinstance(tensor, DTensor):
+                    source = distribute_tensor(source, tensor.device_mesh, tensor.placements)
+                tensor.copy_(source)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("peft_fsdp2", cls, description="FSDP2 after injection, sharded adapter checkpoints")
+        strategy_registry.register(
+            "peft_fsdp2_full",
+            cls,
+            description="FSDP2 after injection, single-file adapter checkpoints",
+            save_distributed_checkpoint=False,
+        )
+
+
+def _param_names(model: nn.Module, opt_state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter index (as Lightning saves it) rekeyed by name for torch's loader."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import OptimStateKeyType
+
+    if opt_state["state"] and isinstance(next(iter(opt_state["state"])), int):
+        return FSDP.rekey_optim_state_dict(opt_state, OptimStateKeyType.PARAM_NAME, model)
+    return opt_state
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
+    """DeepSpeed ZeRO with trainable-only checkpoints and complete adapter files.
+
+    Takes every argument of Lightning's ``DeepSpeedStrategy``; ``exclude_frozen_parameters``
+    defaults to ``True``. Each checkpoint folder also holds ``adapter_config.json`` and
+    ``adapter_model.safetensors`` (gathered under ZeRO-3, adapter tensors only), so
+    ``lightning_peft.load_adapter(model, folder)`` reads it directly.
+
+    Under ZeRO-3 the model is not built inside ``deepspeed.zero.Init``: the adapter's shapes come
+    from the base layers, so they must be whole when it is injected; the engine partitions
+    everything when it starts.
+    """
+
+    strategy_name = "peft_deepspeed"
+
+    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+
+    @contextlib.contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        yield
+
+    def _gathered(self) -> contextlib.AbstractContextManager[Any]:
+        assert self.lightning_module is not None
+        if not self.zero_stage_3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = [p for _, p in state.adapter_parameters(self.lightning_module)]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    @override
+    def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
+        assert self.lightning_module is not None
+        with self._gathered():
+            sd = state.trainable_state_dict(self.lightning_module)
+            for key in sd:
+                sd[key] = sd[key].detach().to("cpu", copy=True)
+        return sd
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return {}  # the engine writes the module's (trainable) state itself; see save_checkpoint
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        assert self.lightning_module is not None
+        adapter = self.adapter_state_dict()  # every rank: the gather is a collective
+        folder = self.broadcast(filepath)
+        super().save_checkpoint(checkpoint, folder, storage_options)
+        if self.is_global_zero:
+            io.write_adapter(state.require_info(self.lightning_module), adapter, folder)
+        self.barrier()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for stage in (2, 3):
+            strategy_registry.register(
+                f"peft_deepspeed_stage_{stage}",
+                cls,
+                description=f"DeepSpeed ZeRO stage {stage} with trainable-only checkpoints",
+                stage=stage,
+            )
+
+
+# --------------------------------------------------------------------------- support and registration
+
+#: What PEFTCallback accepts. Lightning's own FSDP, ModelParallel and DeepSpeed strategies gather the
+#: whole model into checkpoints (and DeepSpeed builds its optimizer before fit starts), so they are
+#: refused in favour of the PEFT variants above.
+SUPPORTED: tuple[type[Strategy], ...] = (
+    SingleDeviceStrategy,
+    DDPStrategy,
+    PEFTFSDPStrategy,
+    PEFTFSDP2Strategy,
+    PEFTDeepSpeedStrategy,
+)
+_INSTEAD = {
+    FSDPStrategy: "strategy='peft_fsdp' (PEFTFSDPStrategy)",
+    ModelParallelStrategy: "strategy='peft_fsdp2' (PEFTFSDP2Strategy)",
+    DeepSpeedStrategy: "strategy='peft_deepspeed_stage_2' or 'peft_deepspeed_stage_3' (PEFTDeepSpeedStrategy)",
+}
+NAMES = ("peft_fsdp", "peft_fsdp2", "peft_fsdp2_full", "peft_deepspeed_stage_2", "peft_deepspeed_stage_3")
+
+
+def check_supported(strategy: Strategy) -> None:
+    """Raise a clear error for a strategy PEFTCallback cannot train and checkpoint correctly."""
+    plain = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+    if plain or isinstance(strategy, PEFTStrategy):
+        return
+    hint = next((f" Use {v} instead." for k, v in _INSTEAD.items() if isinstance(strategy, k)), "")
+    supported = ", ".join(s.__name__ for s in SUPPORTED)
+    raise ValueError(
+        f"PEFTCallback does not support strategy {type(strategy).__name__}; supported: {supported} "
+        f"(by name: 'ddp', 'ddp_spawn', 'ddp_fork', {', '.join(map(repr, NAMES))}).{hint}"
+    )
+
+
+def adapter_state_dict(strategy: Strategy, pl_module: nn.Module) -> OrderedDict[str, Tensor]:
+    """The complete adapter of ``pl_module`` under ``strategy`` (gathered if sharded); call on every rank."""
+    if isinstance(strategy, PEFTStrategy):
+        return strategy.adapter_state_dict()
+    return state.trainable_state_dict(pl_module)
+
+
+def save_adapter(trainer: pl.Trainer, directory: str | Path) -> Path:
+    """``lightning_peft.save_adapter`` for a running Trainer: gathers if sharded, rank 0 writes.
+
+    Call it on every rank (from a hook or after ``fit`` in the launched script).
+    """
+    module = trainer.lightning_module
+    tensors = adapter_state_dict(trainer.strategy, module)
+    out = Path(trainer.strategy.broadcast(str(directory)))
+    if trainer.is_global_zero:
+        io.write_adapter(state.require_info(module), tensors, out)
+    trainer.strategy.barrier()
+    return out
+
+
+def register(registry: Any = StrategyRegistry) -> None:
+    """Add the names in :data:`NAMES` to Lightning's strategy registry (done at import, once)."""
+    if all(name in registry for name in NAMES):
+        return
+    for cls in (PEFTFSDPStrategy, PEFTFSDP2Strategy, PEFTDeepSpeedStrategy):
+        cls.register_strategies(registry)
+
+
+register()

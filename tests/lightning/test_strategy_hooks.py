@@ -1,0 +1,125 @@
+"""Strategy hooks without processes: names, refusals, the FSDP wrap policy, the optimizer hook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+
+import lightning_peft as lp
+from lightning_peft import PEFTCallback
+from lightning_peft.core import state
+from lightning_peft.lightning import strategies
+from tests import tiny
+from tests.lightning.modules import DeferredLM, TinyLM, token_loader, trainer
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "options"),
+    [
+        ("peft_fsdp", strategies.PEFTFSDPStrategy, {}),
+        ("peft_fsdp2", strategies.PEFTFSDP2Strategy, {}),
+        ("peft_fsdp2_full", strategies.PEFTFSDP2Strategy, {"save_distributed_checkpoint": False}),
+        ("peft_deepspeed_stage_2", strategies.PEFTDeepSpeedStrategy, {"stage": 2}),
+        ("peft_deepspeed_stage_3", strategies.PEFTDeepSpeedStrategy, {"stage": 3}),
+    ],
+)
+def test_strategies_are_registered_by_name(name: str, cls: type, options: dict) -> None:
+    """A YAML ``strategy: <name>`` reaches the PEFT strategy with no other change."""
+    entry = StrategyRegistry[name]
+    assert entry["strategy"] is cls and entry["init_params"] == options
+    assert name in strategies.NAMES
+
+
+def test_peft_fsdp_builds_from_its_name_on_cpu() -> None:
+    t = L.Trainer(accelerator="cpu", devices=2, strategy="peft_fsdp", logger=False)
+    assert isinstance(t.strategy, strategies.PEFTFSDPStrategy)
+    PEFTCallback.check_strategy(t)
+
+
+def test_fsdp1_sharded_state_dicts_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"state_dict_type='sharded'\) is not supported.*strategy='peft_fsdp2'"):
+        strategies.PEFTFSDPStrategy(state_dict_type="sharded")
+    with pytest.raises(ValueError, match=r"needs use_orig_params=True"):
+        strategies.PEFTFSDPStrategy(use_orig_params=False)
+
+
+def test_adapter_units_separate_trainable_from_frozen() -> None:
+    """Wrapped bottom-up, each unit's own parameters are all trainable or all frozen."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = lp.inject(tiny.build("llama"), "lora", r=4)
+    units = strategies.adapter_units(model)
+    wrapped = {id(m) for m in units} | {id(m) for m in model.modules() if isinstance(m, LlamaDecoderLayer)}
+    wrapped.add(id(model))
+    for module in model.modules():
+        if id(module) not in wrapped:
+            continue
+        own, stack = [], [module]
+        while stack:  # this unit's parameters: not those of a nested unit
+            m = stack.pop()
+            own += list(m.parameters(recurse=False))
+            stack += [c for c in m.children() if id(c) not in wrapped]
+        assert len({p.requires_grad for p in own}) <= 1, type(module).__name__
+    lora_layers = [m for _, m in state.adapter_modules(model)]
+    assert len(units) == 2 * len(lora_layers)  # each base layer and each adapter layer
+
+
+def test_adapter_wrap_policy_keeps_the_users_units() -> None:
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = lp.inject(tiny.build("llama"), "lora", r=4)
+    for policy in ({LlamaDecoderLayer}, ModuleWrapPolicy({LlamaDecoderLayer})):
+        targets = strategies.adapter_wrap_policy(model, policy)._run_policy(model, set(), {})
+        assert sum(isinstance(m, LlamaDecoderLayer) for m in targets) == 2
+        assert {id(m) for m in strategies.adapter_units(model)} <= {id(m) for m in targets}
+
+    def legacy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        return isinstance(module, LlamaDecoderLayer)
+
+    either = strategies.adapter_wrap_policy(model, legacy)
+    layer = model.model.layers[0]
+    assert either(layer, False, 0) and either(layer.self_attn.q_proj.base_layer, False, 0)
+    assert not either(layer.mlp, False, 0)
+
+
+def test_optimizer_is_restricted_when_configure_optimizers_returns(tmp_path: Path) -> None:
+    """Before any strategy (DeepSpeed builds its engine from it) sees the optimizer."""
+    seen: list[int] = []
+
+    class Spy(TinyLM):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Spy()
+    callback = PEFTCallback("lora", r=4, verbose=False)
+    t = trainer(tmp_path, max_steps=1, callbacks=[callback])
+    original = t.strategy.setup_optimizers
+
+    def spy_setup(trainer: L.Trainer) -> None:
+        original(trainer)
+        seen.append(sum(len(g["params"]) for g in trainer.strategy.optimizers[0].param_groups))
+
+    t.strategy.setup_optimizers = spy_setup  # type: ignore[method-assign]
+    t.fit(module, token_loader())
+    assert seen == [len(list(state.adapter_parameters(module)))]
+    assert "configure_optimizers" not in module.__dict__  # the wrapper is removed at teardown
+
+
+def test_injecting_into_an_already_sharded_model_is_refused(tmp_path: Path) -> None:
+    """A model partitioned in configure_model before the callback injects: the adapter would be left out."""
+
+    class ShardsItself(DeferredLM):
+        def configure_model(self) -> None:
+            super().configure_model()
+            for param in self.model.parameters():
+                param.ds_id = 0  # what deepspeed.zero.Init tags each partitioned parameter with
+
+    with pytest.raises(ValueError, match=r"already sharded \(FSDP or ZeRO-3\) when PEFTCallback injects lora"):
+        trainer(tmp_path, max_steps=1, callbacks=[PEFTCallback("lora", verbose=False)]).fit(
+            ShardsItself(), token_loader()
+        )
