@@ -26,6 +26,8 @@ _EXPORTS = {
     "calibrate": "lightning_peft.core.training",
     "save_adapter": "lightning_peft.core.io",
     "load_adapter": "lightning_peft.core.io",
+    "save_peft_adapter": "lightning_peft.interop.peft_format",
+    "load_peft_adapter": "lightning_peft.interop.peft_format",
     "methods": "lightning_peft.registry",
     "get_method": "lightning_peft.registry",
 }
@@ -37,11 +39,13 @@ __all__ = [
     "get_method",
     "inject",
     "load_adapter",
+    "load_peft_adapter",
     "merge",
     "methods",
     "on_step",
     "regularization",
     "save_adapter",
+    "save_peft_adapter",
     "summary",
     "trainable_state_dict",
     "unload",
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from lightning_peft.core.io import load_adapter, save_adapter
     from lightning_peft.core.state import get_info, trainable_state_dict
     from lightning_peft.core.training import calibrate, on_step, regularization
+    from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter
     from lightning_peft.lightning.callback import PEFTCallback
     from lightning_peft.registry import get as get_method
     from lightning_peft.registry import methods

@@ -44,6 +44,24 @@ def _no_defaults(model: nn.Module, config: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class PeftFormat:
+    """How a method's options map to Hugging Face peft's ``adapter_config.json`` (see ``lightning_peft.interop``).
+
+    Tensor names are declared by the adapter layers themselves (``AdapterModule.peft_names``).
+
+    Args:
+        peft_type: peft's name for the method (``"LORA"``).
+        to_peft: our resolved config -> peft's config fields (without ``peft_type``).
+        from_peft: peft's config fields -> our config; raises ``ValueError`` naming any field whose
+            value lightning_peft does not implement, rather than dropping it.
+    """
+
+    peft_type: str
+    to_peft: Callable[[Any], dict[str, Any]]
+    from_peft: Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
 class Method:
     """One registered PEFT method.
 
@@ -58,6 +76,7 @@ class Method:
         regularization: a penalty added to the loss (see :data:`RegularizationFn`).
         calibrate: a pass over a few training batches before training (see :data:`CalibrateFn`),
             e.g. to pick the entries a sparse method trains.
+        peft: the mapping to Hugging Face peft's adapter format, where peft has the method.
         summary: one line for ``--help`` and the README's table.
         paper: the reference (authors, year, title).
     """
@@ -72,6 +91,7 @@ class Method:
     on_step: StepFn | None = None
     regularization: RegularizationFn | None = None
     calibrate: CalibrateFn | None = None
+    peft: PeftFormat | None = None
 
     def make_config(self, **options: Any) -> AdapterConfig:
         """The method's config from keyword options, with a clear error for unknown ones."""

@@ -29,6 +29,8 @@ class AdapterModule(nn.Module):
     training_state_names: ClassVar[tuple[str, ...]] = ()
     #: The registered method this module belongs to (set by each method's subclass).
     method: ClassVar[str] = ""
+    #: Local tensor names that Hugging Face peft spells differently (``{"lora_A": "lora_A.weight"}``).
+    peft_names: ClassVar[dict[str, str]] = {}
 
     def adapter_state(self) -> Iterator[tuple[str, Tensor]]:
         """(local name, tensor) for every declared parameter and buffer."""
@@ -52,6 +54,14 @@ class AdapterModule(nn.Module):
                 yield attr, value
             elif value is not None:
                 raise TypeError(f"{type(self).__name__} declares {attr!r}, which is a {type(value)}")
+
+    def peft_key(self, local: str) -> str:
+        """The name peft's adapter files give the tensor this module calls ``local``."""
+        return self.peft_names.get(local, local)
+
+    def to_peft_tensor(self, local: str, tensor: Tensor) -> Tensor:
+        """The tensor as peft stores it (same values; a method may lay it out differently)."""
+        return tensor
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(local name, parameter) for every declared parameter: what the optimizer trains."""
@@ -170,6 +180,9 @@ class TrainableModule(AdapterLayer):
 
     adapter_names = ("base_layer",)
     method = "modules_to_save"
+
+    def peft_key(self, local: str) -> str:
+        return local.removeprefix("base_layer.")  # peft files keep a saved module's own names
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_layer(*args, **kwargs)

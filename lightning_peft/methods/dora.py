@@ -34,6 +34,7 @@ class DoRALinear(LoRALinear):
     """DoRA around ``nn.Linear`` or transformers' ``Conv1D``: LoRA's ``A``, ``B`` plus a magnitude."""
 
     adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude")  # type: ignore[assignment]
+    peft_names = {**LoRALinear.peft_names, "lora_magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         weight: Tensor = base_layer.weight  # type: ignore[assignment]

@@ -16,6 +16,7 @@ training losses live in :mod:`lightning_peft.losses`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from lightning_peft.core.config import LayerConfig, check_module_keys, invalid
 from lightning_peft.core.inject import replace_modules
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.targeting import ALL_LINEAR, architecture_default, is_linear, name_matches, select
-from lightning_peft.registry import Method, register
+from lightning_peft.registry import Method, PeftFormat, register
 
 # BERT-style encoders name both the attention and the feed-forward output projection
 # `*.output.dense`; only the feed-forward one sits at `layer.<i>.output.dense`.
@@ -153,6 +154,10 @@ class IA3Layer(AdapterLayer):
     def reset_adapter_parameters(self) -> None:
         nn.init.ones_(self.ia3_l)
 
+    def to_peft_tensor(self, local: str, tensor: Tensor) -> Tensor:
+        # peft stores a feed-forward vector as a row (1, in) and an attention one as a column (out, 1).
+        return tensor[None, :] if self.feedforward else tensor[:, None]
+
     def forward(self, x: Tensor) -> Tensor:
         if self._merged:
             return self.base_layer(x)
@@ -220,6 +225,29 @@ def apply(model: nn.Module, config: IA3Config) -> list[str]:
 
 _PAPER = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
 
+
+def to_peft(config: IA3Config) -> dict[str, Any]:
+    """Our options as peft's ``IA3Config`` fields."""
+    return {
+        "target_modules": config.target_modules,
+        "feedforward_modules": config.feedforward_modules,
+        "exclude_modules": config.exclude_modules,
+        "modules_to_save": config.modules_to_save or None,
+        "init_ia3_weights": True,
+        "fan_in_fan_out": False,
+    }
+
+
+def from_peft(options: dict[str, Any]) -> IA3Config:
+    """peft's ``IA3Config`` fields as our options."""
+    return IA3Config(
+        target_modules=options.get("target_modules"),
+        feedforward_modules=options.get("feedforward_modules") or [],
+        exclude_modules=options.get("exclude_modules"),
+        modules_to_save=list(options.get("modules_to_save") or []),
+    )
+
+
 register(
     Method(
         name="ia3",
@@ -229,5 +257,6 @@ register(
         resolve=resolve,
         summary="learned vectors rescaling keys, values and feed-forward activations; mergeable",
         paper=_PAPER,
+        peft=PeftFormat("IA3", to_peft, from_peft),
     )
 )

@@ -24,7 +24,7 @@ from lightning_peft.core.config import LayerConfig, check_choice, check_positive
 from lightning_peft.core.inject import inject_layers, resolve_targets
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.targeting import is_linear
-from lightning_peft.registry import Method, register
+from lightning_peft.registry import Method, PeftFormat, register
 
 #: What LoRA wraps when no target list is given: the attention query and value projections, as in
 #: the paper's main experiments (and peft's defaults, so configs carry over).
@@ -172,6 +172,8 @@ class _FusedLoRALinear(torch.autograd.Function):
 class LoRALinear(LoRALayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (whose weight is stored in x out)."""
 
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base_layer, config)
         weight = base_layer.weight
@@ -232,6 +234,8 @@ class LoRALinear(LoRALayer):
 
 class LoRAEmbedding(LoRALayer):
     """LoRA around ``nn.Embedding``: ``A`` is a rank-r embedding table, ``B`` maps it up."""
+
+    peft_names = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 
     def __init__(self, base_layer: nn.Embedding, config: LoRAConfig) -> None:
         super().__init__(base_layer, config)
@@ -319,6 +323,58 @@ def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
     )
 
 
+#: peft LoraConfig fields whose non-default values lightning_peft's LoRA does not implement.
+_PEFT_UNSUPPORTED = {
+    "bias": "none",
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "use_qalora": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "alora_invocation_tokens": None,
+    "megatron_config": None,
+}
+
+
+def to_peft(config: LoRAConfig) -> dict[str, Any]:
+    """Our options as peft's ``LoraConfig`` fields (``fan_in_fan_out`` is set per layer by peft)."""
+    return {
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.rslora,
+        "use_dora": config.use_dora,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "target_modules": config.target_modules,
+        "exclude_modules": config.exclude_modules,
+        "modules_to_save": config.modules_to_save or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+    }
+
+
+def from_peft(options: dict[str, Any]) -> LoRAConfig:
+    """peft's ``LoraConfig`` fields as our options; unsupported peft options are refused."""
+    from lightning_peft.interop.peft_format import check_peft_defaults
+
+    check_peft_defaults("lora", options, _PEFT_UNSUPPORTED)
+    return LoRAConfig(
+        r=options["r"],
+        alpha=options.get("lora_alpha", 8),
+        dropout=options.get("lora_dropout", 0.0),
+        rslora=bool(options.get("use_rslora", False)),
+        use_dora=bool(options.get("use_dora", False)),
+        init="gaussian" if options.get("init_lora_weights") == "gaussian" else "kaiming",
+        target_modules=options.get("target_modules"),
+        exclude_modules=options.get("exclude_modules"),
+        modules_to_save=list(options.get("modules_to_save") or []),
+    )
+
+
 register(
     Method(
         name="lora",
@@ -328,5 +384,6 @@ register(
         resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
         summary="low-rank update B A added to frozen linear, embedding and conv weights; mergeable",
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models",
+        peft=PeftFormat("LORA", to_peft, from_peft),
     )
 )
