@@ -28,4 +28,14 @@ class Case:
 
 CASES: dict[str, Case] = {
     "lora": Case(options=lambda arch: {"r": 4, "alpha": 8}),
+    # Input-side methods add virtual tokens: the model differs from the base from the start.
+    "prompt_tuning": Case(options=lambda arch: {"num_virtual_tokens": 3}, identity_at_init=False),
+    "p_tuning": Case(
+        options=lambda arch: {"num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8},
+        identity_at_init=False,
+    ),
+    "prefix_tuning": Case(
+        options=lambda arch: {"num_virtual_tokens": 3, "projection": True, "projection_hidden_size": 8},
+        identity_at_init=False,
+    ),
 }
