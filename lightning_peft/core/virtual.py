@@ -70,22 +70,25 @@ def is_encoder_decoder(base: nn.Module) -> bool:
     return bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
 
 
-def position_limit(base: nn.Module) -> tuple[str, int] | None:
-    """(config field, number of usable positions), or ``None`` for relative positions (T5).
+def position_limit(base: nn.Module) -> tuple[int, str] | None:
+    """(usable positions, where that number comes from), or ``None`` for relative positions (T5).
 
     RoBERTa-style embeddings number positions from ``padding_idx + 1``, which costs positions.
     """
     config = base.config.get_text_config()
     for field in ("max_position_embeddings", "n_positions"):
-        limit = getattr(config, field, None)
-        if isinstance(limit, int):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool):
             break
     else:
         return None
+    limit, source = value, f"config.{field}={value}"
     for name, module in base.named_modules():
         if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            limit = min(limit, module.num_embeddings - module.padding_idx - 1)
-    return field, limit
+            usable = module.num_embeddings - module.padding_idx - 1
+            if usable < limit:
+                limit, source = usable, f"{source}, less {value - usable} for positions numbered after padding_idx"
+    return limit, source
 
 
 def kv_layout(base: nn.Module) -> tuple[int, int, int]:
@@ -164,7 +167,7 @@ class InputAdapter(AdapterModule):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self._handles: list[RemovableHandle] = []
-        self._limit: tuple[str, int] | None = None
+        self._limit: tuple[int, str] | None = None
 
     def install(self, base: nn.Module) -> None:
         """Register the hooks on ``base`` (the transformers model this module is attached to)."""
@@ -193,11 +196,11 @@ class InputAdapter(AdapterModule):
     # ------------------------------------------------------------------ argument edits
 
     def _check_length(self, total: int, length: int) -> None:
-        if self._limit is not None and total > self._limit[1]:
-            field, limit = self._limit
+        if self._limit is not None and total > self._limit[0]:
+            limit, source = self._limit
             raise ValueError(
                 f"{self.method}: {length} tokens plus {self.num_virtual_tokens} virtual tokens need {total} positions, "
-                f"more than the model has ({field}={limit}); shorten inputs to at most "
+                f"more than the {limit} the model has ({source}); shorten inputs to at most "
                 f"{limit - (total - length)} tokens here or lower num_virtual_tokens."
             )
 
@@ -403,7 +406,7 @@ def attach(model: nn.Module, method: str, build: Callable[[nn.Module], InputAdap
     path, base = transformer_of(model, method)
     if hasattr(base, method):
         raise ValueError(f"{type(base).__name__} already has an attribute {method!r}; cannot attach {method} there.")
-    adapter = build(base)
+    adapter = build(base).train(base.training)  # new modules start in training mode; match the model
     base.add_module(method, adapter)
     adapter.install(base)  # a failure here is cleaned up by inject (on_unload, then removal)
     return [f"{path}.{method}" if path else method]
