@@ -196,13 +196,18 @@ class InputAdapter(AdapterModule):
     # ------------------------------------------------------------------ argument edits
 
     def _check_length(self, total: int, length: int) -> None:
-        if self._limit is not None and total > self._limit[0]:
-            limit, source = self._limit
-            raise ValueError(
-                f"{self.method}: {length} tokens plus {self.num_virtual_tokens} virtual tokens need {total} positions, "
-                f"more than the {limit} the model has ({source}); shorten inputs to at most "
-                f"{limit - (total - length)} tokens here or lower num_virtual_tokens."
-            )
+        """Refuse a call whose ``total`` positions (virtual, cached and ``length`` new) the model lacks."""
+        if self._limit is None or total <= self._limit[0]:
+            return
+        limit, source = self._limit
+        n = self.num_virtual_tokens
+        earlier = total - length - n
+        tokens = f"{length} token{'s' * (length != 1)}" + (f" after {earlier} earlier ones" if earlier else "")
+        raise ValueError(
+            f"{self.method}: {tokens} plus {n} virtual tokens need {total} positions, more than the {limit} the "
+            f"model has ({source}); keep inputs (with earlier tokens) to at most {limit - n} tokens or lower "
+            "num_virtual_tokens."
+        )
 
     def _extend_mask(self, mask: Any, total: int, name: str = "attention_mask") -> Any:
         """Put N ones before a (batch, length) padding mask that covers only the real tokens."""
@@ -250,7 +255,6 @@ class VirtualTokens(InputAdapter):
         raise NotImplementedError
 
     def install(self, base: nn.Module) -> None:
-        input_embeddings(base, self.method)
         self._limit = position_limit(base)
         if is_encoder_decoder(base):
             self._hook(base.get_encoder(), functools.partial(self._prepend, base, False))
@@ -321,6 +325,7 @@ class KeyValuePrefix(InputAdapter):
     def __init__(self, num_virtual_tokens: int, layout: tuple[int, int, int]) -> None:
         super().__init__(num_virtual_tokens)
         self.layout = layout  # (layers, kv heads, head dim)
+        self._drop_cache = False
 
     @property
     def state_size(self) -> int:
@@ -346,7 +351,6 @@ class KeyValuePrefix(InputAdapter):
 
     def install(self, base: nn.Module) -> None:
         self._limit = position_limit(base)
-        self._drop_cache = False
         stack = self.attention_stack(base, self.method)
         self._hook(stack, functools.partial(self._add_prefix, base))
         self._handles.append(stack.register_forward_hook(self._drop_unwanted_cache, always_call=True))

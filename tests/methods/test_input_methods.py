@@ -89,15 +89,21 @@ def test_token_type_ids_and_inputs_embeds_are_accepted(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_labels_are_padded_for_virtual_tokens(method: str) -> None:
-    """The loss is the causal LM loss over the real tokens' labels (virtual positions are -100)."""
-    model = inject(method, "llama")
-    batch = tiny.inputs("llama")
-    labels = batch["input_ids"]
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_labels_are_padded_for_virtual_tokens(method: str, arch: str) -> None:
+    """The loss is the model's loss over the real tokens' labels (virtual positions are -100)."""
+    model = inject(method, arch)
+    batch = tiny.inputs(arch)
+    labels = batch["input_ids"].clone()
+    labels[1, 2] = -100
     out = model(**batch, labels=labels)
     shift = out.logits.shape[1] - labels.shape[1]  # N for virtual tokens, 0 for a prefix
     padded = torch.cat([torch.full((2, shift), -100), labels], dim=1)
-    expected = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), padded[:, 1:].flatten())
+    if arch == "llama":  # next-token prediction: position t predicts label t + 1
+        logits, padded = out.logits[:, :-1], padded[:, 1:]
+    else:  # masked LM: position t predicts label t
+        logits = out.logits
+    expected = nn.functional.cross_entropy(logits.flatten(0, 1), padded.flatten())
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
     assert shift == (0 if method == "prefix_tuning" else N)
 
@@ -118,10 +124,19 @@ def test_inputs_that_overflow_the_positions_are_refused(method: str, arch: str, 
     with pytest.raises(
         ValueError,
         match=rf"{method}: {limit - N + 1} tokens plus 3 virtual tokens need {limit + 1} positions, more than the "
-        rf"{limit} the model has \(config\.(max_position_embeddings|n_positions)=\d+.*\); shorten inputs to at most "
-        rf"{limit - N} tokens",
+        rf"{limit} the model has \(config\.(max_position_embeddings|n_positions)=\d+.*\); keep inputs \(with earlier "
+        rf"tokens\) to at most {limit - N} tokens",
     ):
         model(**overflow)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generation_past_the_positions_is_refused(method: str) -> None:
+    model = inject(method, "gpt2")
+    ids = torch.randint(3, tiny.VOCAB, (1, 58))
+    model.generate(input_ids=ids, **(GENERATE | {"max_new_tokens": 3}))  # 3 + 58 + 2 fed back = 63 positions
+    with pytest.raises(ValueError, match=rf"{method}: 1 token after 61 earlier ones plus 3 virtual tokens need 65"):
+        model.generate(input_ids=ids, **(GENERATE | {"max_new_tokens": 6}))
 
 
 def test_relative_positions_have_no_limit() -> None:
