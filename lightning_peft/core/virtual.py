@@ -19,6 +19,8 @@ cache), and ``unload`` removes the hooks. A method subclasses one of two mechani
 
 Where the sequence classifier of a decoder pools the last real token (``score`` heads), that token
 is found in ``input_ids`` as transformers does and shifted by N, so right padding stays right.
+Encoder classifiers that pool the first position (BERT's pooler) read the first virtual token, as
+in peft; a prefix leaves ``[CLS]`` first.
 """
 
 from __future__ import annotations

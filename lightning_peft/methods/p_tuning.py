@@ -8,7 +8,9 @@ but they are the output of a small trained prompt encoder over N trained inputs 
     output = model([P; X]),   mask = [1_N; m],   labels = [-100_N; y]
 
 The encoder couples the virtual tokens, which the paper found to train more stably than free
-embeddings. The layout matches Hugging Face peft's ``PromptEncoder``. Nothing to merge.
+embeddings. The layout matches Hugging Face peft's ``PromptEncoder`` (for encoder-decoder models
+peft runs its encoder over 2N inputs and keeps the first N outputs; here it runs over N, which is
+the same for the MLP but not for the LSTM). Nothing to merge.
 """
 
 from __future__ import annotations

@@ -208,3 +208,12 @@ def test_injection_into_a_lightning_module_finds_the_inner_model(method: str) ->
     assert all(k.startswith(f"model.{method}.") for k in lp.trainable_state_dict(module))
     ids = tiny.inputs("gpt2")["input_ids"]
     assert torch.isfinite(module.training_step((ids,), 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_on_cuda(method: str) -> None:
+    model = lp.inject(tiny.build("llama").cuda(), method, num_virtual_tokens=N)
+    batch = {k: v.cuda() for k, v in tiny.inputs("llama").items()}
+    assert model(**batch, labels=batch["input_ids"]).loss.isfinite()
+    assert model.generate(**batch, **GENERATE).device.type == "cuda"
