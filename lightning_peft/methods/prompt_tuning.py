@@ -32,8 +32,8 @@ class PromptTuningConfig(AdapterConfig):
         num_virtual_tokens: N, the number of trainable prompt embeddings put before the input.
         init: initial prompt: ``"random"``, ``"vocab"`` (embeddings of random vocabulary tokens) or
             ``"text"`` (embeddings of ``init_text``).
-        init_text: the text whose token embeddings start the prompt (``init="text"``); at most N
-            tokens, repeated to fill N.
+        init_text: the text whose token embeddings start the prompt (``init="text"``); tokenized
+            without special tokens (no BOS / [CLS]), at most N tokens, repeated to fill N.
         tokenizer: a tokenizer (anything called as ``tokenizer(text, add_special_tokens=False)``
             returning ``{"input_ids": [...]}``) or a name or path for ``AutoTokenizer.from_pretrained``;
             needed for ``init="text"``.
