@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 C = TypeVar("C", bound="AdapterConfig")
@@ -64,6 +64,20 @@ def check_module_keys(config: object, field: str, value: object, *, allow_str: b
         raise invalid(config, field, value, expected)
 
 
+#: Field metadata of options that only choose initial values (see :func:`init_only`).
+INIT_ONLY = "lightning_peft_init_only"
+
+
+def init_only(default: Any = None) -> Any:
+    """A config field that only chooses the adapter's initial values (an init text, a tokenizer).
+
+    Such options are not part of what the adapter is: they are left out of :meth:`AdapterConfig.to_dict`,
+    so checkpoints do not record them, loading does not compare them, and an adapter loads where
+    they (a tokenizer, say) are not available. The trained tensors carry their effect.
+    """
+    return field(default=default, metadata={INIT_ONLY: True})
+
+
 def _plain(value: Any) -> Any:
     """JSON-friendly copy: tuples become lists, nested dataclasses become dicts."""
     if isinstance(value, (list, tuple)):
@@ -93,8 +107,13 @@ class AdapterConfig:
             object.__setattr__(self, "modules_to_save", list(self.modules_to_save))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serializable options (no method name: the registry maps the class to it)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Plain JSON-serializable options (no method name: the registry maps the class to it).
+
+        Options declared with :func:`init_only` are left out.
+        """
+        return {
+            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get(INIT_ONLY)
+        }
 
     @classmethod
     def from_dict(cls: type[C], options: dict[str, Any]) -> C:

@@ -12,5 +12,8 @@ from lightning_peft.methods import adalora  # noqa: F401
 from lightning_peft.methods import bitfit  # noqa: F401
 from lightning_peft.methods import last_k  # noqa: F401
 from lightning_peft.methods import topk  # noqa: F401
+from lightning_peft.methods import prompt_tuning  # noqa: F401
+from lightning_peft.methods import p_tuning  # noqa: F401
+from lightning_peft.methods import prefix_tuning  # noqa: F401
 
 # isort: on

@@ -60,3 +60,20 @@ def test_round_trip_through_dict() -> None:
     config = LoRAConfig(r=4, target_modules=("q_proj",), rslora=True)
     assert LoRAConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["target_modules"] == ["q_proj"]
+
+
+def test_init_only_options_are_left_out_of_records_and_comparisons() -> None:
+    from dataclasses import dataclass
+
+    from lightning_peft.core.config import AdapterConfig, init_only
+
+    @dataclass(kw_only=True)
+    class Seeded(AdapterConfig):
+        size: int = 2
+        seed_text: str | None = init_only()
+
+    config = Seeded(size=3, seed_text="hello")
+    assert config.to_dict() == {"modules_to_save": None, "size": 3}
+    assert Seeded.from_dict(config.to_dict()) == Seeded(size=3)
+    assert config.diff(Seeded(size=3)) == {} and config.diff(Seeded(size=4)) == {"size": (3, 4)}
+    assert Seeded.from_dict({"seed_text": "x"}).seed_text == "x"  # still an option one can pass

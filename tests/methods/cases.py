@@ -35,4 +35,14 @@ CASES: dict[str, Case] = {
     "bitfit": Case(archs=("gpt2", "bert", "roberta", "bart")),
     "last_k": Case(options=lambda arch: {"k": 1}),
     "topk": Case(options=lambda arch: {"fraction": 0.05}),
+    # Input-side methods add virtual tokens: the model differs from the base from the start.
+    "prompt_tuning": Case(options=lambda arch: {"num_virtual_tokens": 3}, identity_at_init=False),
+    "p_tuning": Case(
+        options=lambda arch: {"num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8},
+        identity_at_init=False,
+    ),
+    "prefix_tuning": Case(
+        options=lambda arch: {"num_virtual_tokens": 3, "projection": True, "projection_hidden_size": 8},
+        identity_at_init=False,
+    ),
 }
