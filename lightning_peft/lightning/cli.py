@@ -24,9 +24,11 @@ import sys
 from typing import Any
 
 import jsonargparse
+import yaml
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.trainer import Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from typing_extensions import override
 
 from lightning_peft import registry
 from lightning_peft.core.config import AdapterConfig
@@ -66,6 +68,21 @@ class _HelpFormatter(jsonargparse.DefaultHelpFormatter):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
+class LogConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` as Lightning does and also logs the whole run config to every logger.
+
+    So a W&B run (or ``hparams.yaml``) records exactly what was run, under the key ``cli``: model,
+    data, trainer and the PEFT method with its options, as plain JSON.
+    """
+
+    @override
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
+        config.pop("config", None)  # the paths of the config files given
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"cli": config})
+
+
 class PEFTLightningCLI(LightningCLI):
     """LightningCLI that knows the PEFT method configs and prints what PEFT needs to see.
 
@@ -91,6 +108,7 @@ class PEFTLightningCLI(LightningCLI):
             **kwargs.pop("parser_kwargs", {}),
         }
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", LogConfigCallback)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
