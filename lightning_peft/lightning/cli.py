@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import time
 from typing import Any
 
 import jsonargparse
@@ -122,6 +124,22 @@ class PEFTLightningCLI(LightningCLI):
         if wants_summary and not any(isinstance(c, ModelSummary) for c in callbacks) and "callbacks" not in kwargs:
             kwargs["callbacks"] = [*callbacks, PEFTModelSummary()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def after_fit(self) -> None:
+        """One line with the final validation metrics and one with the checkpoint to use next."""
+        if not self.trainer.is_global_zero:
+            return
+        elapsed = time.perf_counter() - self._fit_start
+        metrics = {k: float(v) for k, v in sorted(self.trainer.callback_metrics.items()) if k.startswith("val_")}
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no validation run"
+        print(f"fit finished in {elapsed:.0f} s: {shown}")
+        checkpoint = self.trainer.checkpoint_callback
+        path = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "last_model_path", "")
+        if path and os.path.isfile(path):
+            print(f"checkpoint (adapter only, {os.path.getsize(path) / 1e3:,.0f} kB): {path}")
 
     def predict(self, **kwargs: Any) -> Any:
         """Run ``Trainer.predict`` and print each prediction as one JSON line on stdout."""

@@ -89,19 +89,26 @@ def test_offline_run_holds_peft_config_counts_and_adapter_only_artifacts(
         "4",
     ]
     cli = main(args)
+    import wandb
+
     cli.trainer.logger.experiment.finish()
+    wandb.teardown()  # stops the wandb service, which writes the run file in the background
     module = cli.model
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
 
     config: dict[str, Any] = {}
     artifacts = []
+    kinds = []
     for record in read_records(run_file):
         kind = record.WhichOneof("record_type")
-        if kind == "config":
-            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        kinds.append(kind)
+        if kind in ("run", "config"):  # the config given at init, then updates
+            updates = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in updates})
         elif kind == "artifact":
             artifacts.append(record.artifact)
 
+    assert kinds[-1] == "exit", f"the run file is incomplete: {kinds}"
     # The PEFT method and its resolved options as plain JSON, with the parameter counts.
     peft = config["peft"]
     info = state.require_info(module)
