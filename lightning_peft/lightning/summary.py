@@ -23,13 +23,14 @@ Columns = list[tuple[str, list[str]]]
 
 
 def with_trainable_column(pl_module: pl.LightningModule, data: Columns) -> Columns:
-    """Lightning's summary columns plus ``Trainable`` after ``Params``, without parameter-less rows."""
+    """Lightning's summary columns plus ``Trainable`` after ``Params``, without parameter-less rows
+    (metrics, dropout, activations) and without the row numbers, which would then skip."""
     names = dict(data)["Name"]
     params = [_parameters(pl_module, names, name) for name in names]
     keep = [i for i, p in enumerate(params) if p]  # metrics, dropout, activations: nothing to show
     trainable = [get_human_readable_count(sum(p.numel() for p in params[i] if p.requires_grad)) for i in keep]
-    out = [(column, [values[i] for i in keep]) for column, values in data]
-    out.insert([column for column, _ in data].index("Params") + 1, ("Trainable", trainable))
+    out = [(column, [values[i] for i in keep]) for column, values in data if column != " "]  # no row numbers
+    out.insert([column for column, _ in out].index("Params") + 1, ("Trainable", trainable))
     return out
 
 
