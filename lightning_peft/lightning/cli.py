@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from lightning_peft import registry
 from lightning_peft.core.config import AdapterConfig
-from lightning_peft.lightning.callback import PEFTCallback  # noqa: F401  (a known subclass: `PEFTCallback` works as a short class_path)
+from lightning_peft.lightning.callback import PEFTCallback
 from lightning_peft.lightning.summary import PEFTModelSummary
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -97,10 +97,12 @@ class PEFTLightningCLI(LightningCLI):
         # Method configs are dataclasses, which jsonargparse would otherwise only take as plain
         # nested options of the declared (base) class; this lets `class_path: ...LoRAConfig` through.
         jsonargparse.set_parsing_settings(subclasses_enabled=[AdapterConfig])
-        registry.all_methods()  # import every method so its config class is a known subclass
+        # Imported classes are known subclasses, which short class_paths resolve to
+        # (`LoRAConfig`, `PEFTCallback`, `SequenceClassification`) and --help lists.
+        registry.all_methods()
         import lightning_peft.tasks as tasks
 
-        for name in tasks.__all__:  # known subclasses get short names: `class_path: SequenceClassification`
+        for name in tasks.__all__:
             getattr(tasks, name)
         help_kwargs = {"epilog": methods_help(), "formatter_class": _HelpFormatter}
         parser_kwargs = {
@@ -139,7 +141,8 @@ class PEFTLightningCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         path = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "last_model_path", "")
         if path and os.path.isfile(path):
-            print(f"checkpoint (adapter only, {os.path.getsize(path) / 1e3:,.0f} kB): {path}")
+            peft = any(isinstance(c, PEFTCallback) for c in self.trainer.callbacks)
+            print(f"checkpoint ({'adapter only, ' if peft else ''}{os.path.getsize(path) / 1e3:,.0f} kB): {path}")
 
     def predict(self, **kwargs: Any) -> Any:
         """Run ``Trainer.predict`` and print each prediction as one JSON line on stdout."""

@@ -108,6 +108,9 @@ class TaskModule(L.LightningModule):
 
     #: the transformers auto class this task loads (``"AutoModelForCausalLM"``, ...)
     auto_class: str = ""
+    #: init arguments kept out of ``hparams``: LightningCLI restores hparams from a checkpoint
+    #: over the command line, which must not happen to inference-time options.
+    not_hyperparameters: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -129,7 +132,7 @@ class TaskModule(L.LightningModule):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise invalid(name, "warmup_steps", warmup_steps, "an integer >= 0")
         self.source = resolve_model(model_name_or_path, field=f"{name}.model_name_or_path")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.not_hyperparameters))
         self.model: nn.Module | None = None
         self._tokenizer: Any = None
 

@@ -11,6 +11,7 @@ names one, so a config names the model once.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -250,7 +251,7 @@ class TextDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=lambda features: pad_collate(features, pad_id, left=left),
+            collate_fn=functools.partial(pad_collate, pad_token_id=pad_id, left=left),  # picklable for workers
         )
 
     def train_dataloader(self) -> DataLoader:

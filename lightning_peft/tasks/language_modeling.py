@@ -21,6 +21,7 @@ class _LanguageModel(TaskModule):
     """What causal and seq2seq LMs share; ``shift`` says whether logits predict the next label."""
 
     shift: bool = True
+    not_hyperparameters = ("max_new_tokens", "do_sample", "temperature")
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class _LanguageModel(TaskModule):
             warmup_steps=warmup_steps,
             schedule=schedule,
         )
+        self.max_new_tokens, self.do_sample, self.temperature = max_new_tokens, do_sample, temperature
 
     def build_model(self) -> torch.nn.Module:
         model = load_model(self.auto_class, self.source, self.hparams.dtype)
@@ -72,9 +74,9 @@ class _LanguageModel(TaskModule):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
         """Decoded continuations of a batch of prompts (new tokens only)."""
-        options: dict[str, Any] = {"max_new_tokens": self.hparams.max_new_tokens, "do_sample": self.hparams.do_sample}
-        if self.hparams.do_sample:
-            options["temperature"] = self.hparams.temperature
+        options: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        if self.do_sample:
+            options["temperature"] = self.temperature
         out = self.transformer.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
         if self.shift:  # decoder-only output repeats the prompt
             out = out[:, input_ids.shape[1] :]
@@ -97,7 +99,8 @@ class CausalLM(_LanguageModel):
         model_name_or_path: see :class:`~lightning_peft.tasks.base.TaskModule`.
         max_new_tokens: how many tokens ``predict`` generates at most.
         do_sample: sample instead of greedy decoding.
-        temperature: sampling temperature (with ``do_sample``).
+        temperature: sampling temperature (with ``do_sample``). These three are not saved in
+            checkpoints, so ``predict --ckpt_path ...`` takes them from the config or command line.
         dtype: see :class:`~lightning_peft.tasks.base.TaskModule`.
         learning_rate: see :class:`~lightning_peft.tasks.base.TaskModule`.
         weight_decay: see :class:`~lightning_peft.tasks.base.TaskModule`.

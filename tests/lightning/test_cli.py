@@ -197,6 +197,36 @@ def test_fit_validate_test_predict(tiny_config: Path, tmp_path: Path, capsys: py
     assert all(p["label"] in ("neg", "pos") for p in lines)
 
 
+def test_generation_options_from_the_command_line_win_over_the_checkpoint(
+    hub_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = hub.write_jsonl(tmp_path / "qa.jsonl", hub.qa_rows(repeat=2))
+    common = [
+        "--model=CausalLM",
+        f"--model.model_name_or_path={hub.save_model(hub_dir, 'llama')}",
+        "--model.max_new_tokens=3",
+        "--data=CausalLMData",
+        f"--data.train_file={data}",
+        "--data.val_split=0.25",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=PEFTCallback",
+    ]
+    main(["fit", *common, "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}"])
+    (ckpt,) = tmp_path.glob("checkpoints/*.ckpt")
+    capsys.readouterr()
+
+    def longest_response(*extra: str) -> int:
+        main(["predict", *common, f"--ckpt_path={ckpt}", *extra])
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert len(lines) == 3  # the validation records: 25 % of 12
+        return max(len(p["response"].split()) for p in lines)
+
+    assert longest_response() > 1  # max_new_tokens=3 from the fit config, saved nowhere
+    assert longest_response("--model.max_new_tokens=1") <= 1
+
+
 def test_method_options_from_the_command_line(tiny_config: Path) -> None:
     def callback(*extra: str) -> PEFTCallback:
         cli = PEFTLightningCLI(args=["--config", str(tiny_config), *extra], run=False)
