@@ -28,7 +28,7 @@ from typing import Any
 import jsonargparse
 import yaml
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
@@ -118,13 +118,20 @@ class PEFTLightningCLI(LightningCLI):
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, with :class:`PEFTModelSummary` unless a summary is configured or disabled."""
+        """The Trainer, with a rich progress bar and :class:`PEFTModelSummary` unless configured otherwise."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        wants_summary = config.get("enable_model_summary") is not False and not config.get("barebones")
-        if wants_summary and not any(isinstance(c, ModelSummary) for c in callbacks) and "callbacks" not in kwargs:
-            kwargs["callbacks"] = [*callbacks, PEFTModelSummary()]
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        added: list[Any] = []
+        for flag, kind, default in (
+            ("enable_progress_bar", ProgressBar, RichProgressBar),
+            ("enable_model_summary", ModelSummary, PEFTModelSummary),
+        ):
+            wanted = config.get(flag) is not False and not config.get("barebones")
+            if wanted and not any(isinstance(c, kind) for c in callbacks):
+                added.append(default())
+        if added and "callbacks" not in kwargs:
+            kwargs["callbacks"] = [*callbacks, *added]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
 from lightning_peft import PEFTCallback, registry
 from lightning_peft.core import state
@@ -81,6 +82,8 @@ def test_every_config_instantiates(path: Path) -> None:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback)]
     assert callback.method.name in registry.methods()
     assert cli.model.model is None
+    assert isinstance(cli.trainer.progress_bar_callback, RichProgressBar)
+    assert any(isinstance(c, PEFTModelSummary) for c in cli.trainer.callbacks)
 
 
 def test_every_registered_method_has_a_complete_config() -> None:
@@ -239,9 +242,13 @@ def test_method_options_from_the_command_line(tiny_config: Path) -> None:
     assert callback("--trainer.callbacks.method.target_modules", "[query]").config.target_modules == ["query"]
 
 
-def test_the_model_summary_can_be_switched_off(tiny_config: Path) -> None:
-    cli = PEFTLightningCLI(args=["--config", str(tiny_config), "--trainer.enable_model_summary", "false"], run=False)
-    assert not any(isinstance(c, PEFTModelSummary) for c in cli.trainer.callbacks)
+def test_the_model_summary_and_progress_bar_can_be_switched_off(tiny_config: Path) -> None:
+    args = ["--config", str(tiny_config), "--trainer.enable_model_summary", "false"]
+    cli = PEFTLightningCLI(args=args, run=False)  # the tiny config has enable_progress_bar: false
+    assert not any(isinstance(c, (PEFTModelSummary, ProgressBar)) for c in cli.trainer.callbacks)
+    own = ["--trainer.enable_progress_bar", "true", "--trainer.callbacks+=TQDMProgressBar"]
+    cli = PEFTLightningCLI(args=["--config", str(tiny_config), *own], run=False)  # the user's own bar is kept
+    assert isinstance(cli.trainer.progress_bar_callback, TQDMProgressBar)
 
 
 # --------------------------------------------------------------------------- bad input
