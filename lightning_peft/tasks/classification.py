@@ -19,13 +19,14 @@ class SequenceClassification(TaskModule):
     is put on the pretrained backbone; under ``PEFTCallback`` it trains in full by default.
 
     Args:
-        model_name_or_path: see :class:`~lightning_peft.tasks.base.TaskModule`.
+        model_name_or_path: a local folder, a ``.gguf`` file, ``package:<module>/<path>`` for a model
+            installed as a Python package, or a Hugging Face Hub id.
         labels: class names in label-id order.
-        dtype: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        learning_rate: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        weight_decay: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        warmup_steps: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        schedule: see :class:`~lightning_peft.tasks.base.TaskModule`.
+        dtype: the dtype the weights are loaded in (``auto``: as stored).
+        learning_rate: AdamW's peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: steps of linear warmup from 0 to ``learning_rate``.
+        schedule: ``linear`` decays to 0 over the run after warmup; ``constant`` keeps it.
     """
 
     auto_class = "AutoModelForSequenceClassification"

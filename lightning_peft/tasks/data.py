@@ -273,22 +273,22 @@ class TextClassificationData(TextDataModule):
     """Texts with class labels, for :class:`~lightning_peft.tasks.SequenceClassification`.
 
     Args:
-        dataset: see :class:`TextDataModule`.
-        train_file: see :class:`TextDataModule`.
-        validation_file: see :class:`TextDataModule`.
-        test_file: see :class:`TextDataModule`.
-        predict_file: see :class:`TextDataModule`.
+        dataset: a named offline dataset (``bbc_news``, ``sms_spam``, ``chatterbot``) as the training records.
+        train_file: training records: ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.txt``.
+        validation_file: validation records; default: ``val_split`` of the training records.
+        test_file: test records; default: ``test_split`` of the training records.
+        predict_file: records to predict for (input columns only); default: the validation records.
         text_column: the column holding the text.
         label_column: the column holding the class (any value; compared as a string).
         labels: class names in label-id order; default: the sorted distinct labels in the data
             (numerically when all are integers).
-        tokenizer: see :class:`TextDataModule`.
-        max_length: see :class:`TextDataModule`.
-        batch_size: see :class:`TextDataModule`.
-        val_split: see :class:`TextDataModule`.
-        test_split: see :class:`TextDataModule`.
-        seed: see :class:`TextDataModule`.
-        num_workers: see :class:`TextDataModule`.
+        tokenizer: a tokenizer folder, Hub id or ``package:`` path; default: the task module's.
+        max_length: tokens per example at most (longer ones are truncated).
+        batch_size: examples per batch.
+        val_split: fraction of the training records held out for validation when there is no file.
+        test_split: fraction of the training records held out for testing when there is no file.
+        seed: seed of the hold-out split.
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(
@@ -374,24 +374,25 @@ class CausalLMData(TextDataModule):
     token is learned. ``predict`` renders the prompt only (with the generation prompt) and pads left.
 
     Args:
-        dataset: see :class:`TextDataModule` (``chatterbot`` has prompt/response columns).
-        train_file: see :class:`TextDataModule`.
-        validation_file: see :class:`TextDataModule`.
-        test_file: see :class:`TextDataModule`.
-        predict_file: see :class:`TextDataModule`.
+        dataset: a named offline dataset (``bbc_news``, ``sms_spam``, ``chatterbot``) as the training
+            records; ``chatterbot`` has prompt/response columns.
+        train_file: training records: ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.txt``.
+        validation_file: validation records; default: ``val_split`` of the training records.
+        test_file: test records; default: ``test_split`` of the training records.
+        predict_file: records to predict for (input columns only); default: the validation records.
         prompt_column: the column holding the instruction / question.
         response_column: the column holding the answer to learn.
         text_column: train on plain text from this column instead of prompt/response pairs.
         system_prompt: a system message put before each prompt.
         chat_template: use the tokenizer's chat template when it has one.
         mask_prompt: leave the prompt's tokens out of the loss.
-        tokenizer: see :class:`TextDataModule`.
-        max_length: see :class:`TextDataModule`.
-        batch_size: see :class:`TextDataModule`.
-        val_split: see :class:`TextDataModule`.
-        test_split: see :class:`TextDataModule`.
-        seed: see :class:`TextDataModule`.
-        num_workers: see :class:`TextDataModule`.
+        tokenizer: a tokenizer folder, Hub id or ``package:`` path; default: the task module's.
+        max_length: tokens per example at most (longer ones are truncated).
+        batch_size: examples per batch.
+        val_split: fraction of the training records held out for validation when there is no file.
+        test_split: fraction of the training records held out for testing when there is no file.
+        seed: seed of the hold-out split.
+        num_workers: DataLoader worker processes.
     """
 
     pad_left_for_predict = True
@@ -519,21 +520,21 @@ class Seq2SeqData(TextDataModule):
     """Source -> target pairs for :class:`~lightning_peft.tasks.Seq2SeqLM` (T5 / BART style).
 
     Args:
-        dataset: see :class:`TextDataModule`.
-        train_file: see :class:`TextDataModule`.
-        validation_file: see :class:`TextDataModule`.
-        test_file: see :class:`TextDataModule`.
-        predict_file: see :class:`TextDataModule`.
+        dataset: a named offline dataset (``bbc_news``, ``sms_spam``, ``chatterbot``) as the training records.
+        train_file: training records: ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.txt``.
+        validation_file: validation records; default: ``val_split`` of the training records.
+        test_file: test records; default: ``test_split`` of the training records.
+        predict_file: records to predict for (input columns only); default: the validation records.
         source_column: the column holding the input text.
         target_column: the column holding the text to generate.
         max_target_length: target tokens per example at most.
-        tokenizer: see :class:`TextDataModule`.
-        max_length: see :class:`TextDataModule` (for the source).
-        batch_size: see :class:`TextDataModule`.
-        val_split: see :class:`TextDataModule`.
-        test_split: see :class:`TextDataModule`.
-        seed: see :class:`TextDataModule`.
-        num_workers: see :class:`TextDataModule`.
+        tokenizer: a tokenizer folder, Hub id or ``package:`` path; default: the task module's.
+        max_length: source tokens per example at most (longer ones are truncated).
+        batch_size: examples per batch.
+        val_split: fraction of the training records held out for validation when there is no file.
+        test_split: fraction of the training records held out for testing when there is no file.
+        seed: seed of the hold-out split.
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(

@@ -18,7 +18,21 @@ IGNORE_INDEX = -100
 
 
 class _LanguageModel(TaskModule):
-    """What causal and seq2seq LMs share; ``shift`` says whether logits predict the next label."""
+    """What causal and seq2seq LMs share; ``shift`` says whether logits predict the next label.
+
+    Args:
+        model_name_or_path: a local folder, a ``.gguf`` file, ``package:<module>/<path>`` for a model
+            installed as a Python package, or a Hugging Face Hub id.
+        max_new_tokens: how many tokens ``predict`` generates at most.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature (with ``do_sample``). These three are not saved in
+            checkpoints, so ``predict --ckpt_path ...`` takes them from the config or command line.
+        dtype: the dtype the weights are loaded in (``auto``: as stored).
+        learning_rate: AdamW's peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: steps of linear warmup from 0 to ``learning_rate``.
+        schedule: ``linear`` decays to 0 over the run after warmup; ``constant`` keeps it.
+    """
 
     shift: bool = True
     not_hyperparameters = ("max_new_tokens", "do_sample", "temperature")
@@ -94,18 +108,6 @@ class CausalLM(_LanguageModel):
 
     Logs loss and perplexity (over the tokens that count: prompt tokens masked by the
     datamodule do not); ``predict`` generates a response per prompt.
-
-    Args:
-        model_name_or_path: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        max_new_tokens: how many tokens ``predict`` generates at most.
-        do_sample: sample instead of greedy decoding.
-        temperature: sampling temperature (with ``do_sample``). These three are not saved in
-            checkpoints, so ``predict --ckpt_path ...`` takes them from the config or command line.
-        dtype: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        learning_rate: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        weight_decay: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        warmup_steps: see :class:`~lightning_peft.tasks.base.TaskModule`.
-        schedule: see :class:`~lightning_peft.tasks.base.TaskModule`.
     """
 
     auto_class = "AutoModelForCausalLM"
@@ -115,7 +117,7 @@ class CausalLM(_LanguageModel):
 class Seq2SeqLM(_LanguageModel):
     """An encoder-decoder LM (``AutoModelForSeq2SeqLM``, T5 / BART style): source in, target out.
 
-    Args: as :class:`CausalLM`.
+    Logs loss and perplexity over the target tokens; ``predict`` generates a target per source.
     """
 
     auto_class = "AutoModelForSeq2SeqLM"
