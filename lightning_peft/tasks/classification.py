@@ -8,7 +8,7 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-from lightning_peft.tasks.base import Dtype, Schedule, TaskModule, load_model
+from lightning_peft.tasks.base import TaskModule, load_model
 
 
 class SequenceClassification(TaskModule):
@@ -22,38 +22,17 @@ class SequenceClassification(TaskModule):
         model_name_or_path: a local folder, a ``.gguf`` file, ``package:<module>/<path>`` for a model
             installed as a Python package, or a Hugging Face Hub id.
         labels: class names in label-id order.
-        dtype: the dtype the weights are loaded in (``auto``: as stored).
-        learning_rate: AdamW's peak learning rate.
-        weight_decay: AdamW's decoupled weight decay.
-        warmup_steps: steps of linear warmup from 0 to ``learning_rate``.
-        schedule: ``linear`` decays to 0 over the run after warmup; ``constant`` keeps it.
+        **kwargs: ``dtype`` and the optimizer's options: see :class:`~lightning_peft.tasks.TaskModule`.
     """
 
     auto_class = "AutoModelForSequenceClassification"
 
-    def __init__(
-        self,
-        model_name_or_path: str,
-        labels: list[str] | None = None,
-        *,
-        dtype: Dtype = "float32",
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        schedule: Schedule = "linear",
-    ) -> None:
+    def __init__(self, model_name_or_path: str, labels: list[str] | None = None, **kwargs: Any) -> None:
         if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
             raise ValueError(
                 f"SequenceClassification.labels must be None or at least two distinct class names; got {labels!r}."
             )
-        super().__init__(
-            model_name_or_path,
-            dtype=dtype,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-        )
+        super().__init__(model_name_or_path, **kwargs)
         self.labels = list(labels) if labels is not None else None
 
     def _resolve_labels(self) -> list[str]:

@@ -70,7 +70,8 @@ class TextDataModule(L.LightningDataModule):
         predict_file: records to predict for (only the input columns are needed); default: the
             validation records.
         tokenizer: a tokenizer folder, Hub id or ``package:`` path; default: the task module's.
-        max_length: tokens per example at most (longer ones are truncated).
+        max_length: tokens per example at most (longer ones are truncated; shorter ones are only
+            padded to the longest in their batch).
         batch_size: examples per batch.
         val_split: fraction of the training records held out for validation without a file.
         test_split: fraction of the training records held out for testing without a file.
@@ -80,14 +81,14 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
+        *,
         dataset: str | None = None,
         train_file: str | None = None,
         validation_file: str | None = None,
         test_file: str | None = None,
         predict_file: str | None = None,
-        *,
         tokenizer: str | None = None,
-        max_length: int = 128,
+        max_length: int = 256,
         batch_size: int = 16,
         val_split: float = 0.1,
         test_split: float = 0.0,
@@ -273,57 +274,22 @@ class TextClassificationData(TextDataModule):
     """Texts with class labels, for :class:`~lightning_peft.tasks.SequenceClassification`.
 
     Args:
-        dataset: a named offline dataset (``bbc_news``, ``sms_spam``, ``chatterbot``) as the training records.
-        train_file: training records: ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.txt``.
-        validation_file: validation records; default: ``val_split`` of the training records.
-        test_file: test records; default: ``test_split`` of the training records.
-        predict_file: records to predict for (input columns only); default: the validation records.
         text_column: the column holding the text.
         label_column: the column holding the class (any value; compared as a string).
         labels: class names in label-id order; default: the sorted distinct labels in the data
             (numerically when all are integers).
-        tokenizer: a tokenizer folder, Hub id or ``package:`` path; default: the task module's.
-        max_length: tokens per example at most (longer ones are truncated).
-        batch_size: examples per batch.
-        val_split: fraction of the training records held out for validation when there is no file.
-        test_split: fraction of the training records held out for testing when there is no file.
-        seed: seed of the hold-out split.
-        num_workers: DataLoader worker processes.
+        **kwargs: where the records come from, splits and batching: see :class:`TextDataModule`.
     """
 
     def __init__(
         self,
-        dataset: str | None = None,
-        train_file: str | None = None,
-        validation_file: str | None = None,
-        test_file: str | None = None,
-        predict_file: str | None = None,
         *,
         text_column: str = "text",
         label_column: str = "label",
         labels: list[str] | None = None,
-        tokenizer: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 16,
-        val_split: float = 0.1,
-        test_split: float = 0.0,
-        seed: int = 42,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            dataset,
-            train_file,
-            validation_file,
-            test_file,
-            predict_file,
-            tokenizer=tokenizer,
-            max_length=max_length,
-            batch_size=batch_size,
-            val_split=val_split,
-            test_split=test_split,
-            seed=seed,
-            num_workers=num_workers,
-        )
+        super().__init__(**kwargs)
         self.text_column, self.label_column = text_column, label_column
         self.labels: list[str] | None = [str(label) for label in labels] if labels is not None else None
 
@@ -374,36 +340,20 @@ class CausalLMData(TextDataModule):
     token is learned. ``predict`` renders the prompt only (with the generation prompt) and pads left.
 
     Args:
-        dataset: a named offline dataset (``bbc_news``, ``sms_spam``, ``chatterbot``) as the training
-            records; ``chatterbot`` has prompt/response columns.
-        train_file: training records: ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.txt``.
-        validation_file: validation records; default: ``val_split`` of the training records.
-        test_file: test records; default: ``test_split`` of the training records.
-        predict_file: records to predict for (input columns only); default: the validation records.
         prompt_column: the column holding the instruction / question.
         response_column: the column holding the answer to learn.
         text_column: train on plain text from this column instead of prompt/response pairs.
         system_prompt: a system message put before each prompt.
         chat_template: use the tokenizer's chat template when it has one.
         mask_prompt: leave the prompt's tokens out of the loss.
-        tokenizer: a tokenizer folder, Hub id or ``package:`` path; default: the task module's.
-        max_length: tokens per example at most (longer ones are truncated).
-        batch_size: examples per batch.
-        val_split: fraction of the training records held out for validation when there is no file.
-        test_split: fraction of the training records held out for testing when there is no file.
-        seed: seed of the hold-out split.
-        num_workers: DataLoader worker processes.
+        **kwargs: where the records come from (``dataset: chatterbot`` has prompt/response columns),
+            splits and batching: see :class:`TextDataModule`.
     """
 
     pad_left_for_predict = True
 
     def __init__(
         self,
-        dataset: str | None = None,
-        train_file: str | None = None,
-        validation_file: str | None = None,
-        test_file: str | None = None,
-        predict_file: str | None = None,
         *,
         prompt_column: str = "prompt",
         response_column: str = "response",
@@ -411,31 +361,11 @@ class CausalLMData(TextDataModule):
         system_prompt: str | None = None,
         chat_template: bool = True,
         mask_prompt: bool = True,
-        tokenizer: str | None = None,
-        max_length: int = 256,
-        batch_size: int = 8,
-        val_split: float = 0.1,
-        test_split: float = 0.0,
-        seed: int = 42,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            dataset,
-            train_file,
-            validation_file,
-            test_file,
-            predict_file,
-            tokenizer=tokenizer,
-            max_length=max_length,
-            batch_size=batch_size,
-            val_split=val_split,
-            test_split=test_split,
-            seed=seed,
-            num_workers=num_workers,
-        )
+        super().__init__(**kwargs)
         self.prompt_column, self.response_column, self.text_column = prompt_column, response_column, text_column
         self.system_prompt, self.chat_template, self.mask_prompt = system_prompt, chat_template, mask_prompt
-        self.dropped = 0
 
     def required_columns(self, split: str) -> dict[str, str]:
         if self.text_column is not None:
@@ -520,56 +450,21 @@ class Seq2SeqData(TextDataModule):
     """Source -> target pairs for :class:`~lightning_peft.tasks.Seq2SeqLM` (T5 / BART style).
 
     Args:
-        dataset: a named offline dataset (``bbc_news``, ``sms_spam``, ``chatterbot``) as the training records.
-        train_file: training records: ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.txt``.
-        validation_file: validation records; default: ``val_split`` of the training records.
-        test_file: test records; default: ``test_split`` of the training records.
-        predict_file: records to predict for (input columns only); default: the validation records.
-        source_column: the column holding the input text.
+        source_column: the column holding the input text (truncated to ``max_length`` tokens).
         target_column: the column holding the text to generate.
         max_target_length: target tokens per example at most.
-        tokenizer: a tokenizer folder, Hub id or ``package:`` path; default: the task module's.
-        max_length: source tokens per example at most (longer ones are truncated).
-        batch_size: examples per batch.
-        val_split: fraction of the training records held out for validation when there is no file.
-        test_split: fraction of the training records held out for testing when there is no file.
-        seed: seed of the hold-out split.
-        num_workers: DataLoader worker processes.
+        **kwargs: where the records come from, splits and batching: see :class:`TextDataModule`.
     """
 
     def __init__(
         self,
-        dataset: str | None = None,
-        train_file: str | None = None,
-        validation_file: str | None = None,
-        test_file: str | None = None,
-        predict_file: str | None = None,
         *,
         source_column: str = "source",
         target_column: str = "target",
         max_target_length: int = 128,
-        tokenizer: str | None = None,
-        max_length: int = 256,
-        batch_size: int = 8,
-        val_split: float = 0.1,
-        test_split: float = 0.0,
-        seed: int = 42,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            dataset,
-            train_file,
-            validation_file,
-            test_file,
-            predict_file,
-            tokenizer=tokenizer,
-            max_length=max_length,
-            batch_size=batch_size,
-            val_split=val_split,
-            test_split=test_split,
-            seed=seed,
-            num_workers=num_workers,
-        )
+        super().__init__(**kwargs)
         check_positive_int(type(self).__name__, "max_target_length", max_target_length)
         self.source_column, self.target_column, self.max_target_length = source_column, target_column, max_target_length
 

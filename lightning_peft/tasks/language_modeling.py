@@ -12,7 +12,7 @@ import torch
 from torchmetrics.text import Perplexity
 
 from lightning_peft.core.config import check_positive, check_positive_int
-from lightning_peft.tasks.base import Dtype, Schedule, TaskModule, load_model
+from lightning_peft.tasks.base import TaskModule, load_model
 
 IGNORE_INDEX = -100
 
@@ -27,11 +27,8 @@ class _LanguageModel(TaskModule):
         do_sample: sample instead of greedy decoding.
         temperature: sampling temperature (with ``do_sample``). These three are not saved in
             checkpoints, so ``predict --ckpt_path ...`` takes them from the config or command line.
-        dtype: the dtype the weights are loaded in (``auto``: as stored).
         learning_rate: AdamW's peak learning rate.
-        weight_decay: AdamW's decoupled weight decay.
-        warmup_steps: steps of linear warmup from 0 to ``learning_rate``.
-        schedule: ``linear`` decays to 0 over the run after warmup; ``constant`` keeps it.
+        **kwargs: ``dtype`` and the optimizer's options: see :class:`~lightning_peft.tasks.TaskModule`.
     """
 
     shift: bool = True
@@ -44,22 +41,12 @@ class _LanguageModel(TaskModule):
         max_new_tokens: int = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
-        dtype: Dtype = "float32",
         learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        schedule: Schedule = "linear",
+        **kwargs: Any,
     ) -> None:
         check_positive_int(type(self).__name__, "max_new_tokens", max_new_tokens)
         check_positive(type(self).__name__, "temperature", temperature)
-        super().__init__(
-            model_name_or_path,
-            dtype=dtype,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-        )
+        super().__init__(model_name_or_path, learning_rate=learning_rate, **kwargs)
         self.max_new_tokens, self.do_sample, self.temperature = max_new_tokens, do_sample, temperature
 
     def build_model(self) -> torch.nn.Module:
