@@ -1,0 +1,61 @@
+"""Ready LightningModules and DataModules for common Hugging Face tasks.
+
+Task modules hold a transformers model as ``self.model`` (built in ``configure_model``); add a
+PEFT method with :class:`~lightning_peft.PEFTCallback`, which injects into the whole module:
+
+================================  ==============================  =======================================
+task module                       datamodule                      metrics / predict
+================================  ==============================  =======================================
+:class:`SequenceClassification`   :class:`TextClassificationData`  accuracy, F1, precision, recall / labels
+:class:`CausalLM`                 :class:`CausalLMData`            loss, perplexity / generated text
+:class:`Seq2SeqLM`                :class:`Seq2SeqData`             loss, perplexity / generated text
+================================  ==============================  =======================================
+
+Imports are lazy: ``import lightning_peft.tasks`` loads neither lightning nor transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "TaskModule": "lightning_peft.tasks.base",
+    "SequenceClassification": "lightning_peft.tasks.classification",
+    "CausalLM": "lightning_peft.tasks.language_modeling",
+    "Seq2SeqLM": "lightning_peft.tasks.language_modeling",
+    "TextDataModule": "lightning_peft.tasks.data",
+    "TextClassificationData": "lightning_peft.tasks.data",
+    "CausalLMData": "lightning_peft.tasks.data",
+    "Seq2SeqData": "lightning_peft.tasks.data",
+}
+
+__all__ = [
+    "CausalLM",
+    "CausalLMData",
+    "Seq2SeqData",
+    "Seq2SeqLM",
+    "SequenceClassification",
+    "TaskModule",
+    "TextClassificationData",
+    "TextDataModule",
+]
+
+if TYPE_CHECKING:
+    from lightning_peft.tasks.base import TaskModule
+    from lightning_peft.tasks.classification import SequenceClassification
+    from lightning_peft.tasks.data import CausalLMData, Seq2SeqData, TextClassificationData, TextDataModule
+    from lightning_peft.tasks.language_modeling import CausalLM, Seq2SeqLM
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_peft.tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

