@@ -345,7 +345,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="table", choices=["table", "worker"])
     parser.add_argument("--mode", help="worker: the mode to measure")
@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
     if args.command == "worker":
-        print(json.dumps(run_worker(args.mode, args.warmup, args.steps, args.dtype)))
-        return
+        result = json.dumps(run_worker(args.mode, args.warmup, args.steps, args.dtype))
+        print(result)
+        return result
     selected = args.modes or modes()
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in selected}
     for round_ in range(args.rounds):
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     (RESULTS / f"step-{device}.md").write_text(text)
     (RESULTS / f"step-{device}.json").write_text(json.dumps(runs, indent=2))
     print(text)
+    return text
 
 
 if __name__ == "__main__":
