@@ -48,7 +48,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj", "query", "value"],  # transformers 5 names, then 4.x names
     "whisper": ["q_proj", "v_proj"],
 }
 

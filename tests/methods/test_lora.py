@@ -12,7 +12,7 @@ from torch import nn
 
 import lightning_peft as lp
 from lightning_peft.methods.lora import LoRAConfig, LoRAConv2d, LoRAEmbedding, LoRALinear
-from tests import tiny
+from tests import more_archs, tiny
 from tests.peft_reference import copy_into_peft, randomize_adapter
 
 
@@ -176,3 +176,15 @@ def test_bf16_base_gets_bf16_adapter() -> None:
     layer = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), LoRAConfig(r=2))
     assert layer.lora_A.dtype == torch.bfloat16
     assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", list(more_archs.BUILDERS))
+def test_defaults_on_the_other_named_architectures(arch: str) -> None:
+    """Every architecture with a default selects layers, starts as the identity and then adapts."""
+    batch = more_archs.inputs(arch)
+    base = more_archs.build(arch)(**batch).logits
+    model = lp.inject(more_archs.build(arch), "lora", r=2)
+    assert lp.get_info(model).modules, arch
+    torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=1e-6)
+    randomize_adapter(model, std=0.5)
+    assert not torch.allclose(model(**batch).logits, base, atol=1e-4)
