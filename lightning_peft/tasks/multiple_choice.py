@@ -42,8 +42,8 @@ class MultipleChoiceLM(TaskModule):
     Takes the batches of :class:`~lightning_peft.tasks.MultipleChoiceData`: ``labels`` (B, C, T)
     with -100 on the prompt and padding, ``answer`` (B,). The architecture follows the model's
     config (``is_encoder_decoder``): ``AutoModelForSeq2SeqLM`` for T5 / BART, else
-    ``AutoModelForCausalLM``. Logs ``train_loss`` and each weighted term (``train_lm_loss``,
-    ``train_unlikelihood_loss``, ``train_length_normalized_loss``); ``val_`` / ``test_`` loss and
+    ``AutoModelForCausalLM``. Logs ``train_loss`` and each term it weighs, unweighted
+    (``train_lm_loss``, ``train_unlikelihood_loss``, ``train_length_normalized_loss``); ``val_`` / ``test_`` loss and
     accuracy (argmax of the length-normalized scores); ``predict`` returns the chosen answer, its
     index and every choice's score.
 
@@ -108,6 +108,15 @@ class MultipleChoiceLM(TaskModule):
         """Logits (B, C, T, V) and the labels (B, C, T) they score: position t scores label t."""
         labels = batch["labels"]
         size, choices, length = labels.shape
+        if batch["input_ids"].dim() != (2 if self.is_encoder_decoder else 3):
+            model, encoding = (
+                ("encoder-decoder", "decoder-only") if self.is_encoder_decoder else ("decoder-only", "encoder-decoder")
+            )
+            raise ValueError(
+                f"{type(self).__name__}: the model is {model} but the batch is encoded for {encoding} models "
+                f"(input_ids {tuple(batch['input_ids'].shape)}); leave MultipleChoiceData.encoder_decoder at null "
+                "so that it follows the model."
+            )
         if self.is_encoder_decoder:
             # The prompt is encoded once per choice: plain calls keep working under input-side methods' hooks.
             inputs = {k: batch[k].repeat_interleave(choices, 0) for k in ("input_ids", "attention_mask")}  # (B*C, P)

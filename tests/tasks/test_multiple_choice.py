@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lightning_peft as lp
 from lightning_peft import PEFTCallback
 from lightning_peft.lightning.cli import main
 from lightning_peft.losses import length_normalized_loss, length_normalized_scores, unlikelihood_loss
@@ -311,3 +312,29 @@ def test_from_the_command_line(
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 3  # the validation records: 25 % of 12
     assert all(line["answer"] in [a for _, a in hub.QUESTIONS] for line in lines)
+
+
+def test_virtual_tokens_in_front_are_not_scored(hub_dir: Path, tmp_path: Path) -> None:
+    folder = hub.save_model(hub_dir, "llama")
+    module = MultipleChoiceLM(str(folder))
+    module.configure_model()
+    dm = data(folder, hub.choice_rows(repeat=1), tmp_path, batch_size=4)
+    dm.setup("fit")
+    batch = collate(dm)
+    lp.inject(module.model, "prompt_tuning", num_virtual_tokens=3)  # outputs get 3 more positions, in front
+    logits, labels = module.choice_logits(batch)
+    assert logits.shape[:3] == labels.shape == (6, 3, batch["labels"].shape[-1] - 1)
+    assert module.loss_terms(logits, labels, batch["answer"])["loss"].isfinite()
+
+
+def test_a_batch_encoded_for_the_other_architecture(hub_dir: Path, tmp_path: Path) -> None:
+    module = MultipleChoiceLM(str(hub.save_model(hub_dir, "llama")))
+    module.configure_model()
+    dm = data(tokenizer_dir=hub.save_model(hub_dir, "llama"), rows=ROWS, root=tmp_path, encoder_decoder=True)
+    dm.setup("fit")
+    with pytest.raises(
+        ValueError,
+        match=r"MultipleChoiceLM: the model is decoder-only but the batch is encoded for encoder-decoder models "
+        r"\(input_ids \(2, 4\)\); leave MultipleChoiceData.encoder_decoder at null",
+    ):
+        module.choice_logits(collate(dm))
