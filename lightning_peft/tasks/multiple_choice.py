@@ -18,6 +18,7 @@ is ordinary fine-tuning on the correct answer, still evaluated by rank classific
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torchmetrics import MeanMetric
 from lightning_peft.core.config import invalid
 from lightning_peft.losses import length_normalized_loss, length_normalized_scores, token_log_probs, unlikelihood_loss
 from lightning_peft.tasks.base import TaskModule, _load_error, _quiet_transformers, load_model
+from lightning_peft.tasks.data import IGNORE_INDEX
 
 #: Loss terms by the name they are logged under (``train_<name>``), with their weight option.
 TERMS = {
@@ -105,7 +107,11 @@ class MultipleChoiceLM(TaskModule):
     # ------------------------------------------------------------------ scoring
 
     def choice_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Logits (B, C, T, V) and the labels (B, C, T) they score: position t scores label t."""
+        """Logits (B, C, T', V) and the labels (B, C, T') they score: position t scores label t.
+
+        For decoder-only models T' < T: the leading positions where no choice of the batch has a
+        scored token are left out.
+        """
         labels = batch["labels"]
         size, choices, length = labels.shape
         if batch["input_ids"].dim() != (2 if self.is_encoder_decoder else 3):
@@ -123,8 +129,15 @@ class MultipleChoiceLM(TaskModule):
             logits = self.transformer(**inputs, labels=labels.flatten(0, 1)).logits  # (B*C, T, V)
         else:
             flat = {k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask")}  # (B*C, T)
-            logits = self.transformer(**flat).logits[:, -length:]  # virtual tokens (prompt tuning) come first
-            logits, labels = logits[:, :-1], labels[..., 1:]  # position t predicts token t + 1
+            # Only positions from the batch's first scored token on need logits (prompts are often long
+            # and answers short): keep = T - start + 1 positions score labels[start:]. Virtual tokens of
+            # input-side methods come first, so slicing from the end drops them too.
+            start = max(int((labels != IGNORE_INDEX).int().argmax(-1).min()), 1)
+            keep = length - start + 1
+            forward = self.transformer.forward
+            options = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+            logits = self.transformer(**flat, **options).logits[:, -keep:]  # (B*C, keep, V)
+            logits, labels = logits[:, :-1], labels[..., start:]  # position t predicts token t + 1
         return logits.reshape(size, choices, -1, logits.shape[-1]), labels
 
     def loss_terms(self, logits: Tensor, labels: Tensor, answer: Tensor) -> dict[str, Tensor]:

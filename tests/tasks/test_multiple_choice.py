@@ -314,7 +314,7 @@ def test_from_the_command_line(
     assert all(line["answer"] in [a for _, a in hub.QUESTIONS] for line in lines)
 
 
-def test_virtual_tokens_in_front_are_not_scored(hub_dir: Path, tmp_path: Path) -> None:
+def test_decoder_logits_skip_the_unscored_front_and_virtual_tokens(hub_dir: Path, tmp_path: Path) -> None:
     folder = hub.save_model(hub_dir, "llama")
     module = MultipleChoiceLM(str(folder))
     module.configure_model()
@@ -322,8 +322,17 @@ def test_virtual_tokens_in_front_are_not_scored(hub_dir: Path, tmp_path: Path) -
     dm.setup("fit")
     batch = collate(dm)
     lp.inject(module.model, "prompt_tuning", num_virtual_tokens=3)  # outputs get 3 more positions, in front
-    logits, labels = module.choice_logits(batch)
-    assert logits.shape[:3] == labels.shape == (6, 3, batch["labels"].shape[-1] - 1)
+    with torch.no_grad():
+        logits, labels = module.choice_logits(batch)
+        full = module.model(
+            input_ids=batch["input_ids"].flatten(0, 1), attention_mask=batch["attention_mask"].flatten(0, 1)
+        ).logits
+    start = min(len(hub.tokenizer()(q)["input_ids"]) for q, _ in hub.QUESTIONS)  # first choice token, shortest prompt
+    b, c, t = batch["labels"].shape
+    assert full.shape[1] == 3 + t and labels.shape == (b, c, t - start)
+    assert torch.equal(labels, batch["labels"][..., start:])
+    expected = full[:, 3:][:, start - 1 : -1].reshape(b, c, t - start, -1)  # real positions, shifted
+    torch.testing.assert_close(logits, expected)
     assert module.loss_terms(logits, labels, batch["answer"])["loss"].isfinite()
 
 
