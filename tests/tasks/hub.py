@@ -140,3 +140,19 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 
 def qa_rows(repeat: int = 4) -> list[dict[str, str]]:
     return [{"prompt": q, "response": a} for _ in range(repeat) for q, a in QUESTIONS]
+
+
+def choice_rows(repeat: int = 4, choices: int = 3) -> list[dict[str, object]]:
+    """Multiple choice over the questions: the right answer among the next questions' answers.
+
+    Answers have different lengths (2 to 7 words), and the right one's index cycles through the choices.
+    """
+    answers = [a for _, a in QUESTIONS]
+    rows: list[dict[str, object]] = []
+    for r in range(repeat):
+        for i, (question, _) in enumerate(QUESTIONS):
+            options = [answers[(i + k) % len(answers)] for k in range(choices)]
+            shift = (i + r) % choices
+            options = options[-shift:] + options[:-shift] if shift else options
+            rows.append({"prompt": question, "choices": options, "answer": options.index(answers[i])})
+    return rows

@@ -205,7 +205,7 @@ def test_unknown_dataset_name() -> None:
     with pytest.raises(
         ValueError,
         match=r"TextClassificationData.dataset must be one of 'bbc_news', 'sms_spam', "
-        r"'chatterbot' or None; got 'imdb'",
+        r"'chatterbot', 'bbc_news_choices' or None; got 'imdb'",
     ):
         TextClassificationData(dataset="imdb")
 
