@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 
 MethodKind = Literal["layer", "input"]
 
+#: How a distributed strategy lays out the base model's weights, by name: FSDP1 (flat parameters),
+#: FSDP2 (per-parameter DTensor shards), DeepSpeed ZeRO stages 1-3 (3: weights partitioned and
+#: gathered per module; 1 and 2: gradients and optimizer state handled in DeepSpeed's buffers).
+#: Replicated training (one device, DDP) needs no entry: every method supports it.
+Sharding = Literal["fsdp", "fsdp2", "zero1", "zero2", "zero3"]
+ALL_SHARDINGS: frozenset[Sharding] = frozenset({"fsdp", "fsdp2", "zero1", "zero2", "zero3"})
+
 #: Adds the method to ``model`` in place, with an already resolved config; returns the names of
 #: the modules it wrapped or added.
 ApplyFn = Callable[["nn.Module", Any], list[str]]
@@ -77,6 +84,8 @@ class Method:
         calibrate: a pass over a few training batches before training (see :data:`CalibrateFn`),
             e.g. to pick the entries a sparse method trains.
         peft: the mapping to Hugging Face peft's adapter format, where peft has the method.
+        sharding: the sharded layouts (:data:`Sharding`) the method trains correctly under, each
+            tested on two ranks; PEFTCallback refuses a strategy whose layout is not listed.
         summary: one line for ``--help`` and the README's table.
         paper: the reference (authors, year, title).
     """
@@ -92,6 +101,7 @@ class Method:
     regularization: RegularizationFn | None = None
     calibrate: CalibrateFn | None = None
     peft: PeftFormat | None = None
+    sharding: frozenset[Sharding] = ALL_SHARDINGS
 
     def make_config(self, **options: Any) -> AdapterConfig:
         """The method's config from keyword options, with a clear error for unknown ones."""

@@ -30,3 +30,17 @@ def test_the_quickstart_command_installs_what_the_quickstart_needs() -> None:
     no_deps = command.split("pip install --no-deps ")[1].split(" && ")[0].split()
     assert sorted(no_deps) == sorted(PACKAGES[m].requirement for m in needed)
     assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==")
+
+
+def test_the_sharding_table_is_the_registrys() -> None:
+    """README's method x strategy table is what the registry declares (Method.sharding)."""
+    from lightning_peft import registry
+
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- sharding:start -->\n")[1].split("<!-- sharding:end -->")[0]
+    columns = ["fsdp", "fsdp2", "zero2", "zero3"]
+    rows = [
+        f"| `{m.name}` | " + " | ".join("yes" if c in m.sharding else "-" for c in columns) + " |"
+        for m in registry.all_methods()
+    ]
+    assert table.splitlines()[2:] == rows

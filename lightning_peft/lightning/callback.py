@@ -105,10 +105,10 @@ class PEFTCallback(Callback):
 
     # ------------------------------------------------------------------ injection
 
-    @staticmethod
-    def check_strategy(trainer: pl.Trainer) -> None:
-        """Refuse strategies whose checkpointing or optimizer setup this callback does not handle."""
-        strategies.check_supported(trainer.strategy)
+    def check_strategy(self, trainer: pl.Trainer) -> None:
+        """Refuse strategies whose checkpointing or optimizer setup this callback does not handle, and
+        sharded strategies the method does not support."""
+        strategies.check_supported(trainer.strategy, self.method)
 
     def inject(self, pl_module: pl.LightningModule) -> None:
         """Inject the method into ``pl_module`` unless this same adapter is already there."""

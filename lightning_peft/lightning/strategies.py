@@ -49,11 +49,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_peft import registry
 from lightning_peft.core import io, state
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lightning_peft.registry import Method, Sharding
 
 #: Prefixes that wrappers (FSDP1, activation checkpointing) insert into parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -172,6 +175,11 @@ def _summon_adapter(root: nn.Module, params: list[Tensor], writeback: bool) -> G
 class PEFTStrategy:
     """Marks a strategy whose checkpoints PEFTCallback leaves alone (the strategy trims them itself)."""
 
+    @property
+    def sharding(self) -> Sharding:
+        """How this strategy lays out the base weights (a method's ``sharding`` must list it)."""
+        raise NotImplementedError
+
     def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
         """The complete adapter (CPU tensors, frozen weights never gathered); call on every rank."""
         raise NotImplementedError
@@ -188,6 +196,10 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
     """
 
     strategy_name = "peft_fsdp"
+
+    @property
+    def sharding(self) -> Sharding:
+        return "fsdp"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("state_dict_type", "full") != "full":
@@ -324,6 +336,10 @@ class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
     """
 
     strategy_name = "peft_fsdp2"
+
+    @property
+    def sharding(self) -> Sharding:
+        return "fsdp2"
 
     def __init__(
         self,
@@ -493,6 +509,13 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
 
     strategy_name = "peft_deepspeed"
 
+    @property
+    def sharding(self) -> Sharding:
+        stage = int((self.config or {}).get("zero_optimization", {}).get("stage", 0))
+        if stage not in (1, 2, 3):
+            raise ValueError(f"PEFTDeepSpeedStrategy: ZeRO stage {stage} is not supported; valid: 1, 2 or 3.")
+        return f"zero{stage}"  # type: ignore[return-value]
+
     def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
 
@@ -565,10 +588,23 @@ _INSTEAD = {
 NAMES = ("peft_fsdp", "peft_fsdp2", "peft_fsdp2_full", "peft_deepspeed_stage_2", "peft_deepspeed_stage_3")
 
 
-def check_supported(strategy: Strategy) -> None:
-    """Raise a clear error for a strategy PEFTCallback cannot train and checkpoint correctly."""
+def check_supported(strategy: Strategy, method: Method | None = None) -> None:
+    """Raise a clear error for a strategy PEFTCallback cannot train and checkpoint correctly, or one
+    whose sharding ``method`` does not support (see :attr:`lightning_peft.registry.Method.sharding`)."""
     plain = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
-    if plain or isinstance(strategy, PEFTStrategy):
+    if plain:
+        return
+    if isinstance(strategy, PEFTStrategy):
+        if method is not None and strategy.sharding not in method.sharding:
+            others = [m.name for m in registry.all_methods() if strategy.sharding in m.sharding]
+            where = "one device and DDP" + (
+                f", and shardings {', '.join(sorted(method.sharding))}" if method.sharding else " only"
+            )
+            raise ValueError(
+                f"PEFTCallback(method={method.name!r}) does not support {type(strategy).__name__} "
+                f"(sharding {strategy.sharding!r}): {method.name} trains correctly on {where}. Use strategy='ddp', "
+                f"or a method that supports {strategy.sharding!r}: {', '.join(others)}."
+            )
         return
     hint = next((f" Use {v} instead." for k, v in _INSTEAD.items() if isinstance(strategy, k)), "")
     supported = ", ".join(s.__name__ for s in SUPPORTED)

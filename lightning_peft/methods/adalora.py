@@ -321,6 +321,9 @@ register(
         resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
         on_step=on_step,
         regularization=regularization,
+        # Importance scores read param.grad: sharded strategies hold only a shard of it (FSDP) or none at
+        # all (DeepSpeed keeps gradients in its own buffers), so the rank allocation would differ per rank.
+        sharding=frozenset(),
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
         "on a cubic schedule; mergeable",
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",

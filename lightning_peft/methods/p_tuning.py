@@ -127,6 +127,8 @@ register(
         name="p_tuning",
         config_cls=PTuningConfig,
         kind="input",
+        # Under FSDP1 the virtual tokens' parameters are read while still flat and sharded (tested: fails).
+        sharding=frozenset({"fsdp2", "zero1", "zero2", "zero3"}),
         apply=apply,
         resolve=resolve,
         summary="N virtual tokens produced by a trained MLP or LSTM prompt encoder, put before the input",

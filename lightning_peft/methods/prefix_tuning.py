@@ -150,6 +150,8 @@ register(
         name="prefix_tuning",
         config_cls=PrefixTuningConfig,
         kind="input",
+        # Under FSDP1 the virtual tokens' parameters are read while still flat and sharded (tested: fails).
+        sharding=frozenset({"fsdp2", "zero1", "zero2", "zero3"}),
         apply=apply,
         resolve=resolve,
         summary="N trained keys and values before the real tokens' in every attention layer (P-Tuning v2); "

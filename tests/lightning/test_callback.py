@@ -205,4 +205,4 @@ def test_unsupported_strategy_is_refused(strategy: str, instead: str) -> None:
         match=rf"PEFTCallback does not support strategy {strategy}; supported: SingleDeviceStrategy, DDPStrategy, "
         rf"PEFTFSDPStrategy, PEFTFSDP2Strategy, PEFTDeepSpeedStrategy \(by name: 'ddp', .*'peft_fsdp'.*\)\. {instead}",
     ):
-        PEFTCallback.check_strategy(FakeTrainer())  # type: ignore[arg-type]
+        PEFTCallback("lora").check_strategy(FakeTrainer())  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ FSDP1 and FSDP2 (sharded), DeepSpeed ZeRO-2/3 where installed; CUDA variants are
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests import tiny
 from tests.lightning.distributed import (
     RankProbe,
     SaveProbe,
+    cpu_deepspeed,
     facts,
     forked,
     fsdp1_full_state_dict,
@@ -106,12 +108,18 @@ def test_ddp_two_cpu_ranks(tmp_path: Path, method: str) -> None:
     assert checkpoint["global_step"] == 2  # 16 samples / (2 ranks x 4) per epoch
 
 
-def _fsdp() -> Any:
+def _block(arch: str) -> type:
+    """The transformer block class FSDP wraps as a unit."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    return {"llama": LlamaDecoderLayer, "gpt2": GPT2Block}[arch]
+
+
+def _fsdp(arch: str = "llama") -> Any:
     from lightning_peft.lightning.strategies import PEFTFSDPStrategy
 
-    return forked(PEFTFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}))
+    return forked(PEFTFSDPStrategy(auto_wrap_policy={_block(arch)}))
 
 
 @pytest.mark.slow
@@ -164,8 +172,6 @@ def test_deepspeed_two_cpu_ranks(
     with complete adapter files, frozen weights never gathered, exact resume, same adapter as DDP."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     pytest.importorskip("deepspeed")
-    from tests.lightning.distributed import cpu_deepspeed
-
     straight = tmp_path / "straight"
     _fit(straight, cpu_deepspeed(stage), epochs=2, callbacks=(SaveProbe(straight),))
     first = tmp_path / "first"
@@ -200,12 +206,10 @@ def test_deepspeed_two_cpu_ranks(
             assert saved["ungathered_numel"] == 0
 
 
-def _fsdp2(sharded: bool) -> Any:
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
+def _fsdp2(sharded: bool, arch: str = "llama") -> Any:
     from lightning_peft.lightning.strategies import PEFTFSDP2Strategy
 
-    return forked(PEFTFSDP2Strategy(wrap_modules={LlamaDecoderLayer}, save_distributed_checkpoint=sharded))
+    return forked(PEFTFSDP2Strategy(wrap_modules={_block(arch)}, save_distributed_checkpoint=sharded))
 
 
 @pytest.mark.slow
@@ -245,3 +249,51 @@ def test_fsdp2_two_cpu_ranks(tmp_path: Path, sharded: bool, ddp_lora: dict[str, 
             assert saved["peft"]["gathered"] <= 3 * saved["trainable_numel"]
         # Lightning's own full state dict gathers every frozen weight as well.
         assert saved["stock"]["largest_gathered"] >= 96 * 32
+
+
+#: One two-rank strategy per sharding the registry names.
+SHARDED: dict[str, Callable[[str], Any]] = {
+    "fsdp": lambda arch: _fsdp(arch),
+    "fsdp2": lambda arch: _fsdp2(False, arch),
+    "zero1": lambda arch: cpu_deepspeed(1),
+    "zero2": lambda arch: cpu_deepspeed(2),
+    "zero3": lambda arch: cpu_deepspeed(3),
+}
+#: Every method under every sharding it declares (LoRA has the full tests above, but not ZeRO-1).
+SUPPORTED = [
+    (m.name, sharding)
+    for m in registry.all_methods()
+    for sharding in sorted(m.sharding)
+    if m.name != "lora" or sharding == "zero1"
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "sharding"), SUPPORTED, ids=[f"{m}-{s}" for m, s in SUPPORTED])
+def test_methods_under_the_shardings_they_declare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, sharding: str
+) -> None:
+    """Each method under each sharding its registration lists: training reaches the adapter DDP
+    trains, ranks agree, nothing frozen gets a gradient, and the checkpoint holds the adapter only
+    and loads onto a bare model."""
+    if sharding.startswith("zero"):
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+        pytest.importorskip("deepspeed")
+    arch = _arch(method)
+    ddp = tmp_path / "ddp"
+    _fit(ddp, "ddp_fork", method, epochs=2)
+    sharded = tmp_path / sharding
+    _fit(sharded, SHARDED[sharding](arch), method, epochs=2)
+
+    reference, (rank0, rank1) = load_ranks(ddp)[0], load_ranks(sharded)
+    assert rank0.keys() == reference.keys() and rank0
+    for name, tensor in rank0.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(rank1[name], tensor), f"ranks disagree on {name}"
+    for fact in facts(sharded):
+        assert fact["frozen_grads"] == []
+
+    bare = lp.load_adapter(tiny.build(arch), sharded / "last.ckpt")
+    assert lp.get_info(bare).method == method
+    for name, tensor in state.adapter_state(bare):
+        assert torch.equal(tensor, rank0[f"model.{name}"]), name

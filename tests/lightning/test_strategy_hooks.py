@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_peft as lp
-from lightning_peft import PEFTCallback
+from lightning_peft import PEFTCallback, registry
 from lightning_peft.core import state
 from lightning_peft.lightning import strategies
 from tests import tiny
@@ -37,7 +37,7 @@ def test_strategies_are_registered_by_name(name: str, cls: type, options: dict) 
 def test_peft_fsdp_builds_from_its_name_on_cpu() -> None:
     t = L.Trainer(accelerator="cpu", devices=2, strategy="peft_fsdp", logger=False)
     assert isinstance(t.strategy, strategies.PEFTFSDPStrategy)
-    PEFTCallback.check_strategy(t)
+    PEFTCallback("lora").check_strategy(t)
 
 
 def test_fsdp1_sharded_state_dicts_are_refused() -> None:
@@ -123,3 +123,36 @@ def test_injecting_into_an_already_sharded_model_is_refused(tmp_path: Path) -> N
         trainer(tmp_path, max_steps=1, callbacks=[PEFTCallback("lora", verbose=False)]).fit(
             ShardsItself(), token_loader()
         )
+
+
+UNSUPPORTED = [
+    (m.name, sharding) for m in registry.all_methods() for sharding in sorted(registry.ALL_SHARDINGS - m.sharding)
+]
+
+
+@pytest.mark.parametrize(("method", "sharding"), UNSUPPORTED, ids=[f"{m}-{s}" for m, s in UNSUPPORTED])
+def test_a_sharding_the_method_does_not_declare_is_refused(method: str, sharding: str) -> None:
+    strategy = {
+        "fsdp": lambda: strategies.PEFTFSDPStrategy(),
+        "fsdp2": lambda: strategies.PEFTFSDP2Strategy(),
+        "zero1": lambda: strategies.PEFTDeepSpeedStrategy(stage=1),
+        "zero2": lambda: strategies.PEFTDeepSpeedStrategy(stage=2),
+        "zero3": lambda: strategies.PEFTDeepSpeedStrategy(stage=3),
+    }[sharding]()
+    assert strategy.sharding == sharding
+    others = [m.name for m in registry.all_methods() if sharding in m.sharding]
+    with pytest.raises(
+        ValueError,
+        match=rf"PEFTCallback\(method='{method}'\) does not support {type(strategy).__name__} "
+        rf"\(sharding '{sharding}'\): "
+        rf"{method} trains correctly on one device and DDP.*Use strategy='ddp', or a method that supports "
+        rf"'{sharding}': {', '.join(others)}\.",
+    ):
+        strategies.check_supported(strategy, registry.get(method))
+
+
+def test_every_method_is_accepted_under_the_shardings_it_declares() -> None:
+    for method in registry.all_methods():
+        for sharding in method.sharding - {"zero1", "zero2", "zero3"}:
+            strategy = {"fsdp": strategies.PEFTFSDPStrategy, "fsdp2": strategies.PEFTFSDP2Strategy}[sharding]()
+            strategies.check_supported(strategy, method)
