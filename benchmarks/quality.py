@@ -76,16 +76,30 @@ def classify(dataset: str, mode: str, seed: int) -> dict[str, Any]:
     module = _task_classes()[mode](MINILM, learning_rate=LEARNING_RATE[mode], warmup_steps=10)
     callbacks = [PEFTCallback("lora", r=8, alpha=16, verbose=False)] if mode == "lightning_peft LoRA" else []
     trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
     )
     start = time.perf_counter()
     trainer.fit(module, data)
     seconds = time.perf_counter() - start
     metrics = trainer.validate(module, data, verbose=False)[0]
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"dataset": dataset, "mode": mode, "seed": seed, "accuracy": metrics["val_accuracy"],
-            "f1": metrics["val_f1"], "fit_s": seconds, "trainable": trainable}
+    return {
+        "dataset": dataset,
+        "mode": mode,
+        "seed": seed,
+        "accuracy": metrics["val_accuracy"],
+        "f1": metrics["val_f1"],
+        "fit_s": seconds,
+        "trainable": trainable,
+    }
 
 
 def austen_text(cache: Path) -> Path:
@@ -126,18 +140,32 @@ def language_model(cache: Path, passages: int = 640) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
     data = CausalLMData(train_file=str(subset), text_column="text", max_length=96, batch_size=8, val_split=0.1)
     module = CausalLM(SMOLLM2, learning_rate=5e-4, warmup_steps=5)
-    callback = PEFTCallback("lora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                            verbose=False)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[callback])
+    callback = PEFTCallback(
+        "lora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], verbose=False
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+    )
     before = trainer.validate(module, data, verbose=False)[0]["val_perplexity"]
     start = time.perf_counter()
     trainer.fit(module, data)
     seconds = time.perf_counter() - start
     after = trainer.validate(module, data, verbose=False)[0]["val_perplexity"]
-    return {"passages": passages, "perplexity_before": before, "perplexity_after": after, "fit_s": seconds,
-            "steps": trainer.global_step}
+    return {
+        "passages": passages,
+        "perplexity_before": before,
+        "perplexity_after": after,
+        "fit_s": seconds,
+        "steps": trainer.global_step,
+    }
 
 
 def table(runs: list[dict[str, Any]], lm: dict[str, Any] | None) -> str:
@@ -149,8 +177,10 @@ def table(runs: list[dict[str, Any]], lm: dict[str, Any] | None) -> str:
                 continue
             acc = ", ".join(f"{r['accuracy']:.4f}" for r in rs)
             f1 = ", ".join(f"{r['f1']:.4f}" for r in rs)
-            lines.append(f"| {dataset} | {mode} | {acc} | {f1} | {statistics.median(r['fit_s'] for r in rs):.0f} | "
-                         f"{rs[0]['trainable']:,} |")
+            lines.append(
+                f"| {dataset} | {mode} | {acc} | {f1} | {statistics.median(r['fit_s'] for r in rs):.0f} | "
+                f"{rs[0]['trainable']:,} |"
+            )
     text = "\n".join(lines) + "\n\n(one value per seed; fit time is the median)\n"
     if lm is not None:
         text += (
@@ -168,19 +198,44 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--skip-lm", action="store_true", help="leave out the SmolLM2 perplexity run")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lightning_peft_bench")
+    parser.add_argument(
+        "--log",
+        type=Path,
+        default=RESULTS / "quality.log.jsonl",
+        help="each finished run is appended here; runs already in it are reused, so a killed "
+        "benchmark resumes where it stopped",
+    )
+    parser.add_argument("--fresh", action="store_true", help="ignore the log's earlier runs and start over")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    runs = []
-    for dataset in args.datasets:
-        for seed in args.seeds:
-            for mode in args.modes:
-                runs.append(classify(dataset, mode, seed))
-                print(json.dumps(runs[-1]), flush=True)
-    lm = None if args.skip_lm else language_model(args.cache)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        args.log.unlink(missing_ok=True)
+    done = {}
+    if args.log.exists():
+        for line in args.log.read_text().splitlines():
+            record = json.loads(line)
+            done[record.get("dataset", "lm"), record.get("mode", "lm"), record.get("seed", 0)] = record
+
+    def run(key: tuple[str, str, int], fn: Any) -> dict[str, Any]:
+        if key not in done:
+            done[key] = fn()
+            with args.log.open("a") as log:
+                log.write(json.dumps(done[key]) + "\n")
+        print(json.dumps(done[key]), flush=True)
+        return done[key]
+
+    runs = [
+        run((dataset, mode, seed), lambda d=dataset, m=mode, s=seed: classify(d, m, s))
+        for dataset in args.datasets
+        for seed in args.seeds
+        for mode in args.modes
+    ]
+    lm = None if args.skip_lm else run(("lm", "lm", 0), lambda: language_model(args.cache))
     text = "Quality (CPU, 2 threads)\n\n" + table(runs, lm)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.md").write_text(text)

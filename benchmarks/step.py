@@ -330,7 +330,8 @@ def _fmt_ratio(value: float | None, base: float | None) -> str:
 def table(rows: dict[str, dict[str, Any]]) -> str:
     floor, peft = rows.get("floor", {}), rows.get("peft_lora", {})
     lines = [
-        "| mode | step (s) | x floor | x peft LoRA | peak MB | x floor | trainable | checkpoint bytes | x (params+AdamW) |",
+        "| mode | step (s) | x floor | x peft LoRA | peak MB | x floor | trainable | checkpoint bytes "
+        "| x (params+AdamW) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, r in rows.items():
