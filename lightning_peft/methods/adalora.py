@@ -162,6 +162,12 @@ def budget(config: AdaLoRAConfig, step: int, total_steps: int, layers: int) -> i
     return int(final + (initial - final) * (1 - progress) ** 3)
 
 
+def _full(tensor: Tensor) -> Tensor:
+    """The whole of a DTensor (FSDP2 shards parameters and gradients; an all-gather, differentiable),
+    else the tensor itself. Importance scores and the orthogonality penalty need whole matrices."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 class SVDLinear(AdapterLayer):
     """AdaLoRA around ``nn.Linear`` or transformers' ``Conv1D``: ``h = W x + scaling * P diag(lambda) Q x``."""
 
@@ -225,7 +231,7 @@ class SVDLinear(AdapterLayer):
             param = getattr(self, f"lora_{m}")
             if param.grad is None:
                 continue
-            sensitivity = (param * param.grad).abs().float()
+            sensitivity = (_full(param) * _full(param.grad)).abs().float()
             smoothed, uncertainty = getattr(self, f"sensitivity_{m}"), getattr(self, f"uncertainty_{m}")
             smoothed.mul_(beta1).add_(sensitivity, alpha=1 - beta1)
             uncertainty.mul_(beta2).add_((sensitivity - smoothed).abs(), alpha=1 - beta2)
@@ -240,7 +246,14 @@ class SVDLinear(AdapterLayer):
     @torch.no_grad()
     def apply_rank_mask(self) -> None:
         """Zero the singular values of pruned triplets."""
-        self.lora_E.masked_fill_(~self.rank_mask, 0.0)
+        values = self.lora_E
+        if hasattr(values, "full_tensor"):  # FSDP2: a sharded DTensor; write each rank's shard of the result
+            from torch.distributed.tensor import distribute_tensor
+
+            masked = values.full_tensor().masked_fill(~self.rank_mask, 0.0)
+            values.copy_(distribute_tensor(masked, values.device_mesh, values.placements))
+        else:
+            values.masked_fill_(~self.rank_mask, 0.0)
 
     def extra_repr(self) -> str:
         return f"init_r={self.r}, scaling={self.scaling:g}"
@@ -305,9 +318,10 @@ def regularization(model: nn.Module, config: AdaLoRAConfig) -> Tensor | None:
         return None
     terms: list[Tensor] = []
     for _, layer in svd_layers(model):
-        eye = torch.eye(layer.r, device=layer.lora_A.device, dtype=layer.lora_A.dtype)
-        terms.append(torch.linalg.matrix_norm(layer.lora_A @ layer.lora_A.T - eye))
-        terms.append(torch.linalg.matrix_norm(layer.lora_B.T @ layer.lora_B - eye))
+        lora_A, lora_B = _full(layer.lora_A), _full(layer.lora_B)
+        eye = torch.eye(layer.r, device=lora_A.device, dtype=lora_A.dtype)
+        terms.append(torch.linalg.matrix_norm(lora_A @ lora_A.T - eye))
+        terms.append(torch.linalg.matrix_norm(lora_B.T @ lora_B - eye))
     device = terms[0].device
     return config.orth_reg_weight * torch.stack([t.to(device) for t in terms]).mean()
 
@@ -321,9 +335,9 @@ register(
         resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
         on_step=on_step,
         regularization=regularization,
-        # Importance scores read param.grad: sharded strategies hold only a shard of it (FSDP) or none at
-        # all (DeepSpeed keeps gradients in its own buffers), so the rank allocation would differ per rank.
-        sharding=frozenset(),
+        # Importance scores read param.grad: FSDP2's sharded gradients are gathered whole (small: adapter
+        # tensors only); FSDP1's flat shards and DeepSpeed (gradients in its own buffers) are refused.
+        sharding=frozenset({"fsdp2"}),
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
         "on a cubic schedule; mergeable",
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
