@@ -68,7 +68,7 @@ def _peft(kind: str, **options: Any) -> Callable[[], Any]:
 
 _LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": BLOCK_LINEARS}
 _PEFT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": BLOCK_LINEARS}
-#: Every registered method that runs on a LLaMA model (bitfit has no biases to train there).
+#: Every registered method that runs on a LLaMA model (BitFit has no biases to train there).
 METHODS: dict[str, MethodBench] = {
     "lora": MethodBench(_LORA, _peft("LoraConfig", **_PEFT_LORA)),
     "dora": MethodBench(_LORA | {"use_dora": True}, _peft("LoraConfig", use_dora=True, **_PEFT_LORA), "lora"),
@@ -98,6 +98,23 @@ METHODS: dict[str, MethodBench] = {
         ),
     ),
     "bottleneck": MethodBench({"placement": "both", "reduction_factor": 16}, None),
+    # Input-side methods: 20 virtual tokens in front of the 128 real ones (peft's causal-LM task wrapper).
+    "prompt_tuning": MethodBench(
+        {"num_virtual_tokens": 20}, _peft("PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=20)
+    ),
+    "p_tuning": MethodBench(
+        {"num_virtual_tokens": 20, "encoder": "mlp", "encoder_hidden_size": 128},
+        _peft(
+            "PromptEncoderConfig",
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=20,
+            encoder_reparameterization_type="MLP",
+            encoder_hidden_size=128,
+        ),
+    ),
+    "prefix_tuning": MethodBench(
+        {"num_virtual_tokens": 20}, _peft("PrefixTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=20)
+    ),
     "last_k": MethodBench({"k": 2}, None),
     "topk": MethodBench({"fraction": 0.01, "target_modules": BLOCK_LINEARS, "calibration_batches": 1}, None),
 }
