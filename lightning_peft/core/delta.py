@@ -17,13 +17,16 @@ selected entries, and checkpoints hold only them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_peft.core.layer import AdapterLayer
+
+if TYPE_CHECKING:
+    from lightning_peft.registry import Sharding
 
 
 class _Buffers(nn.Module):
@@ -55,6 +58,10 @@ class DeltaLayer(AdapterLayer):
     """
 
     adapter_names = ("delta", "values", "indices")
+    #: The shardings (:data:`lightning_peft.registry.Sharding`) this layer trains correctly under: it
+    #: adds the delta to the base layer's own tensors before calling it, and under FSDP1 (flat shards)
+    #: and ZeRO-3 (gathered inside the base layer's forward) those are not whole at that point.
+    shardings: frozenset[Sharding] = frozenset({"fsdp2", "zero1", "zero2"})
 
     def __init__(
         self, base_layer: nn.Module, dense: Iterable[str] = (), sparse: Mapping[str, int] | None = None

@@ -118,9 +118,7 @@ register(
         config_cls=BitFitConfig,
         kind="layer",
         apply=apply,
-        # The deltas are added to the base layer's own tensors before its forward: under FSDP1 (flat
-        # parameters) and ZeRO-3 (gathered inside the forward) those are not there yet.
-        sharding=frozenset({"fsdp2", "zero1", "zero2"}),
+        sharding=BiasDelta.shardings,
         summary="only the bias terms train (kept as deltas b + delta_b beside the frozen biases); mergeable",
         paper="Ben Zaken et al. 2022, BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based "
         "Masked Language-models",

@@ -128,8 +128,7 @@ register(
         config_cls=LastKConfig,
         kind="layer",
         apply=apply,
-        # As BitFit: the deltas need the base tensors, which FSDP1 and ZeRO-3 have not gathered yet.
-        sharding=frozenset({"fsdp2", "zero1", "zero2"}),
+        sharding=BlockDelta.shardings,
         summary="the last k transformer blocks train in full (as deltas beside the frozen weights); mergeable",
         paper="Lee et al. 2019, What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning",
     )

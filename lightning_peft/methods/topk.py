@@ -145,8 +145,8 @@ register(
         resolve=resolve,
         on_step=on_step,
         calibrate=calibrate,
-        # As BitFit, and the calibration scores whole gradients (FSDP2 holds only shards of them).
-        sharding=frozenset({"zero1", "zero2"}),
+        # Calibration scores whole gradients, of which FSDP2 holds only shards.
+        sharding=SparseDelta.shardings - {"fsdp2"},
         summary="the top fraction of each targeted weight's entries by Fisher information or gradient magnitude "
         "over a few batches trains; checkpoints hold only those entries; mergeable",
         paper="Sung et al. 2021, Training Neural Networks with Fixed Sparse Masks",
