@@ -8,20 +8,26 @@ chosen flat positions (a sparse delta)::
     p_eff = p + delta                              (dense)
     p_eff.flatten()[indices] = p.flatten()[indices] + values,  other entries exactly p   (sparse)
 
-and calls the wrapped module with ``p_eff``. Keeping the delta apart from the frozen ``p`` gives
+and runs the wrapped module with ``p_eff``. Keeping the delta apart from the frozen ``p`` gives
 every selective method what the others have: the base stays untouched (``unload(merge=False)``
 returns it), ``merge`` folds the delta in, the optimizer (and weight decay) only ever sees the
 selected entries, and checkpoints hold only them.
+
+``p_eff`` is put in place at the start of the wrapped module's own forward (a pre-hook, removed
+again after the call), not before calling it: a sharding wrapper around the wrapped module (an
+FSDP1 unit) gathers ``p`` only there, so that is the one point where ``p`` is whole under every
+strategy. ``p_eff`` shadows ``p`` as an instance attribute and never replaces it in
+``_parameters``, which the sharding engines keep walking.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_peft.core.layer import AdapterLayer
 
@@ -58,10 +64,10 @@ class DeltaLayer(AdapterLayer):
     """
 
     adapter_names = ("delta", "values", "indices")
-    #: The shardings (:data:`lightning_peft.registry.Sharding`) this layer trains correctly under: it
-    #: adds the delta to the base layer's own tensors before calling it, and under FSDP1 (flat shards)
-    #: and ZeRO-3 (gathered inside the base layer's forward) those are not whole at that point.
-    shardings: frozenset[Sharding] = frozenset({"fsdp2", "zero1", "zero2"})
+    # The deltas sit in ParameterDicts, which are never called: ZeRO-3 must gather them with the layer.
+    gather_as_unit = True
+    #: The shardings (:data:`lightning_peft.registry.Sharding`) this layer trains correctly under.
+    shardings: frozenset[Sharding] = frozenset({"fsdp", "fsdp2", "zero1", "zero2", "zero3"})
 
     def __init__(
         self, base_layer: nn.Module, dense: Iterable[str] = (), sparse: Mapping[str, int] | None = None
@@ -79,6 +85,10 @@ class DeltaLayer(AdapterLayer):
             {n: nn.Parameter(torch.zeros(k, **self._factory(own[n]))) for n, k in sparse.items()}
         )
         self.indices = _Buffers({n: torch.arange(k, device=own[n].device) for n, k in sparse.items()})
+        #: The whole shape of each selected parameter (a strategy may later hold only a shard of it).
+        self.shapes: dict[str, torch.Size] = {n: own[n].shape for n in [*dense, *sparse]}
+        self._shadowed: dict[str, Tensor | None] = {}
+        self._recorder: list[tuple[DeltaLayer, str, Tensor]] | None = None
 
     @staticmethod
     def _factory(param: Tensor) -> dict[str, Any]:
@@ -86,6 +96,9 @@ class DeltaLayer(AdapterLayer):
 
     def _own(self) -> dict[str, Tensor]:
         return dict(self.base_layer.named_parameters(recurse=False))
+
+    def _names(self) -> list[str]:
+        return [*self.delta.keys(), *self.values.keys()]
 
     def select(self, name: str, indices: Tensor) -> None:
         """Set the flat positions of ``name`` that :attr:`values` trains (sorted, distinct, k of them)."""
@@ -96,9 +109,13 @@ class DeltaLayer(AdapterLayer):
             current.copy_(indices)
             self.values[name].zero_()
 
-    def effective_parameters(self) -> dict[str, Tensor]:
-        """The selected parameters with their deltas applied (differentiable in the deltas)."""
-        own = self._own()
+    def effective_parameters(self, own: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The selected parameters with their deltas applied (differentiable in the deltas).
+
+        Args:
+            own: the base tensors to apply them to (default: the base layer's parameters).
+        """
+        own = self._own() if own is None else own
         out = {n: own[n] + d.to(own[n].dtype) for n, d in self.delta.items()}
         for n, v in self.values.items():
             p = own[n]
@@ -108,7 +125,51 @@ class DeltaLayer(AdapterLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._merged:
             return self.base_layer(*args, **kwargs)
-        return functional_call(self.base_layer, self.effective_parameters(), args, kwargs)
+        owner = self.base_owner(self._names())
+        # Registered per call, so that they run after any hook a strategy put on the owner (which
+        # may be what gathers its parameters) on the way in, and before them on the way out.
+        pre = owner.register_forward_pre_hook(self._shadow)
+        post = owner.register_forward_hook(self._unshadow, prepend=True, always_call=True)
+        try:
+            return self.base_layer(*args, **kwargs)
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _shadow(self, owner: nn.Module, args: Any) -> None:
+        """Inside the owner's forward, where its parameters are whole: read ``p``, put ``p_eff`` over it."""
+        names = self._names()
+        effective = self.effective_parameters({n: getattr(owner, n) for n in names})
+        for name in names:
+            tensor = effective[name]
+            if self._recorder is not None:
+                self._recorder.append((self, name, tensor))
+            # An instance attribute wins over ``_parameters`` in attribute lookup; a wrapper's own
+            # instance attribute (FSDP1 keeps its unsharded views there) is put back afterwards.
+            self._shadowed[name] = owner.__dict__.get(name)
+            owner.__dict__[name] = tensor
+
+    def _unshadow(self, owner: nn.Module, args: Any, output: Any) -> None:
+        for name, previous in self._shadowed.items():
+            if previous is None:
+                owner.__dict__.pop(name, None)
+            else:
+                owner.__dict__[name] = previous
+        self._shadowed.clear()
+
+    @contextlib.contextmanager
+    def record_effective(self, into: list[tuple[DeltaLayer, str, Tensor]]) -> Generator[None, None, None]:
+        """Append ``(self, name, p_eff)`` to ``into`` for every effective parameter built meanwhile.
+
+        ``p_eff`` is built where ``p`` is whole, and ``dL/dp_eff = dL/dp``: differentiating a loss
+        with respect to the recorded tensors gives the whole gradient of every selected ``p``
+        under any sharding, without touching ``.grad`` (top-k's calibration scores it).
+        """
+        self._recorder = into
+        try:
+            yield
+        finally:
+            self._recorder = None
 
     def reset_adapter_parameters(self) -> None:
         with torch.no_grad():

@@ -7,7 +7,7 @@ is picked by a substring of a parameter name.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +29,11 @@ class AdapterModule(nn.Module):
     training_state_names: ClassVar[tuple[str, ...]] = ()
     #: The registered method this module belongs to (set by each method's subclass).
     method: ClassVar[str] = ""
+    #: Whether the forward reads tensors of submodules it does not call (a ParameterDict of deltas,
+    #: the wrapped layer's weight after calling it). Strategies that gather a module's parameters
+    #: only in that module's own forward (DeepSpeed ZeRO-3) must then gather every parameter
+    #: inside this module for its whole forward and backward.
+    gather_as_unit: ClassVar[bool] = False
     #: Local tensor names that Hugging Face peft spells differently (``{"lora_A": "lora_A.weight"}``).
     peft_names: ClassVar[dict[str, str]] = {}
 
@@ -112,6 +117,19 @@ class AdapterLayer(AdapterModule):
             if name == "base_layer":  # not set yet (during __init__) or deleted: no recursion
                 raise
             return getattr(self._modules["base_layer"], name)
+
+    def base_owner(self, names: Iterable[str]) -> nn.Module:
+        """The module that holds the base layer's parameters ``names``: the base layer itself, or
+        the module inside a wrapper that a strategy put around it (an FSDP1 unit).
+
+        Its own forward is the one point where a strategy that shards the base layer has those
+        parameters whole; an adapter that reads them does so from a hook on this module.
+        """
+        names = list(names)
+        for module in self.base_layer.modules():
+            if all(n in module._parameters for n in names):
+                return module
+        raise RuntimeError(f"{type(self).__name__}: no module in its base layer holds {names}")
 
     @property
     def weight(self) -> Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -226,9 +227,9 @@ class PEFTCallback(Callback):
         toward the run's metrics.
         """
 
-        def loss_fn(batch: Any) -> torch.Tensor:
+        def loss_of(training_step: Callable[..., Any], batch: Any) -> torch.Tensor:
             with trainer.precision_plugin.train_step_context():
-                output = pl_module.training_step(trainer.strategy.batch_to_device(batch), 0)
+                output = training_step(trainer.strategy.batch_to_device(batch), 0)
             loss = output["loss"] if isinstance(output, dict) else output
             if not isinstance(loss, torch.Tensor):
                 raise TypeError(
@@ -242,8 +243,9 @@ class PEFTCallback(Callback):
 
         pl_module.__dict__.update(log=mute, log_dict=mute)
         try:
-            with isolate_rng():
-                training.calibrate(pl_module, trainer.train_dataloader, loss_fn)
+            # The strategy says how to call training_step outside the loop (through its wrapper or not).
+            with isolate_rng(), strategies.calibration(trainer.strategy) as training_step:
+                training.calibrate(pl_module, trainer.train_dataloader, functools.partial(loss_of, training_step))
         finally:
             for name in ("log", "log_dict"):
                 pl_module.__dict__.pop(name, None)

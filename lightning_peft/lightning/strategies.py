@@ -184,6 +184,16 @@ class PEFTStrategy:
         """The complete adapter (CPU tensors, frozen weights never gathered); call on every rank."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def calibration(self) -> Generator[Callable[..., Any], None, None]:
+        """Yields the ``training_step`` that a method's calibration (top-k) scores batches with.
+
+        It runs outside the training loop, with ``torch.autograd.grad`` instead of ``backward``:
+        the strategy says how to call the module there and tidies up after it.
+        """
+        assert self.lightning_module is not None
+        yield self.lightning_module.training_step
+
 
 class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
     """FSDP1 with an adapter-aware wrap policy and trainable-only full checkpoints.
@@ -248,6 +258,17 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         return self.adapter_state_dict()
+
+    @contextlib.contextmanager
+    @override
+    def calibration(self) -> Generator[Callable[..., Any], None, None]:
+        assert self.model is not None and self.lightning_module is not None
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            # Through the root unit, which gathers the frozen weights it holds (embeddings, norms).
+            return self._forward_redirection(self.model, self.lightning_module, "training_step", *args, **kwargs)
+
+        yield training_step
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -524,6 +545,44 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
     def model_sharded_context(self) -> Generator[None, None, None]:
         yield
 
+    @override
+    def init_deepspeed(self) -> None:
+        super().init_deepspeed()
+        if self.zero_stage_3:
+            self.gather_units()
+
+    def gather_units(self) -> None:
+        """Have ZeRO-3 gather, for each adapter module that declares ``gather_as_unit``, every
+        parameter inside it for its forward and backward.
+
+        ZeRO-3 gathers a module's own parameters in that module's forward (and again in its
+        backward); a tensor of a submodule that is never called (a ParameterDict) or read after
+        the submodule returned (the base weight, for DoRA) would otherwise be an empty shard.
+        Registering them as the module's external parameters keeps ZeRO-3's gradient hooks per
+        parameter, as for every other module.
+        """
+        import deepspeed
+
+        assert self.lightning_module is not None
+        for _, module in state.adapter_modules(self.lightning_module):
+            if module.gather_as_unit:
+                own = {id(p) for p in module.parameters(recurse=False)}
+                for param in module.parameters():
+                    if id(param) not in own:
+                        deepspeed.zero.register_external_parameter(module, param)
+
+    @contextlib.contextmanager
+    @override
+    def calibration(self) -> Generator[Callable[..., Any], None, None]:
+        assert self.model is not None and self.lightning_module is not None
+        try:
+            yield self.lightning_module.training_step
+        finally:
+            if self.zero_stage_3:
+                # Modules whose inputs need no gradient keep their weights gathered after a backward
+                # pass that the engine did not run: partition them again.
+                self.model.empty_partition_cache()
+
     def _gathered(self) -> contextlib.AbstractContextManager[Any]:
         assert self.lightning_module is not None
         if not self.zero_stage_3:
@@ -612,6 +671,14 @@ def check_supported(strategy: Strategy, method: Method | None = None) -> None:
         f"PEFTCallback does not support strategy {type(strategy).__name__}; supported: {supported} "
         f"(by name: 'ddp', 'ddp_spawn', 'ddp_fork', {', '.join(map(repr, NAMES))}).{hint}"
     )
+
+
+def calibration(strategy: Strategy) -> contextlib.AbstractContextManager[Callable[..., Any]]:
+    """See :meth:`PEFTStrategy.calibration`; the module's own ``training_step`` elsewhere."""
+    if isinstance(strategy, PEFTStrategy):
+        return strategy.calibration()
+    assert strategy.lightning_module is not None
+    return contextlib.nullcontext(strategy.lightning_module.training_step)
 
 
 def adapter_state_dict(strategy: Strategy, pl_module: nn.Module) -> OrderedDict[str, Tensor]:

@@ -74,9 +74,20 @@ class DoRALinear(LoRALinear):
             return torch.linalg.vector_norm(combined, dim=1).to(self.lora_magnitude.dtype)  # (out,)
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)  # (..., out)
         if self._merged:
-            return result
+            return self.base_layer(x)
+        # The update reads the base weight: computed in a hook at the end of the base layer's own
+        # forward, where a strategy that shards it (FSDP1, ZeRO-3) still has it whole.
+        hook = self.base_owner(["weight"]).register_forward_hook(
+            lambda module, args, result: self._add_update_to(x, result), prepend=True
+        )
+        try:
+            return self.base_layer(x)
+        finally:
+            hook.remove()
+
+    def _add_update_to(self, x: Tensor, result: Tensor) -> Tensor:
+        """``result = W x + b`` plus DoRA's update, ``(m / ||W + s B A|| - 1) W x' + m / ||W + s B A|| s B A x'``."""
         lora_A = self.lora_A
         dropped = self.dropout(x)
         if dropped.dtype != lora_A.dtype:

@@ -20,6 +20,7 @@ start, on the training dataloader); a model restored from a checkpoint keeps its
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -91,38 +92,51 @@ def _layers(model: nn.Module) -> list[SparseDelta]:
 def calibrate(model: nn.Module, config: TopKConfig, batches: Iterable[Any], loss_fn: Callable[[Any], Tensor]) -> None:
     """Score every candidate entry over a few batches and select each tensor's top entries.
 
-    Does nothing when every layer was already selected (a model restored from a checkpoint or an
+    The gradients are taken with respect to the effective weights each layer builds in its
+    forward (:meth:`DeltaLayer.record_effective`), where the weights are whole under every
+    sharding, and with ``torch.autograd.grad``, which leaves every ``.grad`` untouched. Does
+    nothing when every layer was already selected (a model restored from a checkpoint or an
     adapter file). Under ``torch.distributed`` the scores are summed over ranks, so every rank
     selects the same entries.
     """
     layers = _layers(model)
     if all(bool(layer.selected) for layer in layers):
         return
-    targets = [(layer, name, p) for layer in layers for name, p in layer.base_layer.named_parameters(recurse=False)]
-    params = [p for _, _, p in targets]
-    scores = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    was_trainable = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)  # only while scoring; autograd.grad leaves every .grad untouched
+    scores: dict[tuple[int, str], Tensor] = {}
     seen = 0
-    try:
-        for batch in itertools.islice(batches, config.calibration_batches):
-            grads = torch.autograd.grad(loss_fn(batch), params, allow_unused=True)
-            for score, grad in zip(scores, grads, strict=True):
-                if grad is not None:
-                    score.add_(grad.float().square() if config.score == "fisher" else grad.float().abs())
-            seen += 1
-    finally:
-        for p, trainable in zip(params, was_trainable, strict=True):
-            p.requires_grad_(trainable)
+    for batch in itertools.islice(batches, config.calibration_batches):
+        recorded: list[tuple[DeltaLayer, str, Tensor]] = []
+        with contextlib.ExitStack() as stack:
+            for layer in layers:
+                stack.enter_context(layer.record_effective(recorded))
+            loss = loss_fn(batch)
+        used = [(layer, name, t) for layer, name, t in recorded if t.requires_grad]
+        if not used:
+            raise RuntimeError(
+                "topk scores entries by the gradient of the loss, but the loss of a calibration batch does not "
+                "depend on any selected weight with a gradient: are the topk parameters frozen, or is the loss "
+                "computed under torch.no_grad()?"
+            )
+        grads = torch.autograd.grad(loss, [t for _, _, t in used], allow_unused=True)
+        for (layer, name, _), grad in zip(used, grads, strict=True):
+            if grad is None:
+                continue
+            score = grad.detach().float().square() if config.score == "fisher" else grad.detach().float().abs()
+            key = (id(layer), name)
+            scores[key] = scores[key].add_(score) if key in scores else score
+        seen += 1
     if seen == 0:
         raise ValueError("topk needs training batches to select the entries it trains, but got none.")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for score in scores:
-            torch.distributed.all_reduce(score)
-    for (layer, name, _), score in zip(targets, scores, strict=True):
-        chosen = score.reshape(-1).topk(layer.values[name].numel()).indices
-        layer.select(name, chosen.sort().values)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for layer in layers:
+        for name, shape in layer.shapes.items():
+            chosen = layer.indices[name]
+            score = scores.get((id(layer), name))
+            if score is None:  # not reached on this rank: it adds nothing to the sum
+                score = torch.zeros(shape, dtype=torch.float32, device=chosen.device)
+            if distributed:
+                torch.distributed.all_reduce(score)
+            layer.select(name, score.reshape(-1).topk(chosen.numel()).indices.sort().values)
     for layer in layers:
         layer.selected.fill_(True)
 
@@ -145,8 +159,7 @@ register(
         resolve=resolve,
         on_step=on_step,
         calibrate=calibrate,
-        # Calibration scores whole gradients, of which FSDP2 holds only shards.
-        sharding=SparseDelta.shardings - {"fsdp2"},
+        sharding=SparseDelta.shardings,
         summary="the top fraction of each targeted weight's entries by Fisher information or gradient magnitude "
         "over a few batches trains; checkpoints hold only those entries; mergeable",
         paper="Sung et al. 2021, Training Neural Networks with Fixed Sparse Masks",

@@ -44,11 +44,12 @@ def _fit(
     ckpt_path: Path | None = None,
     module: L.LightningModule | None = None,
     callbacks: tuple = (),
+    options: dict[str, Any] | None = None,
 ) -> L.LightningModule:
     L.seed_everything(0)
     module = module or TinyLM(arch=_arch(method))
     root.mkdir(parents=True, exist_ok=True)
-    options = CASES[method].options(module.arch) | {"verbose": False}
+    options = CASES[method].options(module.arch) | (options or {}) | {"verbose": False}
     t = L.Trainer(
         default_root_dir=root,
         accelerator="cpu",
@@ -276,14 +277,29 @@ def test_methods_under_the_shardings_they_declare(
     """Each method under each sharding its registration lists: training reaches the adapter DDP
     trains, ranks agree, nothing frozen gets a gradient, and the checkpoint holds the adapter only
     and loads onto a bare model."""
+    _trains_as_under_ddp(tmp_path, monkeypatch, method, sharding)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["fsdp", "fsdp2", "zero3"])
+def test_dora_under_the_shardings_that_shard_its_base_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sharding: str
+) -> None:
+    """DoRA reads the base weight (its norm, and W x' under dropout) where the sharding has it whole."""
+    _trains_as_under_ddp(tmp_path, monkeypatch, "lora", sharding, {"use_dora": True, "dropout": 0.1})
+
+
+def _trains_as_under_ddp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, sharding: str, options: dict[str, Any] | None = None
+) -> None:
     if sharding.startswith("zero"):
         monkeypatch.setenv("DS_ACCELERATOR", "cpu")
         pytest.importorskip("deepspeed")
     arch = _arch(method)
     ddp = tmp_path / "ddp"
-    _fit(ddp, "ddp_fork", method, epochs=2)
+    _fit(ddp, "ddp_fork", method, epochs=2, options=options)
     sharded = tmp_path / sharding
-    _fit(sharded, SHARDED[sharding](arch), method, epochs=2)
+    _fit(sharded, SHARDED[sharding](arch), method, epochs=2, options=options)
 
     reference, (rank0, rank1) = load_ranks(ddp)[0], load_ranks(sharded)
     assert rank0.keys() == reference.keys() and rank0
@@ -295,6 +311,9 @@ def test_methods_under_the_shardings_they_declare(
     if method == "adalora":  # the budget was reallocated (and identically): the final step prunes to target_r
         masks = [t for n, t in rank0.items() if n.endswith("rank_mask")]
         assert masks and sum(int(m.sum()) for m in masks) == 2 * len(masks)
+    if method == "topk":  # calibration chose entries (the same as under DDP, checked above), not the first k
+        chosen = [t for n, t in rank0.items() if ".indices." in n]
+        assert chosen and any(not torch.equal(t, torch.arange(t.numel())) for t in chosen)
 
     bare = lp.load_adapter(tiny.build(arch), sharded / "last.ckpt")
     assert lp.get_info(bare).method == method
