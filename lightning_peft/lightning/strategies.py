@@ -518,6 +518,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
 
     def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        self._step_grads: dict[nn.Parameter, Tensor] = {}  # see adapter_gradients(keep=True)
 
     @contextlib.contextmanager
     @override
@@ -532,6 +533,71 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
 
         params = [p for _, p in state.adapter_parameters(self.lightning_module)]
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def _trainable(self) -> list[nn.Parameter]:
+        assert self.lightning_module is not None
+        return [p for _, p in state.adapter_parameters(self.lightning_module) if p.requires_grad]
+
+    @contextlib.contextmanager
+    def adapter_gradients(self, keep: bool = False) -> Generator[None, None, None]:
+        """Between backward and the engine's step: each adapter parameter whole (gathered under
+        ZeRO-3) with its full, reduced gradient in ``.grad``; on exit ``.grad`` goes back into the
+        engine's gradient partitions (which is all the engine steps with) and is cleared again.
+
+        Args:
+            keep: also keep a copy of the final gradients for :meth:`stepped_adapter`, since the
+                engine's step frees its own.
+        """
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        params = self._trainable()
+        with self._gathered():
+            # (param, full gradient in the engine's dtype, what .grad starts as): collectives under
+            # some stages, so every rank fetches every parameter's gradient, in the same order.
+            exposed: list[tuple[nn.Parameter, Tensor, Tensor]] = []
+            for param in params:
+                full = safe_get_full_grad(param)
+                if full is None or param.grad is not None:  # not the engine's, or already where we want it
+                    continue
+                param.grad = full if full.dtype == param.dtype else full.to(param.dtype)
+                exposed.append((param, full, param.grad.clone() if param.grad is not full else full))
+            try:
+                yield
+            finally:
+                for param, full, start in exposed:
+                    grad = param.grad
+                    param.grad = None  # safe_set_full_grad writes into .grad when there is one
+                    if grad is None:
+                        continue
+                    if keep:
+                        self._step_grads[param] = grad.detach().clone()
+                    # Only the change made here is rounded to the parameter's dtype, not the gradient.
+                    safe_set_full_grad(param, grad if start is full else full + (grad - start).to(full.dtype))
+
+    @contextlib.contextmanager
+    def stepped_adapter(self) -> Generator[None, None, None]:
+        """After the engine's step: each adapter parameter whole, with the gradients
+        :meth:`adapter_gradients` kept in ``.grad``; entries changed inside are written into the
+        engine's master weights too (else its next step would restore them from there)."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        params = self._trainable()
+        grads, self._step_grads = self._step_grads, {}
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.zero_stage_3 else None
+        with gathered or contextlib.nullcontext(), torch.no_grad():
+            before = [param.detach().clone() for param in params]
+            for param in params:
+                param.grad = grads.get(param)
+            try:
+                yield
+            finally:
+                for param, old in zip(params, before, strict=True):
+                    param.grad = None
+                    master = safe_get_full_fp32_param(param)  # a collective: every rank, every parameter
+                    if master is not None:
+                        changed = param.detach() != old
+                        safe_set_full_fp32_param(param, torch.where(changed, param.detach().to(master.dtype), master))
 
     @override
     def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
@@ -566,6 +632,25 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
                 description=f"DeepSpeed ZeRO stage {stage} with trainable-only checkpoints",
                 stage=stage,
             )
+
+
+def adapter_gradients(strategy: Strategy, keep: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Between backward and the optimizer step: the adapter's complete gradients in ``.grad``,
+    where a plain loop has them, and what is added to them there reaches the optimizer.
+
+    A no-op except under DeepSpeed (see :meth:`PEFTDeepSpeedStrategy.adapter_gradients`), whose
+    engine keeps gradients in its own buffers. ``keep``: :func:`stepped_adapter` will follow.
+    """
+    return strategy.adapter_gradients(keep) if isinstance(strategy, PEFTDeepSpeedStrategy) else contextlib.nullcontext()
+
+
+def stepped_adapter(strategy: Strategy) -> contextlib.AbstractContextManager[None]:
+    """After the optimizer step: the adapter whole and writable, the step's gradients in ``.grad``.
+
+    A no-op except under DeepSpeed (see :meth:`PEFTDeepSpeedStrategy.stepped_adapter`), where the
+    step cleared the gradients and the master weights must see what is written.
+    """
+    return strategy.stepped_adapter() if isinstance(strategy, PEFTDeepSpeedStrategy) else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- support and registration

@@ -336,8 +336,9 @@ register(
         on_step=on_step,
         regularization=regularization,
         # Importance scores read param.grad: FSDP2's sharded gradients are gathered whole (small: adapter
-        # tensors only); FSDP1's flat shards and DeepSpeed (gradients in its own buffers) are refused.
-        sharding=frozenset({"fsdp2"}),
+        # tensors only); DeepSpeed's strategy puts its gradients there for the hooks (and the penalty's
+        # back). FSDP1's flat shards are refused.
+        sharding=frozenset({"fsdp2", "zero1", "zero2"}),
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
         "on a cubic schedule; mergeable",
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
