@@ -548,7 +548,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
             keep: also keep a copy of the final gradients for :meth:`stepped_adapter`, since the
                 engine's step frees its own.
         """
-        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+        from deepspeed.utils import safe_get_full_grad
 
         params = self._trainable()
         with self._gathered():
@@ -572,7 +572,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
                     if keep:
                         self._step_grads[param] = grad.detach().clone()
                     # Only the change made here is rounded to the parameter's dtype, not the gradient.
-                    safe_set_full_grad(param, grad if start is full else full + (grad - start).to(full.dtype))
+                    _write_full(param, grad if start is full else full + (grad - start).to(full.dtype), grad=True)
 
     @contextlib.contextmanager
     def stepped_adapter(self) -> Generator[None, None, None]:
@@ -580,7 +580,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
         :meth:`adapter_gradients` kept in ``.grad``; entries changed inside are written into the
         engine's master weights too (else its next step would restore them from there)."""
         import deepspeed
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param
 
         params = self._trainable()
         grads, self._step_grads = self._step_grads, {}
@@ -597,7 +597,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
                     master = safe_get_full_fp32_param(param)  # a collective: every rank, every parameter
                     if master is not None:
                         changed = param.detach() != old
-                        safe_set_full_fp32_param(param, torch.where(changed, param.detach().to(master.dtype), master))
+                        _write_full(param, torch.where(changed, param.detach().to(master.dtype), master), grad=False)
 
     @override
     def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
@@ -632,6 +632,31 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
                 description=f"DeepSpeed ZeRO stage {stage} with trainable-only checkpoints",
                 stage=stage,
             )
+
+
+def _write_full(param: nn.Parameter, value: Tensor, grad: bool) -> None:
+    """Write a whole gradient (``grad``) or master weight into DeepSpeed's partitions of ``param``.
+
+    DeepSpeed's ``safe_set_full_*`` slice a ZeRO-3 rank's part out of the value unpadded, which
+    fails where the size does not divide by the ranks: there each rank writes its own padded part.
+    """
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_grad,
+        safe_set_local_fp32_param,
+        safe_set_local_grad,
+    )
+
+    if not hasattr(param, "ds_id"):
+        (safe_set_full_grad if grad else safe_set_full_fp32_param)(param, value)
+        return
+    import deepspeed.comm as dist
+
+    size = param.ds_tensor.numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    flat = value.flatten()
+    local = torch.nn.functional.pad(flat, (0, max(0, start + size - flat.numel())))[start : start + size]
+    (safe_set_local_grad if grad else safe_set_local_fp32_param)(param, local)
 
 
 def adapter_gradients(strategy: Strategy, keep: bool = False) -> contextlib.AbstractContextManager[None]:
