@@ -550,27 +550,37 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
         """
         from deepspeed.utils import safe_get_full_grad
 
+        if self.config.get("gradient_accumulation_steps", 1) > 1:
+            raise ValueError(
+                "PEFTDeepSpeedStrategy cannot run a method's training hooks (a penalty, per-step work) with "
+                f"accumulate_grad_batches={self.config['gradient_accumulation_steps']}: Lightning hands accumulation "
+                "to the DeepSpeed engine and runs the optimizer-step hooks on every micro-batch, before the "
+                "gradients are complete. Use accumulate_grad_batches=1 (and a larger batch size)."
+            )
         params = self._trainable()
         with self._gathered():
-            # (param, full gradient in the engine's dtype, what .grad starts as): collectives under
-            # some stages, so every rank fetches every parameter's gradient, in the same order.
-            exposed: list[tuple[nn.Parameter, Tensor, Tensor]] = []
+            # (param, full gradient in the engine's dtype or None where the engine keeps it in .grad
+            # itself, what .grad starts as). Collectives under some stages: every rank fetches every
+            # parameter's gradient, in the same order.
+            exposed: list[tuple[nn.Parameter, Tensor | None, Tensor | None]] = []
             for param in params:
-                full = safe_get_full_grad(param)
-                if full is None or param.grad is not None:  # not the engine's, or already where we want it
+                if param.grad is not None:  # already in .grad: edits reach the engine in place
+                    exposed.append((param, None, None))
                     continue
-                param.grad = full if full.dtype == param.dtype else full.to(param.dtype)
-                exposed.append((param, full, param.grad.clone() if param.grad is not full else full))
+                full = safe_get_full_grad(param)
+                if full is not None:
+                    param.grad = full if full.dtype == param.dtype else full.to(param.dtype)
+                    exposed.append((param, full, param.grad.clone() if param.grad is not full else full))
             try:
                 yield
             finally:
                 for param, full, start in exposed:
                     grad = param.grad
-                    param.grad = None  # safe_set_full_grad writes into .grad when there is one
-                    if grad is None:
-                        continue
-                    if keep:
+                    if keep and grad is not None:
                         self._step_grads[param] = grad.detach().clone()
+                    if full is None or grad is None:
+                        continue
+                    param.grad = None  # safe_set_full_grad writes into .grad when there is one
                     # Only the change made here is rounded to the parameter's dtype, not the gradient.
                     _write_full(param, grad if start is full else full + (grad - start).to(full.dtype), grad=True)
 
