@@ -255,9 +255,13 @@ class PEFTCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Gradients are accumulated and unscaled here, and not yet clipped: adding the penalty's
-        # gradient equals having added the penalty to the loss.
-        if self.method.regularization is not None:
-            training.add_regularization_grad(pl_module)
+        # gradient equals having added the penalty to the loss. The strategy puts them in .grad
+        # (DeepSpeed keeps them elsewhere) and keeps them for on_step, which may read them.
+        if self.method.regularization is None and self.method.on_step is None:
+            return
+        with strategies.adapter_gradients(trainer.strategy, keep=self.method.on_step is not None):
+            if self.method.regularization is not None:
+                training.add_regularization_grad(pl_module)
 
     @override
     def on_train_batch_end(
@@ -268,7 +272,8 @@ class PEFTCallback(Callback):
         if self.method.on_step is None or trainer.global_step == self._stepped:
             return
         self._stepped = trainer.global_step
-        training.on_step(pl_module, trainer.global_step, self._total_steps)
+        with strategies.stepped_adapter(trainer.strategy):
+            training.on_step(pl_module, trainer.global_step, self._total_steps)
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -539,6 +539,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
 
     def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        self._step_grads: dict[nn.Parameter, Tensor] = {}  # see adapter_gradients(keep=True)
 
     @contextlib.contextmanager
     @override
@@ -592,6 +593,81 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
         params = [p for _, p in state.adapter_parameters(self.lightning_module)]
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
+    def _trainable(self) -> list[nn.Parameter]:
+        assert self.lightning_module is not None
+        return [p for _, p in state.adapter_parameters(self.lightning_module) if p.requires_grad]
+
+    @contextlib.contextmanager
+    def adapter_gradients(self, keep: bool = False) -> Generator[None, None, None]:
+        """Between backward and the engine's step: each adapter parameter whole (gathered under
+        ZeRO-3) with its full, reduced gradient in ``.grad``; on exit ``.grad`` goes back into the
+        engine's gradient partitions (which is all the engine steps with) and is cleared again.
+
+        Args:
+            keep: also keep a copy of the final gradients for :meth:`stepped_adapter`, since the
+                engine's step frees its own.
+        """
+        from deepspeed.utils import safe_get_full_grad
+
+        if self.config.get("gradient_accumulation_steps", 1) > 1:
+            raise ValueError(
+                "PEFTDeepSpeedStrategy cannot run a method's training hooks (a penalty, per-step work) with "
+                f"accumulate_grad_batches={self.config['gradient_accumulation_steps']}: Lightning hands accumulation "
+                "to the DeepSpeed engine and runs the optimizer-step hooks on every micro-batch, before the "
+                "gradients are complete. Use accumulate_grad_batches=1 (and a larger batch size)."
+            )
+        params = self._trainable()
+        with self._gathered():
+            # (param, full gradient in the engine's dtype or None where the engine keeps it in .grad
+            # itself, what .grad starts as). Collectives under some stages: every rank fetches every
+            # parameter's gradient, in the same order.
+            exposed: list[tuple[nn.Parameter, Tensor | None, Tensor | None]] = []
+            for param in params:
+                if param.grad is not None:  # already in .grad: edits reach the engine in place
+                    exposed.append((param, None, None))
+                    continue
+                full = safe_get_full_grad(param)
+                if full is not None:
+                    param.grad = full if full.dtype == param.dtype else full.to(param.dtype)
+                    exposed.append((param, full, param.grad.clone() if param.grad is not full else full))
+            try:
+                yield
+            finally:
+                for param, full, start in exposed:
+                    grad = param.grad
+                    if keep and grad is not None:
+                        self._step_grads[param] = grad.detach().clone()
+                    if full is None or grad is None:
+                        continue
+                    param.grad = None  # safe_set_full_grad writes into .grad when there is one
+                    # Only the change made here is rounded to the parameter's dtype, not the gradient.
+                    _write_full(param, grad if start is full else full + (grad - start).to(full.dtype), grad=True)
+
+    @contextlib.contextmanager
+    def stepped_adapter(self) -> Generator[None, None, None]:
+        """After the engine's step: each adapter parameter whole, with the gradients
+        :meth:`adapter_gradients` kept in ``.grad``; entries changed inside are written into the
+        engine's master weights too (else its next step would restore them from there)."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = self._trainable()
+        grads, self._step_grads = self._step_grads, {}
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.zero_stage_3 else None
+        with gathered or contextlib.nullcontext(), torch.no_grad():
+            before = [param.detach().clone() for param in params]
+            for param in params:
+                param.grad = grads.get(param)
+            try:
+                yield
+            finally:
+                for param, old in zip(params, before, strict=True):
+                    param.grad = None
+                    master = safe_get_full_fp32_param(param)  # a collective: every rank, every parameter
+                    if master is not None:
+                        changed = param.detach() != old
+                        _write_full(param, torch.where(changed, param.detach().to(master.dtype), master), grad=False)
+
     @override
     def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
         assert self.lightning_module is not None
@@ -625,6 +701,50 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
                 description=f"DeepSpeed ZeRO stage {stage} with trainable-only checkpoints",
                 stage=stage,
             )
+
+
+def _write_full(param: nn.Parameter, value: Tensor, grad: bool) -> None:
+    """Write a whole gradient (``grad``) or master weight into DeepSpeed's partitions of ``param``.
+
+    DeepSpeed's ``safe_set_full_*`` slice a ZeRO-3 rank's part out of the value unpadded, which
+    fails where the size does not divide by the ranks: there each rank writes its own padded part.
+    """
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_grad,
+        safe_set_local_fp32_param,
+        safe_set_local_grad,
+    )
+
+    if not hasattr(param, "ds_id"):
+        (safe_set_full_grad if grad else safe_set_full_fp32_param)(param, value)
+        return
+    import deepspeed.comm as dist
+
+    size = param.ds_tensor.numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    flat = value.flatten()
+    local = torch.nn.functional.pad(flat, (0, max(0, start + size - flat.numel())))[start : start + size]
+    (safe_set_local_grad if grad else safe_set_local_fp32_param)(param, local)
+
+
+def adapter_gradients(strategy: Strategy, keep: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Between backward and the optimizer step: the adapter's complete gradients in ``.grad``,
+    where a plain loop has them, and what is added to them there reaches the optimizer.
+
+    A no-op except under DeepSpeed (see :meth:`PEFTDeepSpeedStrategy.adapter_gradients`), whose
+    engine keeps gradients in its own buffers. ``keep``: :func:`stepped_adapter` will follow.
+    """
+    return strategy.adapter_gradients(keep) if isinstance(strategy, PEFTDeepSpeedStrategy) else contextlib.nullcontext()
+
+
+def stepped_adapter(strategy: Strategy) -> contextlib.AbstractContextManager[None]:
+    """After the optimizer step: the adapter whole and writable, the step's gradients in ``.grad``.
+
+    A no-op except under DeepSpeed (see :meth:`PEFTDeepSpeedStrategy.stepped_adapter`), where the
+    step cleared the gradients and the master weights must see what is written.
+    """
+    return strategy.stepped_adapter() if isinstance(strategy, PEFTDeepSpeedStrategy) else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- support and registration

@@ -335,9 +335,10 @@ register(
         resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
         on_step=on_step,
         regularization=regularization,
-        # Importance scores read param.grad: FSDP2's sharded gradients are gathered whole (small: adapter
-        # tensors only); FSDP1's flat shards and DeepSpeed (gradients in its own buffers) are refused.
-        sharding=frozenset({"fsdp2"}),
+        # The hooks read whole parameters and param.grad: FSDP2's shards are gathered (small: adapter
+        # tensors only); PEFTDeepSpeedStrategy gathers ZeRO-3's and exposes the engine's gradients there
+        # (and writes the penalty's and on_step's edits back). FSDP1's flat shards are refused.
+        sharding=frozenset({"fsdp2", "zero1", "zero2", "zero3"}),
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
         "on a cubic schedule; mergeable",
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",

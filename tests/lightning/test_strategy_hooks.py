@@ -156,3 +156,17 @@ def test_every_method_is_accepted_under_the_shardings_it_declares() -> None:
         for sharding in method.sharding - {"zero1", "zero2", "zero3"}:
             strategy = {"fsdp": strategies.PEFTFSDPStrategy, "fsdp2": strategies.PEFTFSDP2Strategy}[sharding]()
             strategies.check_supported(strategy, method)
+
+
+def test_method_hooks_under_deepspeed_refuse_gradient_accumulation() -> None:
+    """Lightning hands accumulation to the engine and calls on_before_optimizer_step on every
+    micro-batch, before DeepSpeed has reduced the gradients: a penalty or per-step work would be
+    run on incomplete gradients (and more than once per step), so it is refused."""
+    pytest.importorskip("deepspeed")
+    strategy = strategies.PEFTDeepSpeedStrategy(stage=2)
+    strategy.config["gradient_accumulation_steps"] = 2  # what the strategy's setup writes from the Trainer
+    with (
+        pytest.raises(ValueError, match=r"hooks .* accumulate_grad_batches=2: .*Use accumulate_grad_batches=1"),
+        strategies.adapter_gradients(strategy),
+    ):
+        pass
