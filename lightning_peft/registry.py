@@ -80,6 +80,8 @@ class Method:
         apply: adds the method to a model in place (see :data:`ApplyFn`).
         resolve: fills in per-architecture defaults (see :data:`ResolveFn`).
         on_step: per-step work after the optimizer step (see :data:`StepFn`), e.g. AdaLoRA's budget.
+        on_step_uses_adapter: whether ``on_step`` reads the adapter's gradients or writes its
+            tensors (AdaLoRA); a sharding strategy then makes them whole for it, each step.
         regularization: a penalty added to the loss (see :data:`RegularizationFn`).
         calibrate: a pass over a few training batches before training (see :data:`CalibrateFn`),
             e.g. to pick the entries a sparse method trains.
@@ -98,6 +100,7 @@ class Method:
     paper: str = ""
     resolve: ResolveFn = field(default=_no_defaults)
     on_step: StepFn | None = None
+    on_step_uses_adapter: bool = False
     regularization: RegularizationFn | None = None
     calibrate: CalibrateFn | None = None
     peft: PeftFormat | None = None

@@ -13,6 +13,7 @@ penalty's gradient before each optimizer step, and per-step work after it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
@@ -255,11 +256,13 @@ class PEFTCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Gradients are accumulated and unscaled here, and not yet clipped: adding the penalty's
-        # gradient equals having added the penalty to the loss. The strategy puts them in .grad
-        # (DeepSpeed keeps them elsewhere) and keeps them for on_step, which may read them.
-        if self.method.regularization is None and self.method.on_step is None:
+        # gradient equals having added the penalty to the loss. The strategy puts them, whole, in
+        # .grad (sharded strategies hold shards, DeepSpeed its own buffers) and keeps them for an
+        # on_step that reads them.
+        reads = self.method.on_step is not None and self.method.on_step_uses_adapter
+        if self.method.regularization is None and not reads:
             return
-        with strategies.adapter_gradients(trainer.strategy, keep=self.method.on_step is not None):
+        with strategies.adapter_gradients(trainer.strategy, keep=reads):
             if self.method.regularization is not None:
                 training.add_regularization_grad(pl_module)
 
@@ -272,7 +275,8 @@ class PEFTCallback(Callback):
         if self.method.on_step is None or trainer.global_step == self._stepped:
             return
         self._stepped = trainer.global_step
-        with strategies.stepped_adapter(trainer.strategy):
+        uses = self.method.on_step_uses_adapter
+        with strategies.stepped_adapter(trainer.strategy) if uses else contextlib.nullcontext():
             training.on_step(pl_module, trainer.global_step, self._total_steps)
 
     # ------------------------------------------------------------------ checkpointing

@@ -157,8 +157,11 @@ def _own_parameters(unit: FullyShardedDataParallel) -> Iterator[nn.Parameter]:
 
 
 @contextlib.contextmanager
-def _summon_adapter(root: nn.Module, params: list[Tensor], writeback: bool) -> Generator[None, None, None]:
-    """Unshard exactly the FSDP1 units that own ``params`` (``recurse=False``), one at a time inside."""
+def _summon_adapter(
+    root: nn.Module, params: list[Tensor], writeback: bool, with_grads: bool = False
+) -> Generator[None, None, None]:
+    """Unshard exactly the FSDP1 units that own ``params`` (``recurse=False``), one at a time inside;
+    ``with_grads``: their gradients too (written back with ``writeback``)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp._runtime_utils import _lazy_init
 
@@ -168,7 +171,9 @@ def _summon_adapter(root: nn.Module, params: list[Tensor], writeback: bool) -> G
     units = [u for u in FSDP.fsdp_modules(fsdp_root) if any(id(p) in wanted for p in _own_parameters(u))]
     with contextlib.ExitStack() as stack:
         for unit in units:
-            stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=writeback))
+            stack.enter_context(
+                FSDP.summon_full_params(unit, recurse=False, writeback=writeback, with_grads=with_grads)
+            )
         yield
 
 
@@ -183,6 +188,23 @@ class PEFTStrategy:
     def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
         """The complete adapter (CPU tensors, frozen weights never gathered); call on every rank."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def adapter_gradients(self, keep: bool = False) -> Generator[None, None, None]:
+        """Between backward and the optimizer step: each adapter parameter whole, with its whole,
+        reduced gradient in ``.grad`` (where a plain loop has it); what is added to ``.grad``
+        inside reaches the optimizer. For a method's penalty gradient.
+
+        Args:
+            keep: :meth:`stepped_adapter` follows and needs these gradients after the step.
+        """
+        yield
+
+    @contextlib.contextmanager
+    def stepped_adapter(self) -> Generator[None, None, None]:
+        """After the optimizer step: each adapter tensor whole and writable, with the step's
+        gradients in ``.grad``; what is written inside is kept. For a method's per-step work."""
+        yield
 
     @contextlib.contextmanager
     def calibration(self) -> Generator[Callable[..., Any], None, None]:
@@ -269,6 +291,25 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
             return self._forward_redirection(self.model, self.lightning_module, "training_step", *args, **kwargs)
 
         yield training_step
+
+    @contextlib.contextmanager
+    @override
+    def adapter_gradients(self, keep: bool = False) -> Generator[None, None, None]:
+        # The gradients stay in the flat parameters' .grad until the next step clears them: nothing to keep.
+        with self._whole_adapter():
+            yield
+
+    @contextlib.contextmanager
+    @override
+    def stepped_adapter(self) -> Generator[None, None, None]:
+        with self._whole_adapter():
+            yield
+
+    def _whole_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """Only the adapter units unsharded, gradients included; edits to both written back."""
+        assert self.model is not None and self.lightning_module is not None
+        params = [p for _, p in state.adapter_parameters(self.lightning_module)]
+        return _summon_adapter(self.model, params, writeback=True, with_grads=True)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -598,6 +639,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
         return [p for _, p in state.adapter_parameters(self.lightning_module) if p.requires_grad]
 
     @contextlib.contextmanager
+    @override
     def adapter_gradients(self, keep: bool = False) -> Generator[None, None, None]:
         """Between backward and the engine's step: each adapter parameter whole (gathered under
         ZeRO-3) with its full, reduced gradient in ``.grad``; on exit ``.grad`` goes back into the
@@ -644,6 +686,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
                     _write_full(param, grad if start is full else full + (grad - start).to(full.dtype), grad=True)
 
     @contextlib.contextmanager
+    @override
     def stepped_adapter(self) -> Generator[None, None, None]:
         """After the engine's step: each adapter parameter whole, with the gradients
         :meth:`adapter_gradients` kept in ``.grad``; entries changed inside are written into the
@@ -729,22 +772,13 @@ def _write_full(param: nn.Parameter, value: Tensor, grad: bool) -> None:
 
 
 def adapter_gradients(strategy: Strategy, keep: bool = False) -> contextlib.AbstractContextManager[None]:
-    """Between backward and the optimizer step: the adapter's complete gradients in ``.grad``,
-    where a plain loop has them, and what is added to them there reaches the optimizer.
-
-    A no-op except under DeepSpeed (see :meth:`PEFTDeepSpeedStrategy.adapter_gradients`), whose
-    engine keeps gradients in its own buffers. ``keep``: :func:`stepped_adapter` will follow.
-    """
-    return strategy.adapter_gradients(keep) if isinstance(strategy, PEFTDeepSpeedStrategy) else contextlib.nullcontext()
+    """See :meth:`PEFTStrategy.adapter_gradients`; a no-op where nothing is sharded (DDP)."""
+    return strategy.adapter_gradients(keep) if isinstance(strategy, PEFTStrategy) else contextlib.nullcontext()
 
 
 def stepped_adapter(strategy: Strategy) -> contextlib.AbstractContextManager[None]:
-    """After the optimizer step: the adapter whole and writable, the step's gradients in ``.grad``.
-
-    A no-op except under DeepSpeed (see :meth:`PEFTDeepSpeedStrategy.stepped_adapter`), where the
-    step cleared the gradients and the master weights must see what is written.
-    """
-    return strategy.stepped_adapter() if isinstance(strategy, PEFTDeepSpeedStrategy) else contextlib.nullcontext()
+    """See :meth:`PEFTStrategy.stepped_adapter`; a no-op where nothing is sharded (DDP)."""
+    return strategy.stepped_adapter() if isinstance(strategy, PEFTStrategy) else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- support and registration

@@ -53,7 +53,7 @@ from lightning_peft.core.config import (
 from lightning_peft.core.inject import inject_layers, resolve_targets
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.targeting import is_linear
-from lightning_peft.registry import Method, register
+from lightning_peft.registry import ALL_SHARDINGS, Method, register
 
 #: peft's AdaLoRA defaults, so that configs carry over.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -334,11 +334,11 @@ register(
         apply=partial(inject_layers, wrap=wrap),
         resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
         on_step=on_step,
+        on_step_uses_adapter=True,
         regularization=regularization,
-        # The hooks read whole parameters and param.grad: FSDP2's shards are gathered (small: adapter
-        # tensors only); PEFTDeepSpeedStrategy gathers ZeRO-3's and exposes the engine's gradients there
-        # (and writes the penalty's and on_step's edits back). FSDP1's flat shards are refused.
-        sharding=frozenset({"fsdp2", "zero1", "zero2", "zero3"}),
+        # The hooks read whole parameters and param.grad: the strategies make them whole for the hooks
+        # (FSDP2's shards are gathered here) and write the penalty's and on_step's edits back.
+        sharding=ALL_SHARDINGS,
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
         "on a cubic schedule; mergeable",
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
