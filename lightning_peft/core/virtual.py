@@ -158,6 +158,13 @@ def _batch_and_length(kwargs: Kwargs, method: str, ids: str = "input_ids", embed
     return tensor.shape[0], tensor.shape[1]
 
 
+def _fresh(tensor: Tensor) -> Tensor:
+    """A module output that owns its storage: a parameter (or a view of one) returned as is would
+    share the storage that a wrapper frees after the forward (FSDP1 reshards its gathered
+    parameters, which inside the forward are plain views of the gathered flat parameter)."""
+    return tensor.clone() if tensor.is_leaf or tensor._base is not None else tensor
+
+
 class InputAdapter(AdapterModule):
     """An input-side method's parameters, and the hooks that bring them into the model's forward.
 
@@ -174,6 +181,19 @@ class InputAdapter(AdapterModule):
     def install(self, base: nn.Module) -> None:
         """Register the hooks on ``base`` (the transformers model this module is attached to)."""
         raise NotImplementedError
+
+    def forward(self) -> Tensor:
+        """The tensors the hooks put into the model (virtual token embeddings, prefix states)."""
+        raise NotImplementedError
+
+    def call_through(self, wrapper: nn.Module) -> None:
+        """Have the hooks compute this adapter's tensors by calling ``wrapper``, a module whose
+        forward calls this one's: an FSDP1 unit, which gathers the parameters only there."""
+        self.__dict__["_wrapper"] = wrapper  # not a submodule: the wrapper already holds this one
+
+    def _compute(self) -> Tensor:
+        caller: nn.Module = self.__dict__.get("_wrapper") or self
+        return caller()
 
     def _hook(self, module: nn.Module, fn: HookFn) -> None:
         # Hooks are bound methods and partials (not closures), so a deepcopy of the model gets
@@ -256,6 +276,9 @@ class VirtualTokens(InputAdapter):
         """The N virtual token embeddings, ``(N, hidden)``."""
         raise NotImplementedError
 
+    def forward(self) -> Tensor:
+        return _fresh(self.prompts())
+
     def install(self, base: nn.Module) -> None:
         self._limit = position_limit(base)
         if is_encoder_decoder(base):
@@ -284,7 +307,7 @@ class VirtualTokens(InputAdapter):
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = base.get_input_embeddings()(ids)  # (B, T, H)
-        prompts = self.prompts().to(embeds.dtype)  # (N, H)
+        prompts = self._compute().to(embeds.dtype)  # (N, H)
         kwargs["inputs_embeds"] = torch.cat([prompts.expand(batch, -1, -1), embeds], dim=1)  # (B, N + T, H)
         kwargs["input_ids"] = None
         kwargs["attention_mask"] = self._extend_mask(kwargs.get("attention_mask"), n + length)
@@ -339,6 +362,9 @@ class KeyValuePrefix(InputAdapter):
         """``(N, L * 2 * kv_heads * head_dim)``: per token, layer by layer, the key then the value."""
         raise NotImplementedError
 
+    def forward(self) -> Tensor:
+        return _fresh(self.prefix_states())
+
     @staticmethod
     def attention_stack(base: nn.Module, method: str) -> nn.Module:
         """The module whose forward takes the cache, or a clear error if the architecture has none."""
@@ -392,7 +418,7 @@ class KeyValuePrefix(InputAdapter):
 
         layers, heads, head_dim = self.layout
         n = self.num_virtual_tokens
-        states = self.prefix_states().to(base.dtype).view(n, layers, 2, heads, head_dim)
+        states = self._compute().to(base.dtype).view(n, layers, 2, heads, head_dim)
         states = states.permute(1, 2, 3, 0, 4)  # (L, 2, kv_heads, N, head_dim)
         if cache is None:
             if is_encoder_decoder(base):

@@ -177,6 +177,22 @@ def _summon_adapter(
         yield
 
 
+def call_through_units(root: nn.Module) -> None:
+    """Point each input-side adapter that is an FSDP1 unit of its own at its unit.
+
+    Its hooks compute the virtual tokens outside any unit's forward, where FSDP1 holds the
+    adapter's parameters as flat shards; calling the unit gathers them (and regathers them for
+    the backward pass), as for any other module.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from lightning_peft.core.virtual import InputAdapter
+
+    for unit in FSDP.fsdp_modules(root):
+        if isinstance(unit.module, InputAdapter):
+            unit.module.call_through(unit)
+
+
 class PEFTStrategy:
     """Marks a strategy whose checkpoints PEFTCallback leaves alone (the strategy trims them itself)."""
 
@@ -244,8 +260,7 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
             raise ValueError("PEFTFSDPStrategy needs use_orig_params=True (the default) to find the adapter's tensors.")
         super().__init__(*args, **kwargs)
 
-    @override
-    def _setup_model(self, model: nn.Module) -> nn.Module:
+    def _wrap(self, model: nn.Module) -> nn.Module:
         from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -265,6 +280,12 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
         )
         _move_torchmetrics_to_device(wrapped, self.root_device)
         _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        return wrapped
+
+    @override
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        wrapped = self._wrap(model)
+        call_through_units(wrapped)
         return wrapped
 
     @override

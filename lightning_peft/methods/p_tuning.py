@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lightning_peft.core.config import AdapterConfig, check_choice, check_positive_int, check_probability, invalid
 from lightning_peft.core.targeting import find_base_model
 from lightning_peft.core.virtual import VirtualTokens, attach, input_embeddings
-from lightning_peft.registry import Method, register
+from lightning_peft.registry import ALL_SHARDINGS, Method, register
 
 #: The MLP encoder's depth is fixed (three linear layers, as in the paper's code and peft).
 LSTM_DEFAULT_LAYERS = 2
@@ -127,8 +127,7 @@ register(
         name="p_tuning",
         config_cls=PTuningConfig,
         kind="input",
-        # Under FSDP1 the virtual tokens' parameters are read while still flat and sharded (tested: fails).
-        sharding=frozenset({"fsdp2", "zero1", "zero2", "zero3"}),
+        sharding=ALL_SHARDINGS,
         apply=apply,
         resolve=resolve,
         summary="N virtual tokens produced by a trained MLP or LSTM prompt encoder, put before the input",

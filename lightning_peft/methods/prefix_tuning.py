@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_peft.core import state
 from lightning_peft.core.config import AdapterConfig, check_positive_int, invalid
 from lightning_peft.core.virtual import KeyValuePrefix, attach, kv_layout, transformer_of
-from lightning_peft.registry import Method, register
+from lightning_peft.registry import ALL_SHARDINGS, Method, register
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -150,8 +150,7 @@ register(
         name="prefix_tuning",
         config_cls=PrefixTuningConfig,
         kind="input",
-        # Under FSDP1 the virtual tokens' parameters are read while still flat and sharded (tested: fails).
-        sharding=frozenset({"fsdp2", "zero1", "zero2", "zero3"}),
+        sharding=ALL_SHARDINGS,
         apply=apply,
         resolve=resolve,
         summary="N trained keys and values before the real tokens' in every attention layer (P-Tuning v2); "

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.config import AdapterConfig, check_choice, check_positive_int, init_only, invalid
 from lightning_peft.core.virtual import VirtualTokens, attach, input_embeddings
-from lightning_peft.registry import Method, register
+from lightning_peft.registry import ALL_SHARDINGS, Method, register
 
 
 @dataclass(kw_only=True)
@@ -127,8 +127,7 @@ register(
         name="prompt_tuning",
         config_cls=PromptTuningConfig,
         kind="input",
-        # Under FSDP1 the virtual tokens' parameters are read while still flat and sharded (tested: fails).
-        sharding=frozenset({"fsdp2", "zero1", "zero2", "zero3"}),
+        sharding=ALL_SHARDINGS,
         apply=apply,
         summary="N trainable embeddings put before the input embeddings; init random, from the vocabulary or a text",
         paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning",
