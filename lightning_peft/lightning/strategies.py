@@ -21,6 +21,9 @@ Lightning's own versions gather the whole model to save a few MB of adapter:
   and the adapter gathered with ``GatheredParameters`` (only its own tensors) so that under
   ZeRO-3 the adapter files in each checkpoint folder are complete.
 
+``PEFTStrategy`` (the interface PEFTCallback talks to) is in ``lightning/base.py`` and the DeepSpeed
+strategy in ``lightning/deepspeed_strategy.py``; every name is importable from here.
+
 Injection happens before any of them wraps the model (PEFTCallback injects in ``setup`` or right
 after ``configure_model``), and PEFTCallback restricts the optimizer where ``configure_optimizers``
 returns, before FSDP or DeepSpeed see it.
@@ -51,38 +54,14 @@ from typing_extensions import override
 
 from lightning_peft import registry
 from lightning_peft.core import io, state
+from lightning_peft.lightning.base import PEFTStrategy, clean_name, clean_state, is_sharded, load_adapter_into
+from lightning_peft.lightning.deepspeed_strategy import PEFTDeepSpeedStrategy
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     from lightning_peft.registry import Method, Sharding
-
-#: Prefixes that wrappers (FSDP1, activation checkpointing) insert into parameter names.
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name as the unwrapped model spells it."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def _clean_state(sd: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
-    out: OrderedDict[str, Tensor] = OrderedDict((clean_name(k), v) for k, v in sd.items())
-    out._metadata = {clean_name(k): v for k, v in getattr(sd, "_metadata", {}).items()}  # type: ignore[attr-defined]
-    return out
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether a sharding wrapper (FSDP1, FSDP2, DeepSpeed ZeRO-3) already holds ``module``'s weights."""
-    from torch.distributed.tensor import DTensor
-
-    for param in module.parameters():
-        if isinstance(param, DTensor) or hasattr(param, "ds_id") or type(param).__name__ == "FlatParameter":
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------- FSDP1
@@ -193,46 +172,6 @@ def call_through_units(root: nn.Module) -> None:
             unit.module.call_through(unit)
 
 
-class PEFTStrategy:
-    """Marks a strategy whose checkpoints PEFTCallback leaves alone (the strategy trims them itself)."""
-
-    @property
-    def sharding(self) -> Sharding:
-        """How this strategy lays out the base weights (a method's ``sharding`` must list it)."""
-        raise NotImplementedError
-
-    def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
-        """The complete adapter (CPU tensors, frozen weights never gathered); call on every rank."""
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def adapter_gradients(self, keep: bool = False) -> Generator[None, None, None]:
-        """Between backward and the optimizer step: each adapter parameter whole, with its whole,
-        reduced gradient in ``.grad`` (where a plain loop has it); what is added to ``.grad``
-        inside reaches the optimizer. For a method's penalty gradient.
-
-        Args:
-            keep: :meth:`stepped_adapter` follows and needs these gradients after the step.
-        """
-        yield
-
-    @contextlib.contextmanager
-    def stepped_adapter(self) -> Generator[None, None, None]:
-        """After the optimizer step: each adapter tensor whole and writable, with the step's
-        gradients in ``.grad``; what is written inside is kept. For a method's per-step work."""
-        yield
-
-    @contextlib.contextmanager
-    def calibration(self) -> Generator[Callable[..., Any], None, None]:
-        """Yields the ``training_step`` that a method's calibration (top-k) scores batches with.
-
-        It runs outside the training loop, with ``torch.autograd.grad`` instead of ``backward``:
-        the strategy says how to call the module there and tidies up after it.
-        """
-        assert self.lightning_module is not None
-        yield self.lightning_module.training_step
-
-
 class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
     """FSDP1 with an adapter-aware wrap policy and trainable-only full checkpoints.
 
@@ -296,7 +235,7 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
             sd = state.trainable_state_dict(self.lightning_module)  # inside: the full views, not the shards
             for key in sd:
                 sd[key] = sd[key].detach().to("cpu", copy=True)
-        return _clean_state(sd)
+        return clean_state(sd)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -340,7 +279,7 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
         assert self.model is not None and self.lightning_module is not None
         path = Path(self.broadcast(checkpoint_path))
         checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
-        _load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_adapter)
+        load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_adapter)
         optimizer_states = checkpoint.get("optimizer_states")
         if optimizer_states is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
             return checkpoint
@@ -379,25 +318,6 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
         strategy_registry.register(
             "peft_fsdp", cls, description="FSDP with adapter units of their own and trainable-only checkpoints"
         )
-
-
-def _load_adapter_into(
-    pl_module: nn.Module, tensors: Mapping[str, Tensor], write: Callable[[Mapping[str, Tensor]], None]
-) -> None:
-    """Validate a trainable-only state dict against ``pl_module``'s adapter, then ``write`` it in."""
-    info = state.require_info(pl_module)
-    record = state.read_metadata(tensors)  # type: ignore[arg-type]
-    if record is not None:
-        state.check_record(info, record)
-    expected = [clean_name(n) for n, _ in state.adapter_state(pl_module)]
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise ValueError(
-            f"the checkpoint lacks adapter weights: {', '.join(missing[:5])}"
-            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}. It is incomplete or not a "
-            "lightning_peft checkpoint."
-        )
-    write(tensors)
 
 
 # --------------------------------------------------------------------------- FSDP2
@@ -534,7 +454,7 @@ class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
             return metadata
         checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
         checkpoint.pop(state.METADATA_KEY, None)
-        _load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_full)
+        load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_full)
         if fitting:
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             for optimizer, opt_state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
@@ -572,234 +492,6 @@ def _param_names(model: nn.Module, opt_state: dict[str, Any]) -> dict[str, Any]:
     if opt_state["state"] and isinstance(next(iter(opt_state["state"])), int):
         return FSDP.rekey_optim_state_dict(opt_state, OptimStateKeyType.PARAM_NAME, model)
     return opt_state
-
-
-# --------------------------------------------------------------------------- DeepSpeed
-
-
-class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
-    """DeepSpeed ZeRO with trainable-only checkpoints and complete adapter files.
-
-    Takes every argument of Lightning's ``DeepSpeedStrategy``; ``exclude_frozen_parameters``
-    defaults to ``True``. Each checkpoint folder also holds ``adapter_config.json`` and
-    ``adapter_model.safetensors`` (gathered under ZeRO-3, adapter tensors only), so
-    ``lightning_peft.load_adapter(model, folder)`` reads it directly.
-
-    Under ZeRO-3 the model is not built inside ``deepspeed.zero.Init``: the adapter's shapes come
-    from the base layers, so they must be whole when it is injected; the engine partitions
-    everything when it starts.
-    """
-
-    strategy_name = "peft_deepspeed"
-
-    @property
-    def sharding(self) -> Sharding:
-        stage = int((self.config or {}).get("zero_optimization", {}).get("stage", 0))
-        if stage not in (1, 2, 3):
-            raise ValueError(f"PEFTDeepSpeedStrategy: ZeRO stage {stage} is not supported; valid: 1, 2 or 3.")
-        return f"zero{stage}"  # type: ignore[return-value]
-
-    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
-        self._step_grads: dict[nn.Parameter, Tensor] = {}  # see adapter_gradients(keep=True)
-
-    @contextlib.contextmanager
-    @override
-    def model_sharded_context(self) -> Generator[None, None, None]:
-        yield
-
-    @override
-    def init_deepspeed(self) -> None:
-        super().init_deepspeed()
-        if self.zero_stage_3:
-            self.gather_units()
-
-    def gather_units(self) -> None:
-        """Have ZeRO-3 gather, for each adapter module that declares ``gather_as_unit``, every
-        parameter inside it for its forward and backward.
-
-        ZeRO-3 gathers a module's own parameters in that module's forward (and again in its
-        backward); a tensor of a submodule that is never called (a ParameterDict) or read after
-        the submodule returned (the base weight, for DoRA) would otherwise be an empty shard.
-        Registering them as the module's external parameters keeps ZeRO-3's gradient hooks per
-        parameter, as for every other module.
-        """
-        import deepspeed
-
-        assert self.lightning_module is not None
-        for _, module in state.adapter_modules(self.lightning_module):
-            if module.gather_as_unit:
-                own = {id(p) for p in module.parameters(recurse=False)}
-                for param in module.parameters():
-                    if id(param) not in own:
-                        deepspeed.zero.register_external_parameter(module, param)
-
-    @contextlib.contextmanager
-    @override
-    def calibration(self) -> Generator[Callable[..., Any], None, None]:
-        assert self.model is not None and self.lightning_module is not None
-        try:
-            yield self.lightning_module.training_step
-        finally:
-            if self.zero_stage_3:
-                # Modules whose inputs need no gradient keep their weights gathered after a backward
-                # pass that the engine did not run: partition them again.
-                self.model.empty_partition_cache()
-
-    def _gathered(self) -> contextlib.AbstractContextManager[Any]:
-        assert self.lightning_module is not None
-        if not self.zero_stage_3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        params = [p for _, p in state.adapter_parameters(self.lightning_module)]
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-    def _trainable(self) -> list[nn.Parameter]:
-        assert self.lightning_module is not None
-        return [p for _, p in state.adapter_parameters(self.lightning_module) if p.requires_grad]
-
-    @contextlib.contextmanager
-    @override
-    def adapter_gradients(self, keep: bool = False) -> Generator[None, None, None]:
-        """Between backward and the engine's step: each adapter parameter whole (gathered under
-        ZeRO-3) with its full, reduced gradient in ``.grad``; on exit ``.grad`` goes back into the
-        engine's gradient partitions (which is all the engine steps with) and is cleared again.
-
-        Args:
-            keep: also keep a copy of the final gradients for :meth:`stepped_adapter`, since the
-                engine's step frees its own.
-        """
-        from deepspeed.utils import safe_get_full_grad
-
-        if self.config.get("gradient_accumulation_steps", 1) > 1:
-            raise ValueError(
-                "PEFTDeepSpeedStrategy cannot run a method's training hooks (a penalty, per-step work) with "
-                f"accumulate_grad_batches={self.config['gradient_accumulation_steps']}: Lightning hands accumulation "
-                "to the DeepSpeed engine and runs the optimizer-step hooks on every micro-batch, before the "
-                "gradients are complete. Use accumulate_grad_batches=1 (and a larger batch size)."
-            )
-        params = self._trainable()
-        with self._gathered():
-            # (param, full gradient in the engine's dtype or None where the engine keeps it in .grad
-            # itself, what .grad starts as). Collectives under some stages: every rank fetches every
-            # parameter's gradient, in the same order.
-            exposed: list[tuple[nn.Parameter, Tensor | None, Tensor | None]] = []
-            for param in params:
-                if param.grad is not None:  # already in .grad: edits reach the engine in place
-                    exposed.append((param, None, None))
-                    continue
-                full = safe_get_full_grad(param)
-                if full is not None:
-                    param.grad = full if full.dtype == param.dtype else full.to(param.dtype)
-                    exposed.append((param, full, param.grad.clone() if param.grad is not full else full))
-            try:
-                yield
-            finally:
-                for param, full, start in exposed:
-                    grad = param.grad
-                    if keep and grad is not None:
-                        self._step_grads[param] = grad.detach().clone()
-                    if full is None or grad is None:
-                        continue
-                    param.grad = None  # safe_set_full_grad writes into .grad when there is one
-                    # Only the change made here is rounded to the parameter's dtype, not the gradient.
-                    _write_full(param, grad if start is full else full + (grad - start).to(full.dtype), grad=True)
-
-    @contextlib.contextmanager
-    @override
-    def stepped_adapter(self) -> Generator[None, None, None]:
-        """After the engine's step: each adapter parameter whole, with the gradients
-        :meth:`adapter_gradients` kept in ``.grad``; entries changed inside are written into the
-        engine's master weights too (else its next step would restore them from there)."""
-        import deepspeed
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        params = self._trainable()
-        grads, self._step_grads = self._step_grads, {}
-        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.zero_stage_3 else None
-        with gathered or contextlib.nullcontext(), torch.no_grad():
-            before = [param.detach().clone() for param in params]
-            for param in params:
-                param.grad = grads.get(param)
-            try:
-                yield
-            finally:
-                for param, old in zip(params, before, strict=True):
-                    param.grad = None
-                    master = safe_get_full_fp32_param(param)  # a collective: every rank, every parameter
-                    if master is not None:
-                        changed = param.detach() != old
-                        _write_full(param, torch.where(changed, param.detach().to(master.dtype), master), grad=False)
-
-    @override
-    def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
-        assert self.lightning_module is not None
-        with self._gathered():
-            sd = state.trainable_state_dict(self.lightning_module)
-            for key in sd:
-                sd[key] = sd[key].detach().to("cpu", copy=True)
-        return sd
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        return {}  # the engine writes the module's (trainable) state itself; see save_checkpoint
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        assert self.lightning_module is not None
-        adapter = self.adapter_state_dict()  # every rank: the gather is a collective
-        folder = self.broadcast(filepath)
-        super().save_checkpoint(checkpoint, folder, storage_options)
-        if self.is_global_zero:
-            io.write_adapter(state.require_info(self.lightning_module), adapter, folder)
-        self.barrier()
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        for stage in (2, 3):
-            strategy_registry.register(
-                f"peft_deepspeed_stage_{stage}",
-                cls,
-                description=f"DeepSpeed ZeRO stage {stage} with trainable-only checkpoints",
-                stage=stage,
-            )
-
-
-def _write_full(param: nn.Parameter, value: Tensor, grad: bool) -> None:
-    """Write a whole gradient (``grad``) or master weight into DeepSpeed's partitions of ``param``.
-
-    DeepSpeed's ``safe_set_full_*`` slice a ZeRO-3 rank's part out of the value unpadded, which
-    fails where the size does not divide by the ranks: there each rank writes its own padded part.
-    """
-    from deepspeed.utils import (
-        safe_set_full_fp32_param,
-        safe_set_full_grad,
-        safe_set_local_fp32_param,
-        safe_set_local_grad,
-    )
-
-    if not hasattr(param, "ds_id"):
-        (safe_set_full_grad if grad else safe_set_full_fp32_param)(param, value)
-        return
-    import deepspeed.comm as dist
-
-    size = param.ds_tensor.numel()
-    start = size * dist.get_rank(group=param.ds_process_group)
-    flat = value.flatten()
-    local = torch.nn.functional.pad(flat, (0, max(0, start + size - flat.numel())))[start : start + size]
-    (safe_set_local_grad if grad else safe_set_local_fp32_param)(param, local)
-
-
-def adapter_gradients(strategy: Strategy, keep: bool = False) -> contextlib.AbstractContextManager[None]:
-    """See :meth:`PEFTStrategy.adapter_gradients`; a no-op where nothing is sharded (DDP)."""
-    return strategy.adapter_gradients(keep) if isinstance(strategy, PEFTStrategy) else contextlib.nullcontext()
-
-
-def stepped_adapter(strategy: Strategy) -> contextlib.AbstractContextManager[None]:
-    """See :meth:`PEFTStrategy.stepped_adapter`; a no-op where nothing is sharded (DDP)."""
-    return strategy.stepped_adapter() if isinstance(strategy, PEFTStrategy) else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- support and registration
@@ -854,6 +546,16 @@ def calibration(strategy: Strategy) -> contextlib.AbstractContextManager[Callabl
         return strategy.calibration()
     assert strategy.lightning_module is not None
     return contextlib.nullcontext(strategy.lightning_module.training_step)
+
+
+def adapter_gradients(strategy: Strategy, keep: bool = False) -> contextlib.AbstractContextManager[None]:
+    """See :meth:`PEFTStrategy.adapter_gradients`; a no-op where nothing is sharded (DDP)."""
+    return strategy.adapter_gradients(keep) if isinstance(strategy, PEFTStrategy) else contextlib.nullcontext()
+
+
+def stepped_adapter(strategy: Strategy) -> contextlib.AbstractContextManager[None]:
+    """See :meth:`PEFTStrategy.stepped_adapter`; a no-op where nothing is sharded (DDP)."""
+    return strategy.stepped_adapter() if isinstance(strategy, PEFTStrategy) else contextlib.nullcontext()
 
 
 def adapter_state_dict(strategy: Strategy, pl_module: nn.Module) -> OrderedDict[str, Tensor]:
