@@ -192,7 +192,7 @@ class InputAdapter(AdapterModule):
         self.__dict__["_wrapper"] = wrapper  # not a submodule: the wrapper already holds this one
 
     def _compute(self) -> Tensor:
-        caller: nn.Module = self.__dict__.get("_wrapper") or self
+        caller: nn.Module = self.__dict__.get("_wrapper", self)
         return caller()
 
     def _hook(self, module: nn.Module, fn: HookFn) -> None:
