@@ -29,10 +29,10 @@ class AdapterModule(nn.Module):
     training_state_names: ClassVar[tuple[str, ...]] = ()
     #: The registered method this module belongs to (set by each method's subclass).
     method: ClassVar[str] = ""
-    #: Whether the forward reads tensors of submodules it does not call (a ParameterDict of deltas,
-    #: the wrapped layer's weight after calling it). Strategies that gather a module's parameters
-    #: only in that module's own forward (DeepSpeed ZeRO-3) must then gather every parameter
-    #: inside this module for its whole forward and backward.
+    #: Whether the forward reads tensors of submodules it does not call (a ParameterDict of
+    #: deltas). Strategies that gather a module's parameters only in that module's own forward
+    #: (DeepSpeed ZeRO-3) must then gather every parameter inside this module for its whole
+    #: forward and backward.
     gather_as_unit: ClassVar[bool] = False
     #: Local tensor names that Hugging Face peft spells differently (``{"lora_A": "lora_A.weight"}``).
     peft_names: ClassVar[dict[str, str]] = {}

@@ -54,6 +54,12 @@ class PEFTStrategy:
         """The complete adapter (CPU tensors, frozen weights never gathered); call on every rank."""
         raise NotImplementedError
 
+    def adapter_params(self) -> list[nn.Parameter]:
+        """The trained module's adapter parameters: what this strategy gathers, and nothing else."""
+        module = self.lightning_module  # type: ignore[attr-defined]  # Strategy's, in every subclass
+        assert module is not None
+        return [p for _, p in state.adapter_parameters(module)]
+
     @contextlib.contextmanager
     def adapter_gradients(self, keep: bool = False) -> Generator[None, None, None]:
         """Between backward and the optimizer step: each adapter parameter whole, with its whole,

@@ -63,8 +63,9 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
         parameter inside it for its forward and backward.
 
         ZeRO-3 gathers a module's own parameters in that module's forward (and again in its
-        backward); a tensor of a submodule that is never called (a ParameterDict) or read after
-        the submodule returned (the base weight, for DoRA) would otherwise be an empty shard.
+        backward); a tensor of a submodule that is never called (a ParameterDict) would otherwise
+        be an empty shard. (An adapter that reads its base layer's weights does so from a hook on
+        the base layer, where they are gathered: see ``AdapterLayer.base_owner``.)
         Registering them as the module's external parameters keeps ZeRO-3's gradient hooks per
         parameter, as for every other module.
         """
@@ -96,12 +97,10 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
             return contextlib.nullcontext()
         import deepspeed
 
-        params = [p for _, p in state.adapter_parameters(self.lightning_module)]
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(self.adapter_params(), modifier_rank=None)
 
     def _trainable(self) -> list[nn.Parameter]:
-        assert self.lightning_module is not None
-        return [p for _, p in state.adapter_parameters(self.lightning_module) if p.requires_grad]
+        return [p for p in self.adapter_params() if p.requires_grad]
 
     @contextlib.contextmanager
     @override

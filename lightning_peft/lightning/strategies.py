@@ -230,8 +230,7 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
     @override
     def adapter_state_dict(self) -> OrderedDict[str, Tensor]:
         assert self.model is not None and self.lightning_module is not None
-        params = [p for _, p in state.adapter_parameters(self.lightning_module)]
-        with _summon_adapter(self.model, params, writeback=False):
+        with _summon_adapter(self.model, self.adapter_params(), writeback=False):
             sd = state.trainable_state_dict(self.lightning_module)  # inside: the full views, not the shards
             for key in sd:
                 sd[key] = sd[key].detach().to("cpu", copy=True)
@@ -267,9 +266,8 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
 
     def _whole_adapter(self) -> contextlib.AbstractContextManager[None]:
         """Only the adapter units unsharded, gradients included; edits to both written back."""
-        assert self.model is not None and self.lightning_module is not None
-        params = [p for _, p in state.adapter_parameters(self.lightning_module)]
-        return _summon_adapter(self.model, params, writeback=True, with_grads=True)
+        assert self.model is not None
+        return _summon_adapter(self.model, self.adapter_params(), writeback=True, with_grads=True)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
