@@ -9,8 +9,16 @@ View of Parameter-Efficient Transfer Learning" (parallel to the sublayer, scaled
     sequential:  y = h + s * adapter(h),      h = sublayer(x)     (wraps the sublayer's output projection)
     parallel:    y = sublayer(x) + s * adapter(x)                 (wraps the whole sublayer)
 
-``W_up`` and ``b_up`` start at zero, so the model starts out exactly unchanged (Houlsby et al.
-initialize near the identity; a zero up-projection makes it exact, as LoRA's ``B = 0`` does).
+Initialization: Houlsby et al. 2019's near-identity init (near-zero projections around the skip
+connection), as AdapterHub implements it: ``W_down`` from a normal distribution with standard
+deviation ``1e-2`` truncated at two standard deviations and ``b_down = 0`` (AdapterHub's
+``init_weights="houlsby"``); ``W_up`` and ``b_up`` zero, so the model starts out exactly unchanged
+(AdapterHub's ``"mam_adapter"`` init; LoRA's ``B = 0``). The zero ``b_down`` matters for ReLU:
+``nn.Linear``'s default bias, uniform in +-1/sqrt(width), outweighs ``W_down h`` for small hidden
+states, so a narrow bottleneck (4 units on a width of 64) could start with every unit dead on
+every token and never get a gradient. With ``W_up = 0`` the first backward reaches ``W_up`` and
+``b_up`` only; ``W_down`` and ``b_down`` get gradients once ``W_up`` has moved (one optimizer step).
+
 Sequential adapters wrap each sublayer's output projection, so they act on its output before the
 residual connection and layer norm, in every architecture. Parallel adapters need the sublayer's
 input, so they wrap the attention or feed-forward block itself (whose first output is the hidden
@@ -76,6 +84,10 @@ PARALLEL_DEFAULTS: dict[str, dict[str, Targets]] = {
     "vit": {"attention": ["attention"], "ffn": ["mlp"]},
     **dict.fromkeys(("bert", "roberta", "xlm-roberta"), _NO_BLOCKS),
 }
+
+#: Standard deviation of the down-projection's initial weights (AdapterHub's "houlsby" init;
+#: Houlsby et al. 2019 report adapters robust to the init scale up to about this value).
+INIT_STD = 1e-2
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 _PLACEMENTS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn")}
@@ -168,7 +180,9 @@ class BottleneckAdapter(AdapterLayer):
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
-        self.adapter_down.reset_parameters()
+        """Houlsby et al.'s near-identity init, made exact by a zero up-projection (see the module docstring)."""
+        nn.init.trunc_normal_(self.adapter_down.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
+        nn.init.zeros_(self.adapter_down.bias)  # not nn.Linear's uniform bias, which can leave every ReLU dead
         nn.init.zeros_(self.adapter_up.weight)  # a zero up-projection: exactly the identity at init
         nn.init.zeros_(self.adapter_up.bias)
 

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import transformers as tf
 from torch import nn
 
 import lightning_peft as lp
@@ -91,6 +92,54 @@ def test_identity_at_init_and_zero_up_projection(arch: str, variant: str, placem
     batch = tiny.inputs(arch)
     # Not bitwise: T5 picks other matmul paths for the contiguous sums (LoRA differs from it by as much).
     torch.testing.assert_close(tiny.logits(model, batch), tiny.logits(tiny.build(arch), batch), rtol=0, atol=1e-6)
+
+
+def test_init_is_houlsbys_near_identity() -> None:
+    """W_down ~ N(0, 1e-2) truncated at 2 std, b_down = 0 (AdapterHub's "houlsby"); W_up = b_up = 0."""
+    torch.manual_seed(0)
+    layer = BottleneckAdapter(nn.Linear(512, 512), BottleneckConfig(reduction_factor=8))
+    down, up = layer.adapter_down, layer.adapter_up
+    assert down.weight.abs().max() <= 2e-2 and 0.8e-2 < down.weight.std() < 0.95e-2  # 0.88 std after truncation
+    assert torch.count_nonzero(down.bias) == 0
+    assert torch.count_nonzero(up.weight) == 0 and torch.count_nonzero(up.bias) == 0
+    layer.adapter_down.bias.data.fill_(1.0)
+    layer.reset_parameters()  # what a strategy materializing from the meta device calls
+    assert torch.count_nonzero(down.bias) == 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_every_adapter_tensor_gets_a_gradient_on_a_narrow_bottleneck(seed: int) -> None:
+    """Hidden 64, bottleneck 4 with ReLU: nn.Linear's default bias could leave every unit dead on
+    every token (seeds 3 and 4 did), so that adapter never trained. With W_up = 0 the first backward
+    reaches the up-projection only; after one step, every declared adapter tensor has a gradient."""
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = lp.inject(tf.LlamaForCausalLM(config), "bottleneck", placement="both", activation="relu")
+    assert {layer.adapter_down.out_features for layer in adapters(model).values()} == {4}
+    params = dict(state.adapter_parameters(model))  # what the layers declare (adapter_names)
+    assert params.keys() == lp.trainable_state_dict(model).keys() and len(params) == 4 * 2 * 2
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.SGD(params.values(), lr=0.1)
+
+    model(input_ids=ids, labels=ids).loss.backward()
+    up = {id(p) for layer in adapters(model).values() for p in layer.adapter_up.parameters()}
+    for name, param in params.items():
+        gets_one = id(param) in up  # W_up = 0 blocks the gradient to the down-projection, for now
+        assert param.grad is not None and (torch.count_nonzero(param.grad) > 0) == gets_one, name
+    optimizer.step()
+    optimizer.zero_grad()
+
+    model(input_ids=ids, labels=ids).loss.backward()
+    dead = [name for name, param in params.items() if param.grad is None or torch.count_nonzero(param.grad) == 0]
+    assert dead == []
 
 
 @pytest.mark.parametrize(
