@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_peft.core.compat import cache_argument, output_cache, take_cache
 from lightning_peft.core.layer import AdapterModule
 from lightning_peft.core.targeting import find_base_model
 
@@ -128,11 +129,6 @@ def _positional_names(cls: type) -> tuple[str, ...]:
     parameters = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return tuple(p.name for p in parameters if p.kind in kinds)
-
-
-def accepts(module: nn.Module, name: str) -> bool:
-    """Whether ``module.forward`` has a parameter called ``name``."""
-    return name in inspect.signature(type(module).forward).parameters
 
 
 def _dispatch(fn: HookFn, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> tuple[tuple[()], Kwargs]:
@@ -297,7 +293,8 @@ class VirtualTokens(InputAdapter):
     def _prepend(self, base: nn.Module, labels: bool, module: nn.Module, kwargs: Kwargs) -> Kwargs:
         n = self.num_virtual_tokens
         batch, length = _batch_and_length(kwargs, self.method)
-        past = cache_length(kwargs.get("past_key_values"))
+        name = cache_argument(module)
+        past = cache_length(take_cache(kwargs, name)) if name else 0
         if past:  # a later generation step: the virtual tokens are in the cache already
             self._check_length(past + length, length)
             kwargs["attention_mask"] = self._extend_mask(kwargs.get("attention_mask"), past + length)
@@ -366,31 +363,35 @@ class KeyValuePrefix(InputAdapter):
         return _fresh(self.prefix_states())
 
     @staticmethod
-    def attention_stack(base: nn.Module, method: str) -> nn.Module:
-        """The module whose forward takes the cache, or a clear error if the architecture has none."""
+    def attention_stack(base: nn.Module, method: str) -> tuple[nn.Module, str]:
+        """The module whose forward takes the cache and the keyword it takes it by, or a clear error
+        if the architecture has none."""
         stack = base.get_decoder() if is_encoder_decoder(base) else base.base_model
-        if not accepts(stack, "past_key_values"):
+        name = cache_argument(stack)
+        if name is None:
             raise ValueError(
                 f"{method} puts its prefix into the attention's key/value cache, but {type(stack).__name__}.forward "
-                f"takes no past_key_values ({getattr(base.config, 'model_type', '?')} attention has no cache). "
+                f"takes no attention cache (no cache or past_key_values argument: "
+                f"{getattr(base.config, 'model_type', '?')} attention has no cache). "
                 "Use prompt_tuning or p_tuning for this architecture."
             )
-        return stack
+        return stack, name
 
     def install(self, base: nn.Module) -> None:
         self._limit = position_limit(base)
-        stack = self.attention_stack(base, self.method)
-        self._hook(stack, functools.partial(self._add_prefix, base))
-        self._handles.append(stack.register_forward_hook(self._drop_unwanted_cache, always_call=True))
+        stack, name = self.attention_stack(base, self.method)
+        self._hook(stack, functools.partial(self._add_prefix, base, name))
+        drop = functools.partial(self._drop_unwanted_cache, name)
+        self._handles.append(stack.register_forward_hook(drop, always_call=True))
 
-    def _add_prefix(self, base: nn.Module, module: nn.Module, kwargs: Kwargs) -> Kwargs:
+    def _add_prefix(self, base: nn.Module, name: str, module: nn.Module, kwargs: Kwargs) -> Kwargs:
         if module.training and any(getattr(m, "gradient_checkpointing", False) for m in base.modules()):
             raise ValueError(
                 f"{self.method} does not work with gradient checkpointing: recomputing a layer would add the prefix "
                 "to its cache twice. Call model.gradient_checkpointing_disable() or use prompt_tuning."
             )
         batch, length = _batch_and_length(kwargs, self.method)
-        cache = kwargs.get("past_key_values")
+        cache = take_cache(kwargs, name)
         if cache is None:
             # The prefix needs a cache even when the caller wants none back (use_cache=False).
             use_cache = kwargs.get("use_cache")
@@ -398,18 +399,18 @@ class KeyValuePrefix(InputAdapter):
                 use_cache = getattr(base.config.get_text_config(), "use_cache", False)
             self._drop_cache = not use_cache
         if cache_length(cache) == 0:
-            kwargs["past_key_values"] = cache = self._fill(cache, base, batch)
+            kwargs[name] = cache = self._fill(cache, base, batch)
         total = cache_length(cache) + length
         self._check_length(total, length)
         kwargs["attention_mask"] = self._extend_mask(kwargs.get("attention_mask"), total)
         self._shift_positions(kwargs, "position_ids", prepend=False)
         return kwargs
 
-    def _drop_unwanted_cache(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def _drop_unwanted_cache(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
         """Return no cache to a caller that asked for none (``generate(use_cache=False)`` would reuse it)."""
         drop, self._drop_cache = self._drop_cache, False
-        if drop and hasattr(output, "keys") and output.get("past_key_values") is not None:
-            return type(output)(**{k: v for k, v in output.items() if k != "past_key_values"})
+        if drop and output_cache(output, name) is not None:
+            return type(output)(**{k: v for k, v in output.items() if k != name})
         return None
 
     def _fill(self, cache: Any, base: nn.Module, batch: int) -> Any:

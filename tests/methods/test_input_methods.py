@@ -15,6 +15,7 @@ from torch import nn
 import lightning_peft as lp
 from lightning_peft import registry
 from tests import tiny
+from tests.methods.input_reference import greedy_by_scoring
 
 METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning"]
 N = 3
@@ -58,7 +59,7 @@ def test_classifier_reads_the_right_position_in_padded_rows(method: str, arch: s
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bart"])
-def test_generation_with_the_cache_agrees_with_no_cache_and_with_the_row_alone(method: str, arch: str) -> None:
+def test_generation_with_the_cache_agrees_with_scoring_and_with_the_row_alone(method: str, arch: str) -> None:
     model = inject(method, arch)
     batch = tiny.inputs(arch)
     batch.pop("decoder_input_ids", None)
@@ -68,6 +69,9 @@ def test_generation_with_the_cache_agrees_with_no_cache_and_with_the_row_alone(m
         batch["input_ids"] = ids.masked_fill(batch["attention_mask"] == 0, 0)
     cached = model.generate(**batch, **GENERATE)
     torch.testing.assert_close(model.generate(**batch, **GENERATE, use_cache=False), cached, rtol=0, atol=0)
+    scoring = dict(batch) | ({"decoder_input_ids": cached[:, :1]} if tiny.FAMILIES[arch] == "seq2seq" else {})
+    scored = greedy_by_scoring(model, scoring, GENERATE["max_new_tokens"])  # no cache: the whole sequence each step
+    torch.testing.assert_close(cached, scored[:, : cached.shape[1]], rtol=0, atol=0)
     real = batch["attention_mask"][0].bool()
     alone = model.generate(input_ids=batch["input_ids"][:1, real], **GENERATE)
     new = cached.shape[1] - (ids.shape[1] if tiny.FAMILIES[arch] == "decoder" else 0)

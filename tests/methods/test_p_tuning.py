@@ -43,6 +43,7 @@ def twin(arch: str, task: str = "lm", encoder: str = "mlp") -> tuple[torch.nn.Mo
         ("bert", "lm", "mlp"),
         ("bert", "classify", "lstm"),
         ("t5", "lm", "mlp"),
+        ("bart", "lm", "mlp"),
     ],
 )
 def test_parity_with_peft(arch: str, task: str, encoder: str) -> None:
@@ -52,7 +53,7 @@ def test_parity_with_peft(arch: str, task: str, encoder: str) -> None:
     assert_same_outputs(ours, reference, arch, task)
 
 
-@pytest.mark.parametrize(("arch", "encoder"), [("llama", "lstm"), ("gpt2", "mlp"), ("t5", "mlp")])
+@pytest.mark.parametrize(("arch", "encoder"), [("llama", "lstm"), ("gpt2", "mlp"), ("t5", "mlp"), ("bart", "mlp")])
 def test_generation_matches_peft(arch: str, encoder: str) -> None:
     ours, reference = twin(arch, encoder=encoder)
     assert_same_generation(ours, reference, arch)

@@ -39,14 +39,14 @@ def twin(arch: str, task: str = "lm") -> tuple[torch.nn.Module, torch.nn.Module]
 
 @pytest.mark.parametrize(
     ("arch", "task"),
-    [("llama", "lm"), ("gpt2", "lm"), ("bert", "lm"), ("bert", "classify"), ("t5", "lm")],
+    [("llama", "lm"), ("gpt2", "lm"), ("bert", "lm"), ("bert", "classify"), ("t5", "lm"), ("bart", "lm")],
 )
 def test_parity_with_peft(arch: str, task: str) -> None:
     ours, reference = twin(arch, task)
     assert_same_outputs(ours, reference, arch, task)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bart"])
 def test_generation_matches_peft(arch: str) -> None:
     ours, reference = twin(arch)
     assert_same_generation(ours, reference, arch)
