@@ -3,6 +3,10 @@
 The pure-PyTorch API (``inject``, ``merge``, ``save_adapter``, ...) works on any ``nn.Module``;
 ``PEFTCallback`` brings it to a Lightning ``Trainer``. Imports are lazy, so ``import lightning_peft``
 loads neither torch nor lightning until a name is used.
+
+``lightning_peft.methods()`` lists the registered methods; ``lightning_peft.methods`` is also the
+package of built-in methods (``lightning_peft.methods.lora``), made callable so that both hold
+whichever is imported first (see ``lightning_peft/methods/__init__.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ _EXPORTS = {
     "load_adapter": "lightning_peft.core.io",
     "save_peft_adapter": "lightning_peft.interop.peft_format",
     "load_peft_adapter": "lightning_peft.interop.peft_format",
-    "methods": "lightning_peft.registry",
+    # The subpackage itself, which is callable: Python binds it to this name once imported anyway.
+    "methods": "lightning_peft.methods",
     "get_method": "lightning_peft.registry",
 }
 
@@ -60,14 +65,17 @@ if TYPE_CHECKING:
     from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter
     from lightning_peft.lightning.callback import PEFTCallback
     from lightning_peft.registry import get as get_method
-    from lightning_peft.registry import methods
+    from lightning_peft.registry import methods  # at run time the callable package, called the same way
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), "get" if name == "get_method" else name)
+    imported = importlib.import_module(module)
+    if imported.__name__ == f"{__name__}.{name}":  # a subpackage exported as itself
+        return imported
+    value = getattr(imported, "get" if name == "get_method" else name)
     globals()[name] = value
     return value
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from lightning_peft.tasks import datasets
 from lightning_peft.tasks.sources import PACKAGES
@@ -44,3 +48,33 @@ def test_the_sharding_table_is_the_registrys() -> None:
         for m in registry.all_methods()
     ]
     assert table.splitlines()[2:] == rows
+
+
+#: What the README calls on ``lightning_peft.methods``: the function, and the package of methods.
+_README_CALLS = """
+import lightning_peft
+from lightning_peft import registry
+
+for _ in range(3):
+    assert lightning_peft.methods() == registry.methods() and "lora" in registry.methods(), lightning_peft.methods
+assert callable(lightning_peft.methods.prefix_tuning.fold_projection)
+"""
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import lightning_peft as lp",
+        "import lightning_peft as lp; lp.methods(); import lightning_peft.methods.lora",
+        "import lightning_peft.methods.lora as lora; import lightning_peft as lp",
+        "from lightning_peft import methods; methods(); import lightning_peft.methods.ia3",
+        "import lightning_peft.registry as r; r.get('ia3'); import lightning_peft as lp; lp.inject",
+    ],
+)
+def test_lp_methods_stays_callable_whatever_is_imported_first(first: str) -> None:
+    """Importing the subpackage lightning_peft.methods rebinds the package attribute ``methods``
+    (Python does that after the import, over anything set before): a fresh interpreter per order."""
+    result = subprocess.run(
+        [sys.executable, "-c", f"{first}\n{_README_CALLS}"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -2,18 +2,40 @@
 
 Registration order is the order methods are listed in (README, CLI, errors); LoRA, the default,
 comes first.
+
+``lightning_peft.methods`` is both this package and the public ``lightning_peft.methods()``
+(the names of the registered methods): Python binds a subpackage to its parent's attribute of
+the same name once it is imported, replacing whatever the parent had put there, so the package
+itself is made callable, and ``lightning_peft.methods()`` and ``lightning_peft.methods.lora``
+work whatever was imported first.
 """
 
+from __future__ import annotations
+
+import sys
+import types
+
+from lightning_peft import registry
+
+
+class _MethodsPackage(types.ModuleType):
+    def __call__(self) -> list[str]:
+        """Names of every registered method, in registration order (``lightning_peft.registry.methods``)."""
+        return registry.methods()
+
+
+sys.modules[__name__].__class__ = _MethodsPackage
+
 # isort: off
-from lightning_peft.methods import lora  # noqa: F401
-from lightning_peft.methods import ia3  # noqa: F401
-from lightning_peft.methods import bottleneck  # noqa: F401
-from lightning_peft.methods import adalora  # noqa: F401
-from lightning_peft.methods import bitfit  # noqa: F401
-from lightning_peft.methods import last_k  # noqa: F401
-from lightning_peft.methods import topk  # noqa: F401
-from lightning_peft.methods import prompt_tuning  # noqa: F401
-from lightning_peft.methods import p_tuning  # noqa: F401
-from lightning_peft.methods import prefix_tuning  # noqa: F401
+from lightning_peft.methods import lora  # noqa: E402, F401
+from lightning_peft.methods import ia3  # noqa: E402, F401
+from lightning_peft.methods import bottleneck  # noqa: E402, F401
+from lightning_peft.methods import adalora  # noqa: E402, F401
+from lightning_peft.methods import bitfit  # noqa: E402, F401
+from lightning_peft.methods import last_k  # noqa: E402, F401
+from lightning_peft.methods import topk  # noqa: E402, F401
+from lightning_peft.methods import prompt_tuning  # noqa: E402, F401
+from lightning_peft.methods import p_tuning  # noqa: E402, F401
+from lightning_peft.methods import prefix_tuning  # noqa: E402, F401
 
 # isort: on
