@@ -85,7 +85,9 @@ class Method:
         regularization: a penalty added to the loss (see :data:`RegularizationFn`).
         calibrate: a pass over a few training batches before training (see :data:`CalibrateFn`),
             e.g. to pick the entries a sparse method trains.
-        peft: the mapping to Hugging Face peft's adapter format, where peft has the method.
+        peft: the mapping to Hugging Face peft's adapter format, where lightning_peft implements it.
+        peft_type: peft's name (``PeftType``) for the same method, where peft has it, set also while
+            ``peft`` is not implemented (errors name it); taken from ``peft`` when that is set.
         sharding: the sharded layouts (:data:`Sharding`) the method trains correctly under, each
             tested on two ranks; PEFTCallback refuses a strategy whose layout is not listed.
         summary: one line for ``--help`` and the README's table.
@@ -104,7 +106,19 @@ class Method:
     regularization: RegularizationFn | None = None
     calibrate: CalibrateFn | None = None
     peft: PeftFormat | None = None
+    peft_type: str | None = None
     sharding: frozenset[Sharding] = ALL_SHARDINGS
+
+    def __post_init__(self) -> None:
+        if self.peft is None:
+            return
+        if self.peft_type is None:
+            object.__setattr__(self, "peft_type", self.peft.peft_type)  # frozen: set once, here
+        elif self.peft_type != self.peft.peft_type:
+            raise ValueError(
+                f"Method {self.name!r} has peft_type={self.peft_type!r} but its PeftFormat has "
+                f"peft_type={self.peft.peft_type!r}; leave Method.peft_type unset (None) or make the two agree."
+            )
 
     def make_config(self, **options: Any) -> AdapterConfig:
         """The method's config from keyword options, with a clear error for unknown ones."""

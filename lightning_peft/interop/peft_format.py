@@ -46,14 +46,21 @@ def check_peft_defaults(method: str, options: dict[str, Any], defaults: dict[str
 
 
 def _format(method: str) -> registry.PeftFormat:
-    fmt = registry.get(method).peft
-    if fmt is None:
+    entry = registry.get(method)
+    if entry.peft is None:
         with_peft = [m.name for m in registry.all_methods() if m.peft is not None]
+        if entry.peft_type is None:
+            what = f"method {method!r} has no Hugging Face peft equivalent"
+        else:
+            what = (
+                f"lightning_peft does not write method {method!r} in Hugging Face peft's format yet "
+                f"(peft has it as peft_type={entry.peft_type!r})"
+            )
         raise ValueError(
-            f"method {method!r} has no Hugging Face peft equivalent; save it with lightning_peft.save_adapter "
-            f"instead. Methods with a peft format: {', '.join(with_peft)}."
+            f"{what}; save it with lightning_peft.save_adapter instead. Methods with a peft format: "
+            f"{', '.join(with_peft)}."
         )
-    return fmt
+    return entry.peft
 
 
 def _peft_names(model: nn.Module) -> dict[str, tuple[str, Tensor]]:

@@ -339,6 +339,7 @@ register(
         # The hooks read whole parameters and param.grad: the strategies make them whole for the hooks
         # (FSDP2's shards are gathered here) and write the penalty's and on_step's edits back.
         sharding=ALL_SHARDINGS,
+        peft_type="ADALORA",  # peft's name for it; no PeftFormat mapping yet
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
         "on a cubic schedule; mergeable",
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",

@@ -128,6 +128,7 @@ register(
         config_cls=PTuningConfig,
         kind="input",
         sharding=ALL_SHARDINGS,
+        peft_type="P_TUNING",  # peft's name for it; no PeftFormat mapping yet
         apply=apply,
         resolve=resolve,
         summary="N virtual tokens produced by a trained MLP or LSTM prompt encoder, put before the input",

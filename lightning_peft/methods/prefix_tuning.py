@@ -151,6 +151,7 @@ register(
         config_cls=PrefixTuningConfig,
         kind="input",
         sharding=ALL_SHARDINGS,
+        peft_type="PREFIX_TUNING",  # peft's name for it; no PeftFormat mapping yet
         apply=apply,
         resolve=resolve,
         summary="N trained keys and values before the real tokens' in every attention layer (P-Tuning v2); "

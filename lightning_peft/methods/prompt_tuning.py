@@ -128,6 +128,7 @@ register(
         config_cls=PromptTuningConfig,
         kind="input",
         sharding=ALL_SHARDINGS,
+        peft_type="PROMPT_TUNING",  # peft's name for it; no PeftFormat mapping yet
         apply=apply,
         summary="N trainable embeddings put before the input embeddings; init random, from the vocabulary or a text",
         paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning",
