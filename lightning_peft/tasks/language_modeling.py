@@ -59,7 +59,10 @@ class _LanguageModel(TaskModule):
 
     def _evaluate(self, batch: dict[str, Any], perplexity: Perplexity, prefix: str) -> None:
         out = self.transformer(**self.model_inputs(batch))
-        logits, labels = out.logits.float(), batch["labels"]
+        labels = batch["labels"]
+        # Input-side methods (prompt tuning, P-tuning) put N virtual tokens before the input, so the
+        # model returns N more positions than there are labels; they come first: keep the last T.
+        logits = out.logits[:, -labels.shape[1] :].float()  # (B, T, V)
         if self.shift:  # position t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
         perplexity.update(logits, labels)

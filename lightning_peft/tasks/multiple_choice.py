@@ -126,7 +126,8 @@ class MultipleChoiceLM(TaskModule):
         if self.is_encoder_decoder:
             # The prompt is encoded once per choice: plain calls keep working under input-side methods' hooks.
             inputs = {k: batch[k].repeat_interleave(choices, 0) for k in ("input_ids", "attention_mask")}  # (B*C, P)
-            logits = self.transformer(**inputs, labels=labels.flatten(0, 1)).logits  # (B*C, T, V)
+            logits = self.transformer(**inputs, labels=labels.flatten(0, 1)).logits
+            logits = logits[:, -length:]  # (B*C, T, V): label positions only, whatever a method puts before them
         else:
             flat = {k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask")}  # (B*C, T)
             # Only positions from the batch's first scored token on need logits (prompts are often long
