@@ -89,6 +89,34 @@ def _config(arch: str, vocab: int) -> tf.PretrainedConfig:
             eos_token_id=3,
             decoder_start_token_id=0,
         )
+    if arch == "gpt2":  # a decoder with biases (LLaMA has none) and Conv1D layers
+        return tf.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    if arch == "bart":  # an encoder-decoder with biases (T5 has none) and learned positions
+        return tf.BartConfig(
+            vocab_size=vocab,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            decoder_start_token_id=3,
+            forced_eos_token_id=3,
+        )
     raise ValueError(arch)
 
 
@@ -97,6 +125,8 @@ _AUTO = {
     "electra": tf.ElectraModel,
     "llama": tf.LlamaForCausalLM,
     "t5": tf.T5ForConditionalGeneration,
+    "gpt2": tf.GPT2LMHeadModel,
+    "bart": tf.BartForConditionalGeneration,
 }
 
 

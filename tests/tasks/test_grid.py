@@ -1,0 +1,210 @@
+"""Every registered method x every task module, in a real Trainer: fit, validate, predict.
+
+The methods come from the registry and the task modules from ``lightning_peft.tasks.__all__``, so
+a new one joins the grid by itself; a task module needs a :class:`TaskCase` here (a tiny model and
+data), and ``test_every_task_module_has_a_case`` fails until it has one. Each task runs on the tiny
+models of :mod:`tests.tasks.hub` it lists, one per architecture family it supports, with and
+without bias terms. A method whose case (``tests/methods/cases.py``) leaves out an architecture
+cannot work there by design; that cell asserts the method's refusal, from :data:`REFUSALS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+
+import lightning_peft as lp
+import lightning_peft.tasks as tasks
+from lightning_peft import PEFTCallback, registry
+from lightning_peft.tasks.base import TaskModule
+from lightning_peft.tasks.data import TextDataModule
+from tests.lightning.modules import trainer
+from tests.methods.cases import CASES, Case
+from tests.tasks import hub
+
+Record = dict[str, Any]
+Prediction = dict[str, Any]
+
+#: Every public task module, by name.
+TASKS: dict[str, type[TaskModule]] = {
+    name: cls
+    for name in tasks.__all__
+    if isinstance(cls := getattr(tasks, name), type) and issubclass(cls, TaskModule) and cls is not TaskModule
+}
+
+
+@dataclass(frozen=True)
+class TaskCase:
+    """How the grid runs one task module.
+
+    Args:
+        archs: the tiny models (``hub.save_model`` names) the task runs on.
+        build: ``(model folder, data folder) -> (task module, datamodule)``.
+        metrics: the validation metrics it must log (every logged one must be finite).
+        check_prediction: asserts one prediction is of the expected form, given its record.
+        check_metrics: further checks of the validation metrics (over a single batch).
+    """
+
+    archs: tuple[str, ...]
+    build: Callable[[Path, Path], tuple[TaskModule, TextDataModule]]
+    metrics: frozenset[str]
+    check_prediction: Callable[[Prediction, Record], None]
+    check_metrics: Callable[[dict[str, float]], None] = field(default=lambda metrics: None)
+
+
+def _classification(model: Path, data: Path) -> tuple[TaskModule, TextDataModule]:
+    train = hub.write_csv(data / "classes.csv", hub.classification_rows(12))
+    return tasks.SequenceClassification(str(model)), tasks.TextClassificationData(
+        train_file=str(train), batch_size=4, val_split=0.25
+    )
+
+
+def _check_class(prediction: Prediction, record: Record) -> None:
+    assert prediction["text"] == record["text"]
+    assert prediction["label"] in ("neg", "pos") and 0.5 <= prediction["score"] <= 1
+
+
+def _causal_lm(model: Path, data: Path) -> tuple[TaskModule, TextDataModule]:
+    train = hub.write_jsonl(data / "qa.jsonl", hub.qa_rows(repeat=2))
+    return tasks.CausalLM(str(model), max_new_tokens=2), tasks.CausalLMData(
+        train_file=str(train), batch_size=4, val_split=0.25
+    )
+
+
+def _seq2seq_lm(model: Path, data: Path) -> tuple[TaskModule, TextDataModule]:
+    rows = [{"source": r["prompt"], "target": r["response"]} for r in hub.qa_rows(repeat=2)]
+    train = hub.write_jsonl(data / "pairs.jsonl", rows)
+    return tasks.Seq2SeqLM(str(model), max_new_tokens=2), tasks.Seq2SeqData(
+        train_file=str(train), batch_size=4, val_split=0.25
+    )
+
+
+def _check_response(column: str) -> Callable[[Prediction, Record], None]:
+    def check(prediction: Prediction, record: Record) -> None:
+        assert prediction["prompt"] == record[column] and isinstance(prediction["response"], str)
+
+    return check
+
+
+def _perplexity_is_exp_loss(metrics: dict[str, float]) -> None:
+    # Over one batch both average the same tokens' NLL: scoring the wrong positions (e.g. the
+    # virtual tokens of prompt tuning) would break the equality.
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-4)
+
+
+def _multiple_choice(model: Path, data: Path) -> tuple[TaskModule, TextDataModule]:
+    train = hub.write_jsonl(data / "choices.jsonl", hub.choice_rows(repeat=2))
+    return tasks.MultipleChoiceLM(str(model)), tasks.MultipleChoiceData(
+        train_file=str(train), batch_size=4, val_split=0.25
+    )
+
+
+def _check_choice(prediction: Prediction, record: Record) -> None:
+    assert prediction["prompt"] == record["prompt"]
+    scores = prediction["scores"]
+    assert len(scores) == len(record["choices"]) and all(math.isfinite(s) and s <= 0 for s in scores)
+    assert prediction["answer"] == record["choices"][prediction["answer_index"]]
+    assert prediction["answer_index"] == max(range(len(scores)), key=scores.__getitem__)
+
+
+def _between(value: float, low: float, high: float) -> None:
+    assert low <= value <= high
+
+
+TASK_CASES: dict[str, TaskCase] = {
+    "SequenceClassification": TaskCase(
+        archs=("bert", "llama"),  # an encoder's pooler and a decoder's last-token score head
+        build=_classification,
+        metrics=frozenset({"val_loss", "val_accuracy", "val_f1", "val_precision", "val_recall"}),
+        check_prediction=_check_class,
+    ),
+    "CausalLM": TaskCase(
+        archs=("llama", "gpt2"),
+        build=_causal_lm,
+        metrics=frozenset({"val_loss", "val_perplexity"}),
+        check_prediction=_check_response("prompt"),
+        check_metrics=_perplexity_is_exp_loss,
+    ),
+    "Seq2SeqLM": TaskCase(
+        archs=("t5", "bart"),
+        build=_seq2seq_lm,
+        metrics=frozenset({"val_loss", "val_perplexity"}),
+        check_prediction=_check_response("source"),
+        check_metrics=_perplexity_is_exp_loss,
+    ),
+    "MultipleChoiceLM": TaskCase(
+        archs=("llama", "t5", "bart"),  # decoder-only and encoder-decoder scoring
+        build=_multiple_choice,
+        metrics=frozenset({"val_loss", "val_accuracy"}),
+        check_prediction=_check_choice,
+        check_metrics=lambda metrics: _between(metrics["val_accuracy"], 0, 1),
+    ),
+}
+
+#: What a method says when it is given an architecture its case leaves out, ``{task}`` being the
+#: task module's class name (the callback injects into the whole LightningModule).
+REFUSALS: dict[str, tuple[type[Exception], str]] = {
+    "bitfit": (ValueError, r"bitfit found no bias term to train in {task}: this architecture has no biases"),
+}
+
+
+def _case(method: str) -> Case:
+    return CASES.get(method, Case())  # a method without a case takes its defaults (test_common fails it)
+
+
+GRID = [
+    pytest.param(method, task, arch, id=f"{method}-{task}-{arch}")
+    for method in registry.methods()
+    for task in TASKS
+    if task in TASK_CASES
+    for arch in TASK_CASES[task].archs
+]
+
+
+def test_every_task_module_has_a_case() -> None:
+    missing = sorted(set(TASKS) - set(TASK_CASES))
+    assert not missing, f"task modules without a TaskCase in tests/tasks/test_grid.py: {missing}"
+    assert set(TASK_CASES) <= set(TASKS), "a TaskCase for a task module that lightning_peft.tasks does not export"
+
+
+def _trainer(root: Path, method: str, arch: str) -> L.Trainer:
+    callback = PEFTCallback(method, verbose=False, **_case(method).options(arch))
+    return trainer(
+        root, callbacks=[callback], limit_train_batches=2, limit_val_batches=1, max_epochs=1, enable_checkpointing=False
+    )
+
+
+@pytest.mark.parametrize(("method", "task", "arch"), GRID)
+def test_fit_validate_predict(method: str, task: str, arch: str, hub_dir: Path, tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    case = TASK_CASES[task]
+    module, data = case.build(hub.save_model(hub_dir, arch), tmp_path)
+    run = _trainer(tmp_path, method, arch)
+    if arch not in _case(method).archs:
+        assert method in REFUSALS, (
+            f"{method} does not support {arch} (tests/methods/cases.py): add its message to REFUSALS"
+        )
+        error, message = REFUSALS[method]
+        with pytest.raises(error, match=message.format(task=task)):
+            run.fit(module, data)
+        return
+
+    run.fit(module, data)  # with the sanity check: one validation batch before training
+    assert run.global_step == 2 and lp.get_info(module).method == method
+
+    metrics = run.validate(module, data, verbose=False)[0]
+    assert case.metrics <= set(metrics), f"missing validation metrics: {sorted(case.metrics - set(metrics))}"
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    case.check_metrics(metrics)
+
+    predictions = [p for batch in run.predict(module, data) for p in batch]
+    records = data.records["predict"]
+    assert len(predictions) == len(records)
+    for prediction, record in zip(predictions, records, strict=True):
+        case.check_prediction(prediction, record)
