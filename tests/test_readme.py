@@ -36,18 +36,91 @@ def test_the_quickstart_command_installs_what_the_quickstart_needs() -> None:
     assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==")
 
 
+def _table(name: str) -> list[str]:
+    """The lines between ``<!-- name:start -->`` and ``<!-- name:end -->`` in README.md, each marker there once."""
+    text = README
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1, f"README.md needs one {start.strip()} and one {end}"
+    return text.split(start)[1].split(end)[0].splitlines()
+
+
+def test_the_methods_table_is_the_registrys() -> None:
+    """One row per registered method, in order: its name, Method.summary, Method.paper."""
+    from lightning_peft import registry
+
+    header, rule, *rows = _table("methods")
+    assert (header, rule) == ("| method | what trains | reference |", "|---|---|---|")
+    assert [row.split(" | ") for row in rows] == [
+        [f"| `{m.name}`", m.summary, f"{m.paper} |"] for m in registry.all_methods()
+    ]
+
+
 def test_the_sharding_table_is_the_registrys() -> None:
     """README's method x strategy table is what the registry declares (Method.sharding)."""
     from lightning_peft import registry
 
-    text = (ROOT / "README.md").read_text()
-    table = text.split("<!-- sharding:start -->\n")[1].split("<!-- sharding:end -->")[0]
-    columns = ["fsdp", "fsdp2", "zero2", "zero3"]
-    rows = [
-        f"| `{m.name}` | " + " | ".join("yes" if c in m.sharding else "-" for c in columns) + " |"
+    columns = {
+        "peft_fsdp": "fsdp",
+        "peft_fsdp2": "fsdp2",
+        "peft_deepspeed_stage_2": "zero2",
+        "peft_deepspeed_stage_3": "zero3",
+    }
+    header, _, *rows = _table("sharding")
+    assert header == "| method | " + " | ".join(f"`{name}`" for name in columns) + " |"
+    assert rows == [
+        f"| `{m.name}` | " + " | ".join("yes" if c in m.sharding else "-" for c in columns.values()) + " |"
         for m in registry.all_methods()
     ]
-    assert table.splitlines()[2:] == rows
+
+
+def test_the_sharding_columns_are_registered_strategies() -> None:
+    from lightning_peft.lightning import strategies
+    from tools import readme_tables
+
+    assert set(readme_tables.SHARDING_COLUMNS) <= set(strategies.NAMES)
+
+
+def test_the_generated_tables_are_up_to_date() -> None:
+    from tools import readme_tables
+
+    assert readme_tables.update(README) == README, "run python -m tools.readme_tables"
+    assert set(readme_tables.TABLES) == {"methods", "sharding"}  # each checked against the registry above
+
+
+def test_a_table_is_written_between_its_own_markers_only() -> None:
+    """Regenerating one table leaves every other byte alone, even where another table's rows look
+    alike (the sharding rows once landed in the methods table)."""
+    from tools import readme_tables
+
+    stale = README.replace(_table("sharding")[3], "| `bitfit` | - | - | - | - |")
+    assert stale != README
+    assert readme_tables.update(stale, ["sharding"]) == README
+    assert readme_tables.update(stale, ["methods"]) == stale
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("no markers", r"must hold the marker '<!-- methods:start -->' exactly once; found it 0 times"),
+        (
+            "<!-- methods:start -->\n<!-- methods:start -->\n<!-- methods:end -->",
+            r"'<!-- methods:start -->' exactly once; found it 2 times",
+        ),
+        (
+            "<!-- methods:end -->\n<!-- methods:start -->\n",
+            r"has '<!-- methods:end -->' before '<!-- methods:start -->'",
+        ),
+        (
+            "<!-- methods:start -->\n<!-- sharding:start -->\n<!-- methods:end -->",
+            r"has the marker '<!-- sharding:start -->' between the 'methods' table's markers",
+        ),
+    ],
+)
+def test_markers_it_cannot_trust_are_refused(text: str, message: str) -> None:
+    from tools import readme_tables
+
+    with pytest.raises(ValueError, match=message):
+        readme_tables.update(text, ["methods"])
 
 
 #: What the README calls on ``lightning_peft.methods``: the function, and the package of methods.

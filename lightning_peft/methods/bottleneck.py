@@ -281,7 +281,8 @@ register(
         kind="layer",
         apply=apply,
         resolve=resolve,
-        summary="bottleneck adapters (down-project, non-linearity, up-project) after or beside sublayers",
+        summary="bottleneck adapters (down-project, non-linearity, up-project) after or beside sublayers; "
+        "not mergeable",
         paper="Houlsby et al. 2019; Pfeiffer et al. 2020; He et al. 2022 (parallel)",
     )
 )
