@@ -190,17 +190,24 @@ class TaskModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        warmup = self.hparams.warmup_steps
-        steps = self.trainer.estimated_stepping_batches
-        # A run without a step or epoch limit has no end to decay towards: keep the rate constant.
-        total = int(steps) if self.hparams.schedule == "linear" and math.isfinite(steps) else 0
+        warmup, linear = self.hparams.warmup_steps, self.hparams.schedule == "linear"
+        total: list[int] = []  # the run's total steps, read once at the first step that needs it
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
-            if not total:
+            if not linear or step == warmup:  # at step == warmup the decay's factor is 1 whatever the total
                 return 1.0
-            return max(0.0, (total - step) / max(total - warmup, 1))
+            # Read here, not in configure_optimizers: reading trainer.estimated_stepping_batches there sets the
+            # train loader up before a resumed run restores its saved position, which Lightning then drops
+            # (Lightning #20550), so a mid-epoch resume would see other batches.
+            if not total:
+                steps = self.trainer.estimated_stepping_batches
+                # A run without a step or epoch limit has no end to decay towards: keep the rate constant.
+                total.append(int(steps) if math.isfinite(steps) else 0)
+            if not total[0]:
+                return 1.0
+            return max(0.0, (total[0] - step) / max(total[0] - warmup, 1))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -21,7 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_peft.core.config import check_positive_int, invalid
 from lightning_peft.tasks import datasets
@@ -63,6 +64,62 @@ def pad_collate(features: Sequence[dict[str, Any]], pad_token_id: int, *, left: 
     return batch
 
 
+class EpochShuffle(Sampler[int]):
+    """A shuffled order drawn from ``seed + epoch`` alone (as ``DistributedSampler`` draws it), so it resumes exactly.
+
+    Lightning calls ``set_epoch`` before every epoch. Each epoch's permutation depends on nothing but
+    the seed and that number: it draws nothing from the global RNG (which a resumed run restores
+    before it builds its loaders, so dropout stays in step) and needs no generator history. The
+    sampler (its epoch) and its iterators (their position) are ``Stateful`` for torchdata's
+    ``StatefulDataLoader``, which Lightning saves in mid-epoch checkpoints.
+
+    Args:
+        size: the number of examples.
+        seed: the base seed of every epoch's permutation.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> _Position:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return _Position(order.tolist())
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch = int(state_dict["epoch"])
+
+
+class _Position:
+    """An iterator over one epoch's order that saves and restores how far it got."""
+
+    def __init__(self, order: list[int]) -> None:
+        self.order, self.yielded = order, 0
+
+    def __iter__(self) -> _Position:
+        return self
+
+    def __next__(self) -> int:
+        if self.yielded >= len(self.order):
+            raise StopIteration
+        self.yielded += 1
+        return self.order[self.yielded - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.yielded = int(state_dict["yielded"])
+
+
 def _check_fraction(owner: str, field: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise invalid(owner, field, value, "a number in [0, 1)")
@@ -85,7 +142,7 @@ class TextDataModule(L.LightningDataModule):
         batch_size: examples per batch.
         val_split: fraction of the training records held out for validation without a file.
         test_split: fraction of the training records held out for testing without a file.
-        seed: seed of the hold-out split.
+        seed: seed of the hold-out split and of the training data's shuffling order.
         num_workers: DataLoader worker processes.
     """
 
@@ -252,16 +309,22 @@ class TextDataModule(L.LightningDataModule):
         return f"{owner} has no {split} records: {how}."
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        """The split's loader: a ``StatefulDataLoader``, whose position and shuffling order Lightning
+        saves in checkpoints and restores, so a run resumed from a mid-epoch checkpoint sees the
+        same batches as an uninterrupted one (a plain DataLoader starts the epoch over)."""
         if split not in self.encoded:
             if self.records is not None and split not in self.records:
                 raise ValueError(self._missing_split(split))
             self.setup({"train": "fit", "validation": "validate", "test": "test"}.get(split, "predict"))
         pad_id = self.tokenizer.pad_token_id
         left = split == "predict" and self.pad_left_for_predict
-        return DataLoader(
+        return StatefulDataLoader(
             self.encoded[split],  # type: ignore[arg-type]
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(self.encoded[split]), self.seed) if shuffle else None,
+            # Worker seeds from a generator of its own too: building or iterating a loader then draws
+            # nothing from the global RNG, so a resumed run's dropout stays in step with an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             collate_fn=functools.partial(pad_collate, pad_token_id=pad_id, left=left),  # picklable for workers
         )
