@@ -7,6 +7,7 @@ the module is shared under several names), swap the wrapper in. Input-side metho
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -84,6 +85,45 @@ def resolve(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
     return config
 
 
+def listed_module_options(config: AdapterConfig) -> list[tuple[str, list[str]]]:
+    """The options of ``config`` that hold a list of module names, as ``(field, names)``.
+
+    Recognized by peft's naming, which every method follows: ``modules_to_save`` and any field
+    ending in ``_modules`` (``target_modules``, ``exclude_modules``, (IA)^3's ``feedforward_modules``).
+    """
+    found: list[tuple[str, list[str]]] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if (f.name == "modules_to_save" or f.name.endswith("_modules")) and isinstance(value, (list, tuple)):
+            found.append((f.name, list(value)))
+    return found
+
+
+def _default_names(model: nn.Module, config: AdapterConfig, field: str) -> list[str]:
+    """What the method would put in ``field`` for ``model`` itself (``[]`` where it has no default)."""
+    try:
+        value = getattr(resolve(model, config.replace(**{field: None})), field)
+    except (ValueError, TypeError):  # no default for this architecture, or one the other options exclude
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def check_listed_modules(model: nn.Module, config: AdapterConfig) -> None:
+    """Every entry of every list of module names in ``config`` must match a module of ``model``.
+
+    Entries the method's own default for ``model`` holds are exempt: a default may name a module
+    under each of its transformers spellings (ViT's ``query`` and ``q_proj``), and a recorded
+    config, defaults filled in, must load where it was trained.
+
+    Raises:
+        ValueError: naming the option, the entry and the closest module names (see
+            :func:`lightning_peft.core.targeting.check_listed`).
+    """
+    for field, names in listed_module_options(config):
+        exempt = _default_names(model, config, field)
+        targeting.check_listed(model, names, field=field, owner=type(config).__name__, exempt=exempt)
+
+
 def _check_fresh(model: nn.Module) -> None:
     info = state.get_info(model)
     existing = [n for n, _ in state.adapter_modules(model)]
@@ -105,12 +145,15 @@ def inject(model: M, method: str | AdapterConfig = "lora", /, **options: Any) ->
         **options: the method's options when ``method`` is a name (``r=8, alpha=16``).
 
     Raises:
-        ValueError: for an unknown method, invalid options, targets that match nothing, or a model
-            that already has an adapter.
+        ValueError: for an unknown method, invalid options, a listed target, exclusion or module to
+            save that matches no module (with the closest names), targets that match nothing, or a
+            model that already has an adapter.
         TypeError: when a target is a module type the method cannot wrap.
     """
     entry, config = registry.to_config(method, options)
     _check_fresh(model)
+    # The lists as given (not the defaults resolve() fills in), before anything is changed.
+    check_listed_modules(model, config)
     config = resolve(model, config)
     to_save = (
         targeting.select(model, config.modules_to_save, None, field="modules_to_save", owner=type(config).__name__)

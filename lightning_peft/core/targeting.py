@@ -2,13 +2,19 @@
 
 Matching follows Hugging Face peft so that a config written for peft selects the same modules:
 a list entry matches a full module name exactly or as a dotted suffix; a string is a regular
-expression that must match the whole name.
+expression that must match the whole name. Unlike peft, every entry of a list must match some
+module (:func:`check_listed`): a typo is an error that suggests the closest names, never a module
+silently left out.
+
+Only the model's own modules are candidates: metrics (torchmetrics) and loss modules that a
+LightningModule holds beside its model are neither selected nor suggested.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from torch import nn
 
@@ -76,11 +82,41 @@ def default_modules_to_save(root: nn.Module) -> list[str]:
     return [name for name in _HEAD_NAMES if isinstance(getattr(base, name, None), nn.Module)]
 
 
+def is_model_module(module: nn.Module) -> bool:
+    """False for modules a LightningModule keeps beside its model: metrics and losses.
+
+    Told apart by where their classes are defined, so that the core imports neither lightning nor
+    torchmetrics: a ``torchmetrics`` class (``Metric``, ``MetricCollection``) or a loss from
+    ``torch.nn.modules.loss`` (``nn.CrossEntropyLoss``).
+    """
+    for cls in type(module).__mro__:
+        where = getattr(cls, "__module__", "") or ""
+        if where == "torchmetrics" or where.startswith("torchmetrics.") or where == "torch.nn.modules.loss":
+            return False
+    return True
+
+
+def model_named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every (name, module) pair of the model's own modules, shared modules under each of their names.
+
+    The subtrees of metrics and losses (see :func:`is_model_module`) are left out, ``root`` is not.
+    """
+    outside: list[str] = []
+    for name, module in root.named_modules(remove_duplicate=False):
+        if any(name.startswith(prefix) for prefix in outside):
+            continue
+        if name and not is_model_module(module):
+            outside.append(f"{name}.")
+            continue
+        yield name, module
+
+
 def leaf_names(root: nn.Module, limit: int = 12) -> list[str]:
-    """A few distinct leaf-module names of ``root``, for error messages that suggest targets."""
+    """A few distinct names of ``root``'s leaf modules that hold parameters, for error messages
+    that suggest targets (never a metric, a loss or a parameter-free activation)."""
     seen: dict[str, None] = {}
-    for name, module in root.named_modules():
-        if name and not any(True for _ in module.children()):
+    for name, module in model_named_modules(root):
+        if name and not any(True for _ in module.children()) and any(True for _ in module.parameters()):
             seen.setdefault(name.rsplit(".", 1)[-1], None)
         if len(seen) >= limit:
             break
@@ -90,6 +126,72 @@ def leaf_names(root: nn.Module, limit: int = 12) -> list[str]:
 def iter_named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every (name, module) pair, shared modules listed under each of their names."""
     return root.named_modules(remove_duplicate=False)
+
+
+def close_names(key: str, names: Sequence[str], limit: int = 3) -> list[str]:
+    """Module names, or their dotted endings, closest to a list entry ``key`` that matched nothing.
+
+    ``key`` is compared with the last as many dotted components of each name as it has itself
+    (``"v_prj"`` with ``"v_proj"``, ``"mlp.up_prj"`` with ``"mlp.up_proj"``) and, failing that,
+    with the full names (``difflib`` similarity, best first).
+    """
+    width = key.count(".") + 1
+    endings = list(dict.fromkeys(".".join(n.split(".")[-width:]) for n in names if n.count(".") + 1 >= width))
+    found = difflib.get_close_matches(key, endings, n=limit, cutoff=0.6)
+    if not found:
+        found = difflib.get_close_matches(key, list(dict.fromkeys(names)), n=limit, cutoff=0.6)
+    return found
+
+
+def _or_list(names: Sequence[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def check_listed(
+    root: nn.Module,
+    keys: str | Sequence[str] | None,
+    *,
+    field: str = "target_modules",
+    owner: str = "config",
+    exempt: Collection[str] = (),
+) -> None:
+    """Require every entry of a list of module names to match a module of ``root``.
+
+    A regular expression or ``"all-linear"`` (a string) is not checked here: :func:`select` raises
+    when it matches nothing at all. Nothing is changed, so this runs before any module is wrapped.
+
+    Args:
+        root: the module tree the names refer to (metrics and losses in it are not candidates).
+        keys: the option's value; ``None`` and strings pass.
+        field: the option, named in the error.
+        owner: the config class name, named in the error.
+        exempt: entries allowed to match nothing (a method's default spelling of a module name).
+
+    Raises:
+        ValueError: naming each entry that matches nothing and the module names closest to it.
+    """
+    if keys is None or isinstance(keys, str):
+        return
+    modules = [(n, m) for n, m in model_named_modules(root) if n and ".base_layer" not in f".{n}"]
+    names = [n for n, _ in modules]
+    missing = [k for k in keys if k not in exempt and not any(n == k or n.endswith("." + k) for n in names)]
+    if not missing:
+        return
+    # Suggest what a method could act on: modules that hold parameters (not an activation or dropout).
+    weighted = [n for n, m in modules if any(True for _ in m.parameters())]
+    where = f"no module of {type(root).__name__}"
+    parts = []
+    for key in missing:
+        close = close_names(key, weighted)
+        parts.append(f"{key!r} matches {where} ({f'closest: {_or_list(close)}' if close else 'no name is close'})")
+        where = "none"
+    one = len(missing) == 1
+    raise ValueError(
+        f"{owner}.{field}={list(keys)!r}: {'; '.join(parts)}. A list entry must equal a module's full name or "
+        f"its last dotted components ('q_proj', 'self_attn.q_proj'); fix or remove {'it' if one else 'them'}. "
+        f"Module names it has include: {', '.join(leaf_names(root))}."
+    )
 
 
 def select(
@@ -111,12 +213,16 @@ def select(
         owner: the config class name, named in errors.
         skip: names whose subtrees are never selected (e.g. ``modules_to_save``).
 
+    Metrics and losses (see :func:`model_named_modules`) are never selected. Each entry of a list
+    is not checked here (a method's default list may name modules a model variant lacks); see
+    :func:`check_listed`, which ``inject`` runs on the options the user passed.
+
     Raises:
         ValueError: when nothing matches; the message lists module names the model has.
     """
     outputs = output_layer_names(root) if target == ALL_LINEAR else set()
     selected: list[str] = []
-    for name, module in iter_named_modules(root):
+    for name, module in model_named_modules(root):
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
             continue
         if ".base_layer" in f".{name}":  # the inside of a wrapper is never a target of its own
