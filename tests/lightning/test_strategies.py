@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_peft as lp
 from lightning_peft import PEFTCallback, registry
 from lightning_peft.core import state
-from tests import tiny
+from tests import optional, tiny
 from tests.lightning.distributed import (
     RankProbe,
     SaveProbe,
@@ -172,7 +172,7 @@ def test_deepspeed_two_cpu_ranks(
     """ZeRO-2/3 on gloo: optimizer restricted before the engine, trainable-only checkpoint folder
     with complete adapter files, frozen weights never gathered, exact resume, same adapter as DDP."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    pytest.importorskip("deepspeed")
+    optional.importorskip("deepspeed")
     straight = tmp_path / "straight"
     _fit(straight, cpu_deepspeed(stage), epochs=2, callbacks=(SaveProbe(straight),))
     first = tmp_path / "first"
@@ -294,7 +294,7 @@ def _trains_as_under_ddp(
 ) -> None:
     if sharding.startswith("zero"):
         monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-        pytest.importorskip("deepspeed")
+        optional.importorskip("deepspeed")
     arch = _arch(method)
     ddp = tmp_path / "ddp"
     _fit(ddp, "ddp_fork", method, epochs=2, options=options)

