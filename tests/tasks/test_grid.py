@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
 
 import lightning_peft as lp
 import lightning_peft.tasks as tasks
@@ -152,6 +153,16 @@ TASK_CASES: dict[str, TaskCase] = {
 REFUSALS: dict[str, tuple[type[Exception], str]] = {
     "bitfit": (ValueError, r"bitfit found no bias term to train in {task}: this architecture has no biases"),
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    # Tiny models: each op is microseconds of math, and on shared cores a second intra-op thread
+    # mostly waits for the first (a 41-step fit: 75 s with two threads on busy cores, 10 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _case(method: str) -> Case:
