@@ -8,7 +8,9 @@ module builds its model there) and freezes everything else; the optimizers that
 wraps them; checkpoints keep only the trainable state plus optimizer, scheduler, loop and RNG
 state, and resuming from them is exact. Methods that declare training hooks (see
 ``lightning_peft.core.training``) get them run: calibration at train start, a regularization
-penalty's gradient before each optimizer step, and per-step work after it.
+penalty's gradient before each optimizer step, and per-step work after it. At the first optimizer
+step of every fit (a resumed one too) it checks that every trainable tensor got a gradient
+(``on_dead_params``): an adapter on a layer the forward never calls would otherwise never train.
 """
 
 from __future__ import annotations
@@ -17,22 +19,26 @@ import contextlib
 import functools
 import math
 import random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from typing_extensions import override
 
 from lightning_peft import registry
 from lightning_peft.core import inject as core_inject
 from lightning_peft.core import state, training
-from lightning_peft.core.config import AdapterConfig
+from lightning_peft.core.config import AdapterConfig, check_choice
 from lightning_peft.lightning import strategies
+
+#: What PEFTCallback does when a trainable tensor got no gradient in the first optimizer step.
+DeadParams = Literal["raise", "warn", "ignore"]
+DEAD_PARAMS_CHOICES: tuple[DeadParams, ...] = ("raise", "warn", "ignore")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -82,19 +88,36 @@ class PEFTCallback(Callback):
         verbose: print the trainable-parameter summary at setup.
         restore_rng: on resume, restore the RNG states saved with the checkpoint, so that dropout
             and shuffling continue as in an uninterrupted run.
+        on_dead_params: what to do when a trainable tensor has no gradient (``.grad is None``) at
+            the first optimizer step of a fit, after gradient accumulation: ``"raise"`` (default),
+            ``"warn"`` and train on, or ``"ignore"``. Such a tensor never trains: its module is never
+            called by the forward, or reaches the loss only through a detached path. A gradient of
+            zeros is a gradient (LoRA's ``A`` gets one at init, since ``B = 0``) and passes. Not
+            checked under FSDP1 and DeepSpeed, which keep gradients in flat buffers, not per tensor.
         **options: the method's options when ``method`` is a name (``r=8, alpha=16, ...``).
 
     Raises:
-        ValueError: for an unknown method or invalid options (at construction), and at setup for
-            targets that match nothing or an unsupported strategy.
+        ValueError: for an unknown method, invalid options or ``on_dead_params`` (at construction),
+            and at setup for targets that match nothing or an unsupported strategy.
+        RuntimeError: at the first optimizer step, for tensors without a gradient (``on_dead_params="raise"``).
     """
 
     def __init__(
-        self, method: str | AdapterConfig = "lora", *, verbose: bool = True, restore_rng: bool = True, **options: Any
+        self,
+        method: str | AdapterConfig = "lora",
+        *,
+        verbose: bool = True,
+        restore_rng: bool = True,
+        on_dead_params: DeadParams = "raise",
+        **options: Any,
     ) -> None:
         self.method, self.config = registry.to_config(method, options)
+        check_choice("PEFTCallback", "on_dead_params", on_dead_params, DEAD_PARAMS_CHOICES)
         self.verbose = verbose
         self.restore_rng = restore_rng
+        self.on_dead_params: DeadParams = on_dead_params
+        self._grads_checked: set[int] = set()  # ids of the optimizers whose first step was checked
+        self._backward_ran = False  # a backward pass ran since the last optimizer step
         self._original_configure_model: Any = None
         self._stepped = 0  # trainer.global_step when the method's on_step last ran
         self._total_steps: int | None = None  # optimizer steps the fit will take, if known
@@ -210,6 +233,8 @@ class PEFTCallback(Callback):
         # Again, for modules that unfreeze something in their own on_fit_start (which runs after ours).
         state.assert_no_grad_leak(pl_module)
         self._stepped = trainer.global_step
+        self._grads_checked.clear()  # each fit checks its first step, a resumed one too
+        self._backward_ran = False
         total = trainer.estimated_stepping_batches
         self._total_steps = int(total) if math.isfinite(total) else None
         if self.method.calibrate is not None:
@@ -251,10 +276,79 @@ class PEFTCallback(Callback):
             for name in ("log", "log_dict"):
                 pl_module.__dict__.pop(name, None)
 
+    # ------------------------------------------------------------------ gradient flow
+
+    @staticmethod
+    def without_grad(module: torch.nn.Module, params: Iterable[torch.Tensor]) -> dict[str, list[str]]:
+        """The trainable ``params`` whose ``.grad`` is None, grouped by the module they belong to.
+
+        Returns ``{"<module path> (<class>)": [tensor names within it]}``; the module is the adapter
+        module holding the tensor (``model.layers.1.mlp.up_proj (LoRALinear)``), else its parent.
+        """
+        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        owners: list[tuple[str, torch.nn.Module]] = sorted(state.adapter_modules(module), key=lambda i: -len(i[0]))
+        found: dict[str, list[str]] = {}
+        for param in params:
+            if not param.requires_grad or param.grad is not None or id(param) not in names:
+                continue
+            name = names[id(param)]
+            found_owner = next(((n, m) for n, m in owners if n and name.startswith(f"{n}.")), None)
+            if found_owner is None:
+                parent = name.rpartition(".")[0]
+                found_owner = (parent, module.get_submodule(parent) if parent else module)
+            path, holder = found_owner
+            found.setdefault(f"{path or '<root>'} ({type(holder).__name__})", []).append(
+                name[len(path) + 1 :] if path else name
+            )
+        return found
+
+    def check_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Raise or warn (``on_dead_params``) for the optimizer's trainable tensors without a gradient."""
+        strategy = trainer.strategy
+        if isinstance(strategy, strategies.PEFTStrategy) and strategy.sharding != "fsdp2":
+            rank_zero_debug(
+                f"PEFTCallback: gradient-flow check skipped under {type(strategy).__name__} ({strategy.sharding}), "
+                "which keeps gradients in flat or partitioned buffers rather than in each tensor's .grad."
+            )
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        dead = self.without_grad(pl_module, params)
+        if not dead:
+            return
+        count = sum(len(v) for v in dead.values())
+        shown = [f"  {where}: {', '.join(tensors)}" for where, tensors in list(dead.items())[:10]]
+        if len(dead) > 10:
+            shown.append(f"  ... and {len(dead) - 10} more modules")
+        message = (
+            f"PEFTCallback: {count} of the {len(params)} trainable tensors of {self.method.name} got no gradient "
+            "in the first optimizer step, so they never train:\n" + "\n".join(shown) + "\n"
+            "A tensor gets no gradient when the forward never calls its module (a targeted layer the model does "
+            "not use, or one skipped on this batch, such as an MoE expert no token was routed to), when the "
+            "module's output reaches the loss only through a detached path (.detach(), torch.no_grad(), .item()), "
+            "or when reentrant activation checkpointing wraps it and no input of the checkpointed block requires "
+            "grad (frozen embeddings: call enable_input_require_grads() on the model, or use use_reentrant=False). "
+            "Narrow target_modules, or add these modules to exclude_modules, so that the adapter sits on layers the "
+            "forward uses, or fix the detached path. If the module is skipped only on some batches, pass "
+            "PEFTCallback(on_dead_params='warn') to train on."
+        )
+        if self.on_dead_params == "raise":
+            raise RuntimeError(message)
+        rank_zero_warn(message)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._backward_ran = True
+
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # Once per optimizer step, after its accumulation window's backward passes and before the
+        # step and zero_grad. A step without a backward (training_step returned None) is not judged.
+        if self.on_dead_params != "ignore" and self._backward_ran and id(optimizer) not in self._grads_checked:
+            self._grads_checked.add(id(optimizer))
+            self.check_gradients(trainer, pl_module, optimizer)
+        self._backward_ran = False
         # Gradients are accumulated and unscaled here, and not yet clipped: adding the penalty's
         # gradient equals having added the penalty to the loss. The strategy puts them, whole, in
         # .grad (sharded strategies hold shards, DeepSpeed its own buffers) and keeps them for an

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -206,3 +207,141 @@ def test_unsupported_strategy_is_refused(strategy: str, instead: str) -> None:
         rf"PEFTFSDPStrategy, PEFTFSDP2Strategy, PEFTDeepSpeedStrategy \(by name: 'ddp', .*'peft_fsdp'.*\)\. {instead}",
     ):
         PEFTCallback("lora").check_strategy(FakeTrainer())  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- gradient flow
+
+
+class UnusedLayer(TinyLM):
+    """A TinyLM with a Linear inside layer 1's MLP that the forward never calls (``sometimes``:
+    called on odd batches only)."""
+
+    def __init__(self, sometimes: bool = False, skip_first: bool = False) -> None:
+        super().__init__()
+        self.sometimes, self.skip_first = sometimes, skip_first
+        self.model.model.layers[1].mlp.unused = torch.nn.Linear(32, 32)
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if self.skip_first and self.trainer.global_step == 0 and batch_idx == 0:
+            return None  # no backward: this step says nothing about gradient flow
+        loss = super().training_step(batch, batch_idx)
+        if self.sometimes and batch_idx % 2 == 1:
+            loss = loss + self.model.model.layers[1].mlp.unused(torch.ones(1, 32)).sum() * 0
+        return loss
+
+
+DEAD = "model.model.layers.1.mlp.unused (LoRALinear): lora_A, lora_B"
+TARGETS = ["q_proj", "v_proj", "unused"]
+
+
+def test_a_wrapped_layer_the_forward_never_calls_is_refused(tmp_path: Path) -> None:
+    module = UnusedLayer()
+    t = trainer(tmp_path, max_steps=3, callbacks=[PEFTCallback("lora", r=4, target_modules=TARGETS, verbose=False)])
+    with pytest.raises(RuntimeError) as err:
+        t.fit(module, token_loader())
+    message = str(err.value)
+    assert message.startswith("PEFTCallback: 2 of the 10 trainable tensors of lora got no gradient in the first")
+    assert f"\n  {DEAD}\n" in message
+    assert "the forward never calls its module" in message and "exclude_modules" in message
+    assert "on_dead_params='warn'" in message
+    assert "q_proj" not in message.split("A tensor gets")[0]  # only the dead ones are listed
+    assert t.global_step == 0  # before the step
+
+
+def test_with_warn_training_goes_on(tmp_path: Path) -> None:
+    module = UnusedLayer()
+    callback = PEFTCallback("lora", r=4, target_modules=TARGETS, on_dead_params="warn", verbose=False)
+    t = trainer(tmp_path, max_steps=3, callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"2 of the 10 trainable tensors of lora got no gradient") as record:
+        t.fit(module, token_loader())
+    assert t.global_step == 3
+    assert sum("got no gradient" in str(w.message) for w in record) == 1  # once, at the first step
+    assert DEAD in str(next(w.message for w in record if "got no gradient" in str(w.message)))
+    q = module.model.model.layers[0].self_attn.q_proj
+    assert q.lora_B.abs().sum() > 0  # the rest trained
+
+
+def test_ignore_says_nothing(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    callback = PEFTCallback("lora", r=4, target_modules=TARGETS, on_dead_params="ignore", verbose=False)
+    trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(UnusedLayer(), token_loader())
+    assert not any("got no gradient" in str(w.message) for w in recwarn)
+
+
+def test_the_check_follows_gradient_accumulation(tmp_path: Path) -> None:
+    # The layer gets a gradient on odd batches only: a step after two batches has it.
+    callback = PEFTCallback("lora", r=4, target_modules=TARGETS, verbose=False)
+    t = trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[callback])
+    t.fit(UnusedLayer(sometimes=True), token_loader())
+    assert t.global_step == 2
+    # One batch per step: the first step has none.
+    callback = PEFTCallback("lora", r=4, target_modules=TARGETS, verbose=False)
+    with pytest.raises(RuntimeError, match=r"got no gradient"):
+        trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(UnusedLayer(sometimes=True), token_loader())
+
+
+def test_a_step_without_backward_is_not_judged(tmp_path: Path) -> None:
+    # training_step returns None on the first batch: Lightning still calls the optimizer-step hook,
+    # with no gradient anywhere. The check waits for a step that had a backward pass.
+    callback = PEFTCallback("lora", r=4, verbose=False)
+    trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(UnusedLayer(skip_first=True), token_loader())
+    callback = PEFTCallback("lora", r=4, target_modules=TARGETS, verbose=False)
+    with pytest.raises(RuntimeError, match=r"got no gradient"):
+        trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(UnusedLayer(skip_first=True), token_loader())
+
+
+def test_the_check_runs_again_after_resume(tmp_path: Path) -> None:
+    warn = PEFTCallback("lora", r=4, target_modules=TARGETS, on_dead_params="warn", verbose=False)
+    t = trainer(tmp_path, max_steps=1, callbacks=[warn])
+    with pytest.warns(UserWarning, match=r"got no gradient"):
+        t.fit(UnusedLayer(), token_loader())
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    t = trainer(tmp_path, max_steps=3, callbacks=[PEFTCallback("lora", r=4, target_modules=TARGETS, verbose=False)])
+    with pytest.raises(RuntimeError, match=r"got no gradient"):
+        t.fit(UnusedLayer(), token_loader(), ckpt_path=tmp_path / "a.ckpt")
+    assert t.global_step == 1  # the first step after resuming
+
+
+def test_without_grad_groups_tensors_by_module() -> None:
+    module = UnusedLayer()
+    lp.inject(module, "lora", r=2, target_modules=TARGETS)
+    params = [p for _, p in state.adapter_parameters(module)]
+    everything = PEFTCallback.without_grad(module, params)
+    assert len(everything) == 5 and everything[DEAD.split(":")[0]] == ["lora_A", "lora_B"]
+    for p in params:
+        p.grad = torch.zeros_like(p)  # a zero gradient is a gradient
+    assert PEFTCallback.without_grad(module, params) == {}
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert PEFTCallback.without_grad(plain, list(plain.parameters())) == {"0 (Linear)": ["weight", "bias"]}
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "zero2"])
+def test_the_check_is_skipped_where_gradients_are_flat(sharding: str, caplog: pytest.LogCaptureFixture) -> None:
+    from lightning_peft.lightning.strategies import PEFTDeepSpeedStrategy, PEFTFSDPStrategy
+
+    cls = {"fsdp": PEFTFSDPStrategy, "zero2": PEFTDeepSpeedStrategy}[sharding]
+    strategy = cls.__new__(cls)
+    strategy.config = {"zero_optimization": {"stage": 2}}
+
+    class FakeTrainer:
+        pass
+
+    fake = FakeTrainer()
+    fake.strategy = strategy  # type: ignore[attr-defined]
+    module = UnusedLayer()
+    lp.inject(module, "lora", r=2, target_modules=TARGETS)
+    optimizer = torch.optim.SGD([p for _, p in state.adapter_parameters(module)], lr=0.1)  # no .grad anywhere
+    with caplog.at_level(logging.DEBUG, logger="lightning.pytorch.utilities.rank_zero"):
+        PEFTCallback("lora").check_gradients(fake, module, optimizer)  # type: ignore[arg-type]
+    assert f"gradient-flow check skipped under {cls.__name__} ({sharding})" in caplog.text
+    fake.strategy = L.pytorch.strategies.SingleDeviceStrategy()  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match=r"10 of the 10 trainable tensors of lora got no gradient"):
+        PEFTCallback("lora").check_gradients(fake, module, optimizer)  # type: ignore[arg-type]
+
+
+def test_on_dead_params_is_validated() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"PEFTCallback.on_dead_params must be one of 'raise', 'warn', 'ignore'; "
+        r"got 'warning'",
+    ):
+        PEFTCallback("lora", on_dead_params="warning")  # type: ignore[arg-type]
