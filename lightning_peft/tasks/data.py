@@ -740,3 +740,17 @@ class MultipleChoiceData(TextDataModule):
         else:
             example["answer"] = self.answer(record, split, choices)
         return example
+
+
+def load_records(data: TextDataModule) -> dict[str, list[Record]]:
+    """Read and check every configured split now, as ``setup`` would: files, columns, the task's checks.
+
+    The CLI calls it before a model is built, so a missing column fails in a second rather than
+    after the model loads; ``setup`` then reuses the records.
+    """
+    if data.records is None:
+        records = data._read()
+        data._check_columns(records)
+        data.check_records(records)
+        data.records = records
+    return data.records
