@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from lightning_peft.core import state
 from lightning_peft.lightning.cli import main
@@ -130,3 +133,54 @@ def test_offline_run_holds_peft_config_counts_and_adapter_only_artifacts(
     backbone = sum(p.numel() * p.element_size() for p in module.model.parameters() if not p.requires_grad)
     adapter = sum(t.numel() * t.element_size() for t in checkpoint["state_dict"].values())
     assert adapter < backbone / 10 and entry.size == Path(entry.local_path).stat().st_size
+
+
+def test_a_run_writes_only_under_its_log_dir_and_never_over_the_users_config(hub_dir: Path, tmp_path: Path) -> None:
+    """``--config config.yaml --config configs/wandb.yaml`` in a folder holding the user's config.yaml.
+
+    The resolved config goes beside the run's checkpoints, and W&B's files and the checkpoints
+    under ``./lightning_logs``: nothing else appears in the working directory, and the user's
+    config.yaml (comments and all) is byte-identical afterwards. Run as a user runs it, in a subprocess.
+    """
+    data = tmp_path / "data"
+    data.mkdir()
+    train = hub.write_csv(data / "train.csv", hub.classification_rows(16))
+    work = tmp_path / "work"
+    work.mkdir()
+    user = work / "config.yaml"
+    user.write_text(
+        "# my task: tiny BERT, LoRA (these comments must survive)\n"
+        "model:\n"
+        "  class_path: lightning_peft.tasks.SequenceClassification\n"
+        f"  init_args: {{model_name_or_path: {hub.save_model(hub_dir, 'bert')}}}\n"
+        "data:\n"
+        "  class_path: lightning_peft.tasks.TextClassificationData\n"
+        f"  init_args: {{train_file: {train}, batch_size: 8, val_split: 0.25}}  # my data\n"
+        "trainer:\n"
+        "  accelerator: cpu\n"
+        "  max_steps: 1\n"
+        "  limit_val_batches: 1\n"
+        "  enable_progress_bar: false\n"
+        "  callbacks: [{class_path: lightning_peft.PEFTCallback, init_args: {method: lora}}]\n"
+    )
+    before = user.read_bytes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    home = tmp_path / "wandb-home"  # W&B's settings and caches, outside the working directory
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(home / var.lower())
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "lightning_peft", "fit", "--config", "config.yaml"]
+    command += ["--config", str(ROOT / "configs" / "wandb.yaml")]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+
+    assert user.read_bytes() == before
+    assert sorted(p.name for p in work.iterdir()) == ["config.yaml", "lightning_logs"]
+    logs = work / "lightning_logs"
+    (run_file,) = logs.glob("wandb/offline-run-*/run-*.wandb")
+    run_id = run_file.stem.removeprefix("run-")
+    run_dir = logs / "lightning-peft" / run_id  # W&B's project / run id, as ModelCheckpoint names it
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch=0-step=1.ckpt"]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == "lightning_logs"
+    assert saved["data"]["init_args"]["train_file"] == str(train)
