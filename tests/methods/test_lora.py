@@ -52,7 +52,7 @@ def test_parity_with_peft_on_embeddings_and_all_linear(arch: str) -> None:
         "lora",
         r=4,
         alpha=8,
-        target_modules=["query", "value", embed, "c_attn", "q_proj", "v_proj"][:6],
+        target_modules=[*{"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}[arch], embed],
     )
     # peft selects by the same rules; give it the resolved names so both wrap the same set.
     names = lp.get_info(ours).modules
