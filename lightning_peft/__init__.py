@@ -32,6 +32,9 @@ _EXPORTS = {
     "load_adapter": "lightning_peft.core.io",
     "save_peft_adapter": "lightning_peft.interop.peft_format",
     "load_peft_adapter": "lightning_peft.interop.peft_format",
+    "quantize": "lightning_peft.core.quantize",
+    "dequantize": "lightning_peft.core.quantize",
+    "prepare_for_kbit_training": "lightning_peft.core.quantize",
     # The subpackage itself, which is callable: Python binds it to this name once imported anyway.
     "methods": "lightning_peft.methods",
     "get_method": "lightning_peft.registry",
@@ -40,6 +43,7 @@ _EXPORTS = {
 __all__ = [
     "PEFTCallback",
     "calibrate",
+    "dequantize",
     "get_info",
     "get_method",
     "inject",
@@ -48,6 +52,8 @@ __all__ = [
     "merge",
     "methods",
     "on_step",
+    "prepare_for_kbit_training",
+    "quantize",
     "regularization",
     "save_adapter",
     "save_peft_adapter",
@@ -60,6 +66,7 @@ __all__ = [
 if TYPE_CHECKING:
     from lightning_peft.core.inject import inject, merge, summary, unload, unmerge
     from lightning_peft.core.io import load_adapter, save_adapter
+    from lightning_peft.core.quantize import dequantize, prepare_for_kbit_training, quantize
     from lightning_peft.core.state import get_info, trainable_state_dict
     from lightning_peft.core.training import calibrate, on_step, regularization
     from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter

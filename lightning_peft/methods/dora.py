@@ -15,6 +15,8 @@ input as the update does (peft's convention)::
     h = W x + b + (m / ||W + s B A|| - 1) W x' + (m / ||W + s B A||) s B A x',     x' = dropout(x)
 
 Merging writes ``W'`` into the weight; unmerging inverts it with the norm cached at merge time.
+On a bitsandbytes 4-bit or 8-bit base, ``W`` in the norm is the dequantized weight the layer computes
+with, and merging is refused (see :mod:`lightning_peft.core.quantize`).
 This file is not a method of its own: it is LoRA's ``use_dora`` option, and registers nothing.
 """
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_peft.core.quantize import adapter_factory, dequantized_weight, is_quantized
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear
 
@@ -38,13 +41,15 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         weight: Tensor = base_layer.weight  # type: ignore[assignment]
-        if not weight.is_floating_point():
+        quantized = is_quantized(base_layer)
+        if not (weight.is_floating_point() or quantized):
             raise TypeError(
-                f"its weight is {weight.dtype}; lora with use_dora=True needs a floating-point "
-                "base weight to take its norm (quantized layers are not supported)"
+                f"its weight is {weight.dtype}; lora with use_dora=True needs a floating-point or bitsandbytes "
+                "quantized base weight to take its norm"
             )
         super().__init__(base_layer, config)
-        self.lora_magnitude = nn.Parameter(torch.empty(self.lora_B.shape[0], **self.adapter_factory(self.weight)))
+        factory = adapter_factory(base_layer) if quantized else self.adapter_factory(weight)
+        self.lora_magnitude = nn.Parameter(torch.empty(self.lora_B.shape[0], **factory))
         # The norm that merge() divided by; unmerge() needs it and cannot recover it from the merged weight.
         self.register_buffer("_merged_norm", None, persistent=False)
         self._reset_magnitude()
@@ -59,7 +64,9 @@ class DoRALinear(LoRALinear):
             self.lora_magnitude.copy_(self.weight_norm())
 
     def _base_weight(self) -> Tensor:
-        """The base weight as ``(out, in)`` (a view of Conv1D's ``(in, out)`` storage)."""
+        """The base weight as ``(out, in)`` (a view of Conv1D's ``(in, out)`` storage; dequantized for bitsandbytes)."""
+        if is_quantized(self.base_layer):
+            return dequantized_weight(self.base_layer)
         weight: Tensor = self.base_layer.weight  # type: ignore[assignment]
         return weight.t() if self.fan_in_fan_out else weight
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_peft.core.config import LayerConfig, check_module_keys, invalid
 from lightning_peft.core.inject import replace_modules
 from lightning_peft.core.layer import AdapterLayer
+from lightning_peft.core.quantize import adapter_factory, disable_cpu_repacking, is_quantized, merge_refusal
 from lightning_peft.core.targeting import ALL_LINEAR, architecture_default, is_linear, name_matches, select
 from lightning_peft.registry import Method, PeftFormat, register
 
@@ -145,10 +146,15 @@ class IA3Layer(AdapterLayer):
         super().__init__(base_layer)
         weight: Tensor = base_layer.weight  # type: ignore[assignment]
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
-        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        if is_quantized(base_layer):  # bitsandbytes: a packed weight, the vector in the compute dtype
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+            factory = adapter_factory(base_layer)
+        else:
+            in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+            factory = self.adapter_factory(weight)
         self.feedforward = feedforward
         size = in_features if feedforward else out_features
-        self.ia3_l = nn.Parameter(torch.empty(size, **self.adapter_factory(weight)))
+        self.ia3_l = nn.Parameter(torch.empty(size, **factory))
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
@@ -162,10 +168,26 @@ class IA3Layer(AdapterLayer):
         if self._merged:
             return self.base_layer(x)
         scale = self.ia3_l
+        # In the wider of the two dtypes (type promotion): a bfloat16 vector on a float32 activation
+        # does not round the activation to bfloat16.
         if self.feedforward:
-            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))  # (..., in)
+            return self.base_layer((x * scale).to(x.dtype))  # (..., in)
         result = self.base_layer(x)  # (..., out)
-        return (result.to(scale.dtype) * scale).to(result.dtype)
+        return (result * scale).to(result.dtype)
+
+    @property
+    def mergeable(self) -> bool:
+        return not is_quantized(self.base_layer) and super().mergeable
+
+    def merge(self) -> None:
+        if is_quantized(self.base_layer):  # rescaling a quantized weight means requantizing it
+            raise merge_refusal(self, self.base_layer, self.method)
+        super().merge()
+
+    def unmerge(self) -> None:
+        if is_quantized(self.base_layer):
+            raise merge_refusal(self, self.base_layer, self.method)
+        super().unmerge()
 
     def _weight_scale(self, scale: Tensor) -> Tensor:
         """``scale`` shaped to multiply the base weight along the axis it acts on."""
@@ -211,6 +233,7 @@ def resolve(model: nn.Module, config: IA3Config) -> IA3Config:
 def apply(model: nn.Module, config: IA3Config) -> list[str]:
     """Wrap every target; those that ``feedforward_modules`` matches scale their input."""
     assert config.target_modules is not None and config.feedforward_modules is not None, "resolve() runs first"
+    disable_cpu_repacking(model)  # see lightning_peft.core.quantize: else an eval forward stops training
     names = select(model, config.target_modules, config.exclude_modules, owner=type(config).__name__)
     feedforward = {n for n in names if name_matches(n, config.feedforward_modules)}
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lightning_peft.core.config import LayerConfig, check_choice, check_positive, check_positive_int, check_probability
 from lightning_peft.core.inject import inject_layers, resolve_targets
 from lightning_peft.core.layer import AdapterLayer
+from lightning_peft.core.quantize import adapter_factory, disable_cpu_repacking, is_quantized, merge_refusal
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.registry import Method, PeftFormat, register
 
@@ -112,6 +113,20 @@ class LoRALayer(AdapterLayer):
         """``scaling * B A`` laid out like the base layer's weight."""
         raise NotImplementedError
 
+    @property
+    def mergeable(self) -> bool:
+        return not is_quantized(self.base_layer) and super().mergeable
+
+    def merge(self) -> None:
+        if is_quantized(self.base_layer):  # requantizing W + s B A would lose more than the update adds
+            raise merge_refusal(self, self.base_layer, self.method)
+        super().merge()
+
+    def unmerge(self) -> None:
+        if is_quantized(self.base_layer):
+            raise merge_refusal(self, self.base_layer, self.method)
+        super().unmerge()
+
     def _merge(self) -> None:
         weight = self.base_layer.weight
         weight.add_(self.delta_weight().to(weight.dtype))
@@ -170,7 +185,9 @@ class _FusedLoRALinear(torch.autograd.Function):
 
 
 class LoRALinear(LoRALayer):
-    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (whose weight is stored in x out)."""
+    """LoRA around ``nn.Linear``, transformers' ``Conv1D`` (whose weight is stored in x out) or a
+    bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (QLoRA: the adapter in the layer's compute dtype).
+    """
 
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
@@ -178,8 +195,12 @@ class LoRALinear(LoRALayer):
         super().__init__(base_layer, config)
         weight = base_layer.weight
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
-        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
-        factory = self.adapter_factory(weight)
+        if is_quantized(base_layer):  # a packed weight: its shape is not (out, in)
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+            factory = adapter_factory(base_layer)
+        else:
+            in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+            factory = self.adapter_factory(weight)
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
         self.reset_adapter_parameters()
@@ -318,9 +339,15 @@ def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
     if is_linear(module):
         return LoRALinear(module, config)
     raise TypeError(
-        f"it is a {type(module).__name__}, which lora cannot wrap; lora wraps nn.Linear, "
-        "transformers' Conv1D, nn.Embedding and nn.Conv2d"
+        f"it is a {type(module).__name__}, which lora cannot wrap; lora wraps nn.Linear (bitsandbytes' "
+        "Linear4bit and Linear8bitLt too), transformers' Conv1D, nn.Embedding and nn.Conv2d"
     )
+
+
+def apply(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Wrap every target (see :func:`wrap`), after making 4-bit bases keep their input gradient."""
+    disable_cpu_repacking(model)  # see lightning_peft.core.quantize: else an eval forward stops training
+    return inject_layers(model, config, wrap=wrap)
 
 
 #: peft LoraConfig fields whose non-default values lightning_peft's LoRA does not implement.
@@ -380,7 +407,7 @@ register(
         name="lora",
         config_cls=LoRAConfig,
         kind="layer",
-        apply=partial(inject_layers, wrap=wrap),
+        apply=apply,
         resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
         summary="low-rank update B A added to frozen linear, embedding and conv weights; mergeable",
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models",
