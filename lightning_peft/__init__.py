@@ -35,6 +35,7 @@ _EXPORTS = {
     "quantize": "lightning_peft.core.quantize",
     "dequantize": "lightning_peft.core.quantize",
     "prepare_for_kbit_training": "lightning_peft.core.quantize",
+    "enable_gradient_checkpointing": "lightning_peft.core.checkpointing",
     # The subpackage itself, which is callable: Python binds it to this name once imported anyway.
     "methods": "lightning_peft.methods",
     "get_method": "lightning_peft.registry",
@@ -44,6 +45,7 @@ __all__ = [
     "PEFTCallback",
     "calibrate",
     "dequantize",
+    "enable_gradient_checkpointing",
     "get_info",
     "get_method",
     "inject",
@@ -64,6 +66,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from lightning_peft.core.checkpointing import enable_gradient_checkpointing
     from lightning_peft.core.inject import inject, merge, summary, unload, unmerge
     from lightning_peft.core.io import load_adapter, save_adapter
     from lightning_peft.core.quantize import dequantize, prepare_for_kbit_training, quantize
