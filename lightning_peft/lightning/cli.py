@@ -100,7 +100,7 @@ class _HelpFormatter(jsonargparse.DefaultHelpFormatter):
 
 
 class CLIError(ValueError):
-    """A mistake in the CLI's input (a config value, a flag, a file), raised from the original error.
+    """A mistake in the CLI's input (a config value, a flag, a file), raised from the failed check.
 
     :func:`main` prints it as one message without a traceback. ``message`` says what is wrong, with
     the bad value and what would be valid; ``where`` the config key and where it was set.
@@ -428,7 +428,7 @@ class PEFTLightningCLI(LightningCLI):
     registered method's config class can be given wherever an
     :class:`~lightning_peft.core.config.AdapterConfig` is expected.
 
-    Mistakes in the input are raised as :class:`CLIError` from the original exception, with the
+    Mistakes in the input are raised as :class:`CLIError` from the failed check, with the
     config key and where it was set; ``--ckpt_path``, the data (files, columns) and the folders
     the run writes in are checked before a model is built.
     """
@@ -471,7 +471,8 @@ class PEFTLightningCLI(LightningCLI):
             shown = user_error(error)
             if shown is None or isinstance(error, CLIError):
                 raise
-            raise self._explain(shown) from error
+            # From the check itself, which jsonargparse's own error may not name as its cause (a union's branch).
+            raise self._explain(shown) from shown
 
     # ------------------------------------------------------------------ mistakes in the input
 
@@ -532,7 +533,10 @@ class PEFTLightningCLI(LightningCLI):
                 init["save_dir"] = init.get("dir") or os.path.join(root or "", "lightning_logs")
 
     def _check_ready(self) -> None:
-        """What can be checked before a model is built: the folders the run writes in, then the data."""
+        """What can be checked before a model is built: the folders the run writes in, then the data.
+
+        Then W&B's ``save_dir`` is created, so that the run's files land there.
+        """
         trainer = self.trainer
         check_writable("trainer.default_root_dir", trainer.default_root_dir)
         for logger in trainer.loggers:
@@ -546,6 +550,12 @@ class PEFTLightningCLI(LightningCLI):
 
         if isinstance(self.datamodule, TextDataModule):
             load_records(self.datamodule)  # files, columns and the task's checks; setup reuses them
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger.save_dir and "://" not in logger.save_dir:
+                # wandb 0.19 (the minimum) puts a run whose folder does not exist yet in the temp folder.
+                os.makedirs(logger.save_dir, exist_ok=True)
 
     def before_validate(self) -> None:
         self._check_ready()

@@ -74,6 +74,7 @@ def tiny(hub_dir: Path, tmp_path: Path) -> Path:
 def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
+    environ["PYTHON_PRETTY_ERRORS"] = "0"  # torchmetrics < 1.5 imports pretty_errors, which rewrites tracebacks
     command = [sys.executable, "-m", "lightning_peft", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**environ, **env}, timeout=600)
 
