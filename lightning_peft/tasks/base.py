@@ -9,6 +9,7 @@ LightningModule right after ``configure_model``, finding the inner transformers 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,11 +26,30 @@ if TYPE_CHECKING:
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 Schedule = Literal["linear", "constant"]
+Quantization = Literal["nf4", "fp4", "int8"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
 
 #: Keys of a batch that transformers models take as arguments (others, like raw text, stay out).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 #: Heads that are new when a pretrained backbone gets a task head; their absence is expected.
 _NEW_HEADS = ("classifier.", "score.")
+#: The BitsAndBytesConfig that load_model passes while a task module builds a quantized model (set
+#: around build_model, so subclasses that call load_model themselves get it without passing it on).
+_QUANTIZATION: contextvars.ContextVar[Any] = contextvars.ContextVar("lightning_peft_quantization", default=None)
+
+
+def bits_and_bytes_config(quantization: str, compute_dtype: str = "float32", double_quant: bool = False) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``"nf4"``/``"fp4"`` (4-bit) or ``"int8"`` (LLM.int8())."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        bnb_4bit_use_double_quant=double_quant,
+    )
 
 
 @contextlib.contextmanager
@@ -78,6 +98,9 @@ def load_model(auto_class: str, source: ModelSource, dtype: str, **kwargs: Any) 
     """
     import transformers
 
+    quantization = _QUANTIZATION.get()
+    if quantization is not None:
+        kwargs.setdefault("quantization_config", quantization)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
         with _quiet_transformers():
@@ -90,6 +113,10 @@ def load_model(auto_class: str, source: ModelSource, dtype: str, **kwargs: Any) 
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         rank_zero_warn(f"{source.path}: these weights were not in the checkpoint and start random: {shown}.")
+    if kwargs.get("quantization_config") is not None:
+        from lightning_peft.core.quantize import prepare_for_kbit_training
+
+        prepare_for_kbit_training(model)  # norms and heads in float32, input grads, no CPU repacking
     return model
 
 
@@ -104,6 +131,13 @@ class TaskModule(L.LightningModule):
         weight_decay: AdamW's decoupled weight decay.
         warmup_steps: steps of linear warmup from 0 to ``learning_rate``.
         schedule: ``"linear"`` decays to 0 over the run after warmup; ``"constant"`` keeps it.
+        quantization: load the base model's linear layers quantized by bitsandbytes (QLoRA):
+            ``"nf4"`` or ``"fp4"`` (4-bit) or ``"int8"``; ``None`` keeps them in ``dtype``. Through
+            transformers' ``BitsAndBytesConfig``; the output layer stays in full precision, and the
+            model is prepared for k-bit training (see :func:`lightning_peft.prepare_for_kbit_training`).
+            Needs ``pip install "lightning-peft[quant]"``.
+        compute_dtype: the dtype 4-bit layers compute in, and their adapters train in.
+        double_quant: quantize the 4-bit block scales too (QLoRA's double quantization).
     """
 
     #: the transformers auto class this task loads (``"AutoModelForCausalLM"``, ...)
@@ -121,10 +155,29 @@ class TaskModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         schedule: Schedule = "linear",
+        quantization: Quantization | None = None,
+        compute_dtype: ComputeDtype = "float32",
+        double_quant: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         check_choice(name, "dtype", dtype, ("float32", "bfloat16", "float16", "auto"))
+        if quantization is not None:
+            check_choice(name, "quantization", quantization, ("nf4", "fp4", "int8"))
+        check_choice(name, "compute_dtype", compute_dtype, ("float32", "bfloat16", "float16"))
+        if not isinstance(double_quant, bool):
+            raise invalid(name, "double_quant", double_quant, "True or False")
+        if double_quant and quantization not in ("nf4", "fp4"):
+            raise invalid(
+                name,
+                "double_quant",
+                double_quant,
+                f"False unless quantization is 'nf4' or 'fp4' (it is {quantization!r})",
+            )
+        if quantization is not None:
+            from lightning_peft.core.quantize import require_bitsandbytes
+
+            require_bitsandbytes(f"{name}(quantization={quantization!r})")
         check_positive(name, "learning_rate", learning_rate)
         check_choice(name, "schedule", schedule, ("linear", "constant"))
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
@@ -149,8 +202,17 @@ class TaskModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
+            quantization = self.hparams.get("quantization")
+            config = None
+            if quantization is not None:
+                config = bits_and_bytes_config(quantization, self.hparams.compute_dtype, self.hparams.double_quant)
+            token = _QUANTIZATION.set(config)
+            try:
+                model = self.build_model()
+            finally:
+                _QUANTIZATION.reset(token)
             # from_pretrained returns eval mode; Lightning keeps each module's mode as it finds it.
-            self.model = self.build_model().train()
+            self.model = model.train()
 
     @property
     def transformer(self) -> nn.Module:
