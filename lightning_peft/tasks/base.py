@@ -99,7 +99,9 @@ def load_model(auto_class: str, source: ModelSource, dtype: str, **kwargs: Any) 
     import transformers
 
     quantization = _QUANTIZATION.get()
-    if quantization is not None:
+    # transformers refuses a quantization_config with a GGUF file: those are loaded, then quantized here.
+    after_load = quantization if quantization is not None and "gguf_file" in source.kwargs else None
+    if quantization is not None and after_load is None:
         kwargs.setdefault("quantization_config", quantization)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
@@ -113,7 +115,13 @@ def load_model(auto_class: str, source: ModelSource, dtype: str, **kwargs: Any) 
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         rank_zero_warn(f"{source.path}: these weights were not in the checkpoint and start random: {shown}.")
-    if kwargs.get("quantization_config") is not None:
+    if after_load is not None:
+        from lightning_peft.core.quantize import quantize
+
+        kind = "int8" if after_load.load_in_8bit else after_load.bnb_4bit_quant_type
+        double = bool(after_load.bnb_4bit_use_double_quant) and kind != "int8"
+        quantize(model, kind, compute_dtype=after_load.bnb_4bit_compute_dtype, double_quant=double)
+    elif kwargs.get("quantization_config") is not None:
         from lightning_peft.core.quantize import prepare_for_kbit_training
 
         prepare_for_kbit_training(model)  # norms and heads in float32, input grads, no CPU repacking
