@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_peft.core.compat import checkpointing_switches
 from lightning_peft.core.quantize import enable_input_require_grads
 from lightning_peft.core.targeting import find_base_model
 
@@ -38,23 +39,15 @@ def enable_gradient_checkpointing(model: nn.Module, *, use_reentrant: bool = Fal
     if not isinstance(use_reentrant, bool):
         raise ValueError(f"enable_gradient_checkpointing: use_reentrant must be True or False; got {use_reentrant!r}.")
     _, base = find_base_model(model)
-    # transformers 5 renamed it activation_checkpointing_enable (the old name warns until v6).
-    new_name = getattr(base, "activation_checkpointing_enable", None)
-    enable = new_name if callable(new_name) else getattr(base, "gradient_checkpointing_enable", None)
-    if not callable(enable) or not getattr(base, "supports_gradient_checkpointing", False):
+    switches = checkpointing_switches(base)
+    if switches is None:
         raise TypeError(
             f"enable_gradient_checkpointing: {type(base).__name__} is not a transformers model that supports "
             "gradient checkpointing (it has no gradient_checkpointing_enable, or supports_gradient_checkpointing "
             "is False); wrap its blocks in torch.utils.checkpoint.checkpoint yourself."
         )
-    kwargs = {"use_reentrant": use_reentrant}
-    enable(
-        **(
-            {"activation_checkpointing_kwargs": kwargs}
-            if enable is new_name
-            else {"gradient_checkpointing_kwargs": kwargs}
-        )
-    )
+    enable, _, kwargs_name = switches
+    enable(**{kwargs_name: {"use_reentrant": use_reentrant}})
     # Our own hook: transformers adds one only for some models and versions (input_ids models on 5.x, peft
     # models before), and whether the embeddings are frozen may change after this call (inject freezes them).
     enable_input_require_grads(model)
@@ -64,9 +57,7 @@ def enable_gradient_checkpointing(model: nn.Module, *, use_reentrant: bool = Fal
 def disable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Undo :func:`enable_gradient_checkpointing` (the input-grad hook stays; it is harmless)."""
     _, base = find_base_model(model)
-    disable = getattr(base, "activation_checkpointing_disable", None) or getattr(
-        base, "gradient_checkpointing_disable", None
-    )
-    if callable(disable):
-        disable()
+    switches = checkpointing_switches(base)
+    if switches is not None:
+        switches[1]()
     return model

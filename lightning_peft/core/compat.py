@@ -9,6 +9,11 @@ transformers' attention cache
     deprecated there, still accepted through ``**kwargs`` and renamed by a decorator inside
     ``forward``) and as ``past_key_values=`` before. Model outputs and ``generate()``'s model inputs
     use the same name as the forward's parameter.
+
+transformers' gradient checkpointing
+    transformers 5 calls it activation checkpointing (``activation_checkpointing_enable(
+    activation_checkpointing_kwargs=...)``; the old ``gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs=...)`` warns until v6); earlier versions have only the old name.
 """
 
 from __future__ import annotations
@@ -56,3 +61,15 @@ def take_cache(kwargs: dict[str, Any], name: str) -> Any:
 def output_cache(output: Any, name: str) -> Any:
     """The cache a model output returns (its field is named like the forward's parameter)."""
     return output.get(name) if isinstance(output, Mapping) else None
+
+
+def checkpointing_switches(model: nn.Module) -> tuple[Any, Any, str] | None:
+    """``(enable, disable, kwargs name)`` of a transformers model's gradient checkpointing, by the
+    newest name it has; ``None`` when it has neither (or says it does not support it)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return None
+    for prefix in ("activation", "gradient"):
+        enable, disable = (getattr(model, f"{prefix}_checkpointing_{verb}", None) for verb in ("enable", "disable"))
+        if callable(enable) and callable(disable):
+            return enable, disable, f"{prefix}_checkpointing_kwargs"
+    return None

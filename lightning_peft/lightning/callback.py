@@ -33,6 +33,7 @@ from typing_extensions import override
 from lightning_peft import registry
 from lightning_peft.core import inject as core_inject
 from lightning_peft.core import state, training
+from lightning_peft.core.checkpointing import enable_gradient_checkpointing
 from lightning_peft.core.config import AdapterConfig, check_choice
 from lightning_peft.lightning import strategies
 
@@ -94,6 +95,10 @@ class PEFTCallback(Callback):
             called by the forward, or reaches the loss only through a detached path. A gradient of
             zeros is a gradient (LoRA's ``A`` gets one at init, since ``B = 0``) and passes. Not
             checked under FSDP1 and DeepSpeed, which keep gradients in flat buffers, not per tensor.
+        gradient_checkpointing: recompute each layer's activations in backward instead of keeping them
+            (transformers models; see :func:`lightning_peft.enable_gradient_checkpointing`, which also makes
+            checkpointing train adapters under frozen input embeddings). About one more forward per step for
+            activation memory that no longer grows with depth.
         **options: the method's options when ``method`` is a name (``r=8, alpha=16, ...``).
 
     Raises:
@@ -109,6 +114,7 @@ class PEFTCallback(Callback):
         verbose: bool = True,
         restore_rng: bool = True,
         on_dead_params: DeadParams = "raise",
+        gradient_checkpointing: bool = False,
         **options: Any,
     ) -> None:
         self.method, self.config = registry.to_config(method, options)
@@ -116,6 +122,9 @@ class PEFTCallback(Callback):
         self.verbose = verbose
         self.restore_rng = restore_rng
         self.on_dead_params: DeadParams = on_dead_params
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"PEFTCallback.gradient_checkpointing must be True or False; got {gradient_checkpointing!r}.")
+        self.gradient_checkpointing = gradient_checkpointing
         self._grads_checked: set[int] = set()  # ids of the optimizers whose first step was checked
         self._backward_ran = False  # a backward pass ran since the last optimizer step
         self._original_configure_model: Any = None
@@ -152,6 +161,8 @@ class PEFTCallback(Callback):
                 "wrapping it in configure_model and let the strategy shard it (strategy='peft_fsdp' or 'peft_fsdp2')."
             )
         core_inject.inject(pl_module, self.config)
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(pl_module)
         if self.verbose:
             rank_zero_info(core_inject.summary(pl_module))
 

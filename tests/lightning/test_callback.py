@@ -345,3 +345,24 @@ def test_on_dead_params_is_validated() -> None:
         r"got 'warning'",
     ):
         PEFTCallback("lora", on_dead_params="warning")  # type: ignore[arg-type]
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path: Path) -> None:
+    """PEFTCallback(gradient_checkpointing=True): the layers recompute in backward, and the trained
+    adapter equals the one trained without checkpointing (no dropout: nothing random to replay)."""
+
+    def fit(checkpointing: bool) -> tuple[dict[str, torch.Tensor], TinyLM]:
+        L.seed_everything(0)
+        module = TinyLM()
+        callback = PEFTCallback("lora", r=4, verbose=False, gradient_checkpointing=checkpointing)
+        trainer(tmp_path / str(checkpointing), max_steps=3, callbacks=[callback]).fit(module, token_loader())
+        return adapter(module), module
+
+    plain, _ = fit(False)
+    checkpointed, module = fit(True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in module.modules())
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"PEFTCallback.gradient_checkpointing must be True or False; got 'yes'"):
+        PEFTCallback("lora", gradient_checkpointing="yes")
