@@ -23,6 +23,7 @@ from lightning_peft.tasks.sources import PACKAGES
 INSTALL: dict[str, str] = {
     "deepspeed": 'pip install --no-build-isolation "deepspeed>=0.14"',
     "gguf": "pip install gguf",
+    "bitsandbytes": 'pip install "lightning-peft[quant]"',
     **{module: package.install for module, package in PACKAGES.items()},
 }
 

@@ -85,6 +85,7 @@ def needed_modules(path: Path) -> list[str]:
         modules += [m for m in PACKAGES if model_source(path).startswith(f"package:{m}/")]
     loggers = [str((c.get("trainer", {}).get("logger") or {}).get("class_path", "")) for c in configs]
     modules += ["wandb" for logger in loggers if logger.endswith("WandbLogger")]
+    modules += ["bitsandbytes" for c in configs if (c.get("model", {}).get("init_args") or {}).get("quantization")]
     return list(dict.fromkeys(modules))
 
 
