@@ -3,56 +3,62 @@
 ``save_adapter`` writes ``adapter_config.json`` (method, options, base-model fingerprint) and
 ``adapter_model.safetensors`` (the trainable tensors). ``load_adapter`` reads that folder, or a
 Lightning checkpoint written with :class:`~lightning_peft.PEFTCallback`, injects the method if the
-model has none yet, and loads the weights through the validating state-dict hooks.
+model has none yet, and loads the weights through the validating state-dict hooks; if anything
+fails it removes what it injected, so the model is left as it was. Files are read and written
+through :mod:`lightning_peft.core.files` (plain-tensor loading, atomic writes).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from torch import Tensor, nn
 
 from lightning_peft import registry
-from lightning_peft.core import state
-from lightning_peft.core.inject import inject
+from lightning_peft.core import files, state
+from lightning_peft.core.inject import inject, unload
 from lightning_peft.core.targeting import find_base_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 M = TypeVar("M", bound=nn.Module)
+PathLike = str | os.PathLike[str]
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+# --------------------------------------------------------------------------- adapter files
+
+
+def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     """Write the adapter of ``model`` to ``directory`` (created if needed) and return the folder."""
     # Training-only statistics (see AdapterModule.training_state_names) stay in checkpoints.
     tensors = state.trainable_state_dict(model, training_state=False)
     return write_adapter(state.require_info(model), tensors, directory)
 
 
-def write_adapter(info: state.PEFTInfo, tensors: dict[str, Tensor], directory: str | os.PathLike[str]) -> Path:
-    """Write already collected adapter ``tensors`` (e.g. gathered from a sharded model) with ``info``'s record."""
-    from safetensors.torch import save_file
+def write_adapter(info: state.PEFTInfo, tensors: Mapping[str, Tensor], directory: PathLike) -> Path:
+    """Write already collected adapter ``tensors`` (e.g. gathered from a sharded model) with ``info``'s record.
 
+    Each file is replaced atomically; the config is written last (the record checks its tensors'
+    shapes when they load, so a weights file newer than its config is refused, not misread).
+    """
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        state.to_cpu_contiguous(tensors), str(out / WEIGHTS_NAME), metadata={"format": "pt", "method": info.method}
-    )
-    (out / CONFIG_NAME).write_text(json.dumps({state.METADATA_KEY: info.metadata()}, indent=2, sort_keys=True))
+    config = files.json_bytes({state.METADATA_KEY: info.metadata()}, out / CONFIG_NAME)  # refused before any write
+    files.save_tensors(tensors, out / WEIGHTS_NAME, metadata={"format": "pt", "method": info.method})
+    files.atomic_write(out / CONFIG_NAME, config)
     return out
 
 
-def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(record, tensors) from an adapter folder or a Lightning checkpoint file.
+def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(validated record, tensors) from an adapter folder or a Lightning checkpoint file.
 
     Raises:
         FileNotFoundError: when the path or its files are missing.
-        ValueError: when the file holds no lightning_peft adapter.
+        files.FileContentError: when a file is truncated, corrupt, or holds a pickled object.
+        ValueError: when the file holds no lightning_peft adapter, or its record is malformed.
     """
     path = Path(path)
     if path.is_dir():
@@ -60,15 +66,20 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
         for required in (config_file, weights_file):
             if not required.is_file():
                 raise FileNotFoundError(f"adapter folder {path} lacks {required.name}")
-        from safetensors.torch import load_file
-
-        record = json.loads(config_file.read_text()).get(state.METADATA_KEY)
+        content = files.read_json(config_file)
+        record = content.get(state.METADATA_KEY) if isinstance(content, dict) else None
         if not isinstance(record, dict):
             raise ValueError(f"{config_file} is not a lightning_peft adapter config (no {state.METADATA_KEY!r} key)")
-        return record, load_file(str(weights_file))
+        if set(content) != {state.METADATA_KEY}:
+            extra = sorted(set(content) - {state.METADATA_KEY})
+            raise ValueError(
+                f"{config_file} has unknown top-level key(s) {', '.join(map(repr, extra))}; a lightning_peft adapter "
+                f"config holds only {state.METADATA_KEY!r}. Was it written by another tool?"
+            )
+        return state.validate_record(record, str(config_file)), files.load_tensors(weights_file)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter folder or checkpoint file at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = files.load_torch(path)
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     record = state.read_metadata(state_dict) if isinstance(state_dict, dict) else None
     if record is None:
@@ -76,7 +87,8 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
             f"{path} holds no lightning_peft adapter (its state dict carries no {state.METADATA_KEY!r} record); "
             "expected a checkpoint written with PEFTCallback or a folder from save_adapter()."
         )
-    return record, dict(state_dict)
+    assert isinstance(state_dict, dict)
+    return state.validate_record(record, str(path)), dict(state_dict)
 
 
 def _rebase(tensors: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
@@ -95,19 +107,37 @@ def _rebase(tensors: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]
     return moved
 
 
-def load_adapter(model: M, path: str | os.PathLike[str]) -> M:
+def _remove(model: nn.Module) -> None:
+    unload(model, merge=False)
+
+
+def load_adapter(model: M, path: PathLike) -> M:
     """Load an adapter into ``model`` (injecting its method first if needed); returns ``model``.
 
+    All or nothing: when it raises, ``model`` is as it was (an adapter it injected is removed).
+
     Raises:
-        ValueError: when the adapter was trained with another method or options, or on another
-            base model, or its tensors do not cover every adapter weight.
+        FileNotFoundError: when the folder, checkpoint or one of their files is missing.
+        files.FileContentError: when a file is truncated, corrupt, or holds a pickled object.
+        ValueError: when the record is malformed or from a newer lightning_peft, the adapter was
+            trained with another method or options or on another base model, or a tensor is
+            missing, of another shape, or not finite.
     """
     record, tensors = read_adapter(path)
-    method = registry.get(record.get("method", ""))
-    if state.get_info(model) is None:
-        inject(model, method.config_cls.from_dict(record["config"]))
-    base_path, _ = find_base_model(model)
-    ordered: OrderedDict[str, Tensor] = OrderedDict(_rebase(tensors, record.get("base_path", ""), base_path))
-    ordered._metadata = {"": {state.METADATA_KEY: record}}  # type: ignore[attr-defined]
-    model.load_state_dict(ordered, strict=True)
+    try:
+        method = registry.get(record["method"])
+    except ValueError as error:
+        raise ValueError(f"{path} holds an adapter of a method this lightning_peft does not have: {error}") from error
+    with state.all_or_nothing(model, remove=_remove):
+        if state.get_info(model) is None:
+            try:
+                config = method.config_cls.from_dict(record["config"])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path} records options this lightning_peft cannot use: {error}") from error
+            inject(model, config)
+        base_path, _ = find_base_model(model)
+        ordered: OrderedDict[str, Tensor] = OrderedDict(_rebase(tensors, record["base_path"], base_path))
+        ordered._metadata = {"": {state.METADATA_KEY: record}}  # type: ignore[attr-defined]
+        with state.loading_from(str(path)):
+            model.load_state_dict(ordered, strict=True)
     return model

@@ -3,20 +3,29 @@
 An injected model carries a :class:`PEFTInfo` record (method, resolved config, base-model
 fingerprint). Its state dicts carry the same record in torch's per-module ``_metadata`` (the
 mechanism torch uses for module versions), so a state dict says what wrote it. Load hooks then
-check, before any tensor is copied, that the method, options and base model match, that every
-adapter key is present, and they let frozen base weights be missing: the checkpoint holds only
-what was trained. No blanket ``strict=False``.
+check, before any tensor is copied, that the record is well formed (:func:`validate_record`),
+that the method, options and base model match, and that every adapter tensor is present, of the
+model's shape and finite; keys the model lacks are refused, frozen base weights may be missing:
+the checkpoint holds only what was trained. No blanket ``strict=False``, and a failed load copies
+nothing.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
+import difflib
 import hashlib
 import math
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.config import AdapterConfig
@@ -25,48 +34,145 @@ from lightning_peft.core.targeting import find_base_model
 
 #: Key of our record inside ``state_dict._metadata[prefix]``.
 METADATA_KEY = "lightning_peft"
-FORMAT_VERSION = 1
-_CHECKSUM_ELEMENTS = 256
-_CHECKSUM_RTOL = 5e-2  # loose enough for a bf16/fp16 copy of the same base, tight enough for another one
+#: The record format written: 2 fingerprints the base by sampled values. Format 1 (checksums) is read.
+FORMAT_VERSION = 2
+_SAMPLES = 16  # values sampled per base weight tensor (format 2)
+_CHECKSUM_ELEMENTS = 256  # format 1: sum of |w| over the first elements of each tensor ...
+_CHECKSUM_RTOL = 5e-2  # ... compared within 5 %
+
+
+def _sample(tensor: Tensor) -> str | None:
+    """``"<dtype>:<base64 of float32 values>"``: up to ``_SAMPLES`` values at positions spread evenly
+    from the first element to the last; ``None`` for what holds no comparable values (integers,
+    meta tensors, sharded tensors without a flat view)."""
+    if tensor.is_meta or not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    try:
+        flat = tensor.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLES), dtype=torch.float64)
+        values = flat[index.round().long().to(flat.device)].to("cpu", torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return None
+    encoded = base64.b64encode(values.numpy().astype("<f4").tobytes()).decode("ascii")
+    return f"{str(tensor.dtype).removeprefix('torch.')}:{encoded}"
+
+
+def _decode_sample(sample: str) -> tuple[torch.dtype, Tensor]:
+    """The dtype and values of a :func:`_sample` string; ``ValueError`` naming what is wrong."""
+    name, sep, encoded = sample.partition(":")
+    dtype = getattr(torch, name, None)
+    if not sep or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"sample {sample[:40]!r} does not start with a floating-point dtype name")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"sample {sample[:40]!r} is not base64 ({error})") from None
+    if not raw or len(raw) % 4 or len(raw) > 4 * _SAMPLES:
+        raise ValueError(f"sample {sample[:40]!r} holds {len(raw)} bytes, not 1 to {_SAMPLES} float32 values")
+    return dtype, torch.frombuffer(bytearray(raw), dtype=torch.float32)
+
+
+def _same_values(mine: str, theirs: str) -> bool:
+    """Whether two samples of a weight are the same values, up to a change of dtype (see BaseFingerprint)."""
+    (dtype_a, a), (dtype_b, b) = _decode_sample(mine), _decode_sample(theirs)
+    if a.shape != b.shape:
+        return False
+    coarse, fine = sorted((dtype_a, dtype_b), key=lambda d: torch.finfo(d).eps, reverse=True)
+    a, b = a.to(coarse).float(), b.to(coarse).float()
+    if dtype_a == dtype_b or torch.finfo(fine).eps <= torch.finfo(torch.float32).eps:
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    # Two different 16-bit copies: each was rounded once from the original, one of them twice here.
+    atol = max(torch.finfo(d).smallest_normal * torch.finfo(d).eps for d in (dtype_a, dtype_b))
+    return bool(torch.isclose(a, b, rtol=torch.finfo(coarse).eps, atol=atol, equal_nan=True).all())
 
 
 @dataclass
 class BaseFingerprint:
-    """What identifies the frozen base model an adapter was trained on.
+    """What identifies the frozen base model an adapter was trained on (record format 2).
 
-    ``structure`` hashes the names and shapes of the frozen tensors; ``checksums`` holds, per tensor,
-    the sum of absolute values of its first elements, which tells two bases of one architecture
-    apart while tolerating a change of dtype.
+    ``structure`` hashes the names and shapes of the base model's weights (parameters and
+    persistent buffers, i.e. what its checkpoint holds; buffers computed at init, such as rotary
+    frequencies, may differ in the last bit between devices and are left out). ``samples`` holds,
+    per weight, 16 values at fixed positions spread from its first element to its last, with the
+    weight's dtype.
+
+    Two samples match when, rounded to the coarser of their two dtypes, they are equal. That is
+    what "the same weights in another dtype" means: a bf16 copy of a float32 base is each weight
+    rounded once, and rounding the float32 samples the same way reproduces it exactly, on any
+    device. A tolerance on the raw values cannot do this job: bf16 rounding moves a weight by up to
+    2^-8 (0.4 %) of its value, more than a fine-tuned derivative typically differs (1e-3 relative
+    noise), so any tolerance loose enough for bf16 would accept the derivative. Rounding does tell
+    them apart: at float32 every sample of the derivative differs, and at bf16 such noise carries
+    about 15 % of the samples across a rounding boundary, so nearly every tensor of 16 samples
+    differs. Only between two different 16-bit copies (fp16 against bf16), each rounded once from
+    the original, can the second rounding land one unit in the last place away; there one unit
+    (plus fp16's subnormal step) is allowed. A derivative that changed no sampled value (a sparse
+    edit) is not detected.
+
+    Args:
+        model_type: the transformers ``model_type``, for messages.
+        structure: hash of the weights' names and shapes.
+        samples: per weight (sorted by name), :func:`_sample`'s string, ``None`` where not comparable.
+        names: the weights' names, kept in memory only, for messages.
+        legacy: ``(structure, checksums)`` computed as format 1 did, to compare format-1 records with.
     """
 
     model_type: str | None
     structure: str
-    checksums: list[float]
+    samples: list[str | None]
+    names: list[str] = field(default_factory=list, compare=False, repr=False)
+    legacy: tuple[str, list[float]] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": self.model_type, "structure": self.structure, "checksums": list(self.checksums)}
+        return {"model_type": self.model_type, "structure": self.structure, "samples": list(self.samples)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseFingerprint:
-        return cls(data.get("model_type"), data["structure"], [float(x) for x in data["checksums"]])
+        return cls(data.get("model_type"), data["structure"], list(data["samples"]))
+
+    def _other_architecture(self, other_type: str | None) -> str:
+        return (
+            f"it was trained on a base model of another architecture or size "
+            f"(model_type {other_type!r}, this model is {self.model_type!r}; the frozen "
+            f"weights' names or shapes differ)"
+        )
 
     def mismatch(self, other: BaseFingerprint) -> str | None:
         """Why ``other`` (what a state dict was trained on) is not this base, or ``None``."""
-        if self.structure != other.structure or len(self.checksums) != len(other.checksums):
-            return (
-                f"it was trained on a base model of another architecture or size "
-                f"(model_type {other.model_type!r}, this model is {self.model_type!r}; the frozen "
-                f"weights' names or shapes differ)"
-            )
+        if self.structure != other.structure or len(self.samples) != len(other.samples):
+            return self._other_architecture(other.model_type)
+        differ = [
+            index
+            for index, (a, b) in enumerate(zip(self.samples, other.samples, strict=True))
+            if a is not None and b is not None and not _same_values(a, b)
+        ]
+        if not differ:
+            return None
+        named = [self.names[i] for i in differ[:3]] if len(self.names) == len(self.samples) else []
+        return (
+            f"it was trained on another base model of the same architecture, or on a fine-tuned derivative of this "
+            f"one ({len(differ)} of {len(self.samples)} frozen weight tensors differ"
+            + (f", e.g. {', '.join(named)}" if named else "")
+            + ")"
+        )
+
+    def mismatch_legacy(self, data: dict[str, Any]) -> str | None:
+        """As :meth:`mismatch`, for a format-1 record's fingerprint (``structure``, ``checksums``)."""
+        if self.legacy is None:
+            raise ValueError("this fingerprint was not computed with its format-1 view (state.fingerprint does)")
+        structure, checksums = self.legacy
+        theirs = [float(x) for x in data["checksums"]]
+        if structure != data["structure"] or len(checksums) != len(theirs):
+            return self._other_architecture(data.get("model_type"))
         differ = sum(
             1
-            for a, b in zip(self.checksums, other.checksums, strict=True)
+            for a, b in zip(checksums, theirs, strict=True)
             if not (math.isnan(a) or math.isnan(b)) and not math.isclose(a, b, rel_tol=_CHECKSUM_RTOL, abs_tol=1e-6)
         )
         if differ:
             return (
                 f"it was trained on another base model of the same architecture ({differ} of "
-                f"{len(self.checksums)} frozen weight tensors differ)"
+                f"{len(checksums)} frozen weight tensors differ)"
             )
         return None
 
@@ -184,6 +290,7 @@ def _strip_wrappers(name: str) -> str:
 
 
 def _checksum(tensor: Tensor) -> float:
+    """Format 1's per-tensor value: the sum of |w| over the first elements."""
     if tensor.is_meta or not tensor.is_floating_point() or tensor.numel() == 0:
         return math.nan
     try:
@@ -193,21 +300,40 @@ def _checksum(tensor: Tensor) -> float:
     return float(head.double().abs().sum())
 
 
+def _structure(entries: Mapping[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(entries):
+        digest.update(f"{name}:{tuple(entries[name].shape)};".encode())
+    return digest.hexdigest()[:32]
+
+
 def fingerprint(model: nn.Module) -> BaseFingerprint:
     """Fingerprint of the frozen base weights of ``model`` (adapter state excluded)."""
     base_path, base = find_base_model(model)
     adapter_ids = {id(t) for _, t in [*adapter_state(model), *training_state(model)]}
-    entries: dict[str, Tensor] = {}
+    every: dict[str, Tensor] = {}  # format 1 took every parameter and buffer
     for name, tensor in [*base.named_parameters(), *base.named_buffers()]:
         if id(tensor) not in adapter_ids:
-            entries.setdefault(_strip_wrappers(name), tensor)
-    digest = hashlib.sha256()
-    checksums = []
-    for name in sorted(entries):
-        digest.update(f"{name}:{tuple(entries[name].shape)};".encode())
-        checksums.append(_checksum(entries[name]))
+            every.setdefault(_strip_wrappers(name), tensor)
+    computed = {
+        f"{owner}.{local}" if owner else local
+        for owner, module in base.named_modules()
+        for local in module._non_persistent_buffers_set
+    }
+    weights = {
+        _strip_wrappers(name): tensor
+        for name, tensor in [*base.named_parameters(), *base.named_buffers()]
+        if id(tensor) not in adapter_ids and name not in computed
+    }
+    names = sorted(weights)
     kind = getattr(getattr(base, "config", None), "model_type", None)
-    return BaseFingerprint(kind if isinstance(kind, str) else None, digest.hexdigest()[:32], checksums)
+    return BaseFingerprint(
+        kind if isinstance(kind, str) else None,
+        _structure(weights),
+        [_sample(weights[name]) for name in names],
+        names=names,
+        legacy=(_structure(every), [_checksum(every[name]) for name in sorted(every)]),
+    )
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -237,30 +363,212 @@ def trainable_state_dict(model: nn.Module, *, training_state: bool = True) -> Or
     return state
 
 
-def read_metadata(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any] | None:
-    """Our record in a state dict's torch metadata at module path ``prefix`` ('' for the root)."""
+def read_metadata(state_dict: dict[str, Any], prefix: str = "") -> Any:
+    """Our record in a state dict's torch metadata at module path ``prefix`` ('' for the root), as
+    stored (:func:`validate_record` checks it), or ``None`` when there is none."""
     metadata = getattr(state_dict, "_metadata", None) or {}
-    record = metadata.get(prefix, {}).get(METADATA_KEY)
-    return record if isinstance(record, dict) else None
+    entry = metadata.get(prefix, {})
+    return entry.get(METADATA_KEY) if isinstance(entry, dict) else None
 
 
-def check_record(info: PEFTInfo, record: dict[str, Any], where: str = "the state dict") -> None:
-    """Raise a clear error when ``record`` (what wrote a state dict) does not fit ``info``."""
+# --------------------------------------------------------------------------- validation
+
+#: The keys of a record and their types; any other key is refused.
+RECORD_FIELDS: dict[str, type] = {"format": int, "method": str, "config": dict, "base_path": str, "base": dict}
+#: The keys of the record's base fingerprint, per format.
+FINGERPRINT_FIELDS: dict[int, frozenset[str]] = {
+    1: frozenset({"model_type", "structure", "checksums"}),
+    2: frozenset({"model_type", "structure", "samples"}),
+}
+
+
+def _closest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _shown(names: Sequence[str], limit: int = 5, sep: str = ", ") -> str:
+    return sep.join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def validate_record(record: Any, where: str) -> dict[str, Any]:
+    """``record`` if it is a well-formed record of a format this version reads.
+
+    Raises:
+        ValueError: naming the unknown, missing or mistyped key, or the format when it is newer
+            than :data:`FORMAT_VERSION` (a newer lightning_peft wrote it).
+    """
+    from lightning_peft import __version__
+
+    def malformed(problem: str) -> ValueError:
+        return ValueError(
+            f"{where} carries a malformed lightning_peft record: {problem}. It was damaged or written by another "
+            "tool; use another checkpoint, or save the adapter again."
+        )
+
+    if not isinstance(record, dict):
+        raise malformed(f"expected a mapping, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(RECORD_FIELDS))
+    if unknown:
+        key = unknown[0]
+        raise malformed(f"unknown key {key!r}{_closest(key, list(RECORD_FIELDS))}; known: {', '.join(RECORD_FIELDS)}")
+    missing = [key for key in RECORD_FIELDS if key not in record]
+    if missing:
+        raise malformed(f"it lacks {missing[0]!r}; a record holds {', '.join(RECORD_FIELDS)}")
+    version = record["format"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise malformed(f"format must be a positive integer; got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{where} was written in record format {version} by a newer lightning_peft; this version ({__version__}) "
+            f"reads formats 1 to {FORMAT_VERSION}. Upgrade lightning_peft to load it."
+        )
+    for key, kind in RECORD_FIELDS.items():
+        if not isinstance(record[key], kind):
+            raise malformed(f"{key} must be a {kind.__name__}; got {str(record[key])[:60]!r}")
+    base, known = record["base"], FINGERPRINT_FIELDS[version]
+    unknown = sorted(set(base) - known)
+    if unknown:
+        key = unknown[0]
+        raise malformed(f"unknown key base.{key}{_closest(key, sorted(known))}; format {version} has {sorted(known)}")
+    missing = [key for key in sorted(known) if key not in base]
+    if missing:
+        raise malformed(f"it lacks base.{missing[0]}")
+    model_type = base["model_type"]
+    if not isinstance(base["structure"], str) or not (model_type is None or isinstance(model_type, str)):
+        raise malformed("base.structure must be a string and base.model_type a string or null")
+    values = base["checksums" if version == 1 else "samples"]
+    if not isinstance(values, list):
+        raise malformed(f"base.{'checksums' if version == 1 else 'samples'} must be a list")
+    for index, value in enumerate(values):
+        if version == 1 and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise malformed(f"base.checksums[{index}] must be a number; got {value!r}")
+        if version == 2 and value is not None:
+            if not isinstance(value, str):
+                raise malformed(f"base.samples[{index}] must be a string or null; got {value!r}")
+            try:
+                _decode_sample(value)
+            except ValueError as error:
+                raise malformed(f"base.samples[{index}] is not a sample ({error})") from None
+    return record
+
+
+_LOADING_FROM: ContextVar[str] = ContextVar("lightning_peft_loading_from", default="the state dict")
+
+
+@contextlib.contextmanager
+def loading_from(where: str) -> Iterator[None]:
+    """Name what a ``load_state_dict`` inside reads (a file), for the load hooks' errors."""
+    token = _LOADING_FROM.set(where)
+    try:
+        yield
+    finally:
+        _LOADING_FROM.reset(token)
+
+
+def check_record(info: PEFTInfo, record: Any, where: str = "the state dict") -> None:
+    """Raise a clear error when ``record`` (what wrote a state dict) is malformed or does not fit ``info``.
+
+    A format-1 record is still read; its base fingerprint (checksums within 5 %) cannot tell a
+    fine-tuned derivative from its base, which a warning says.
+    """
     from lightning_peft import registry
 
-    if record.get("method") != info.method:
+    record = validate_record(record, where)
+    if record["method"] != info.method:
         raise ValueError(
-            f"{where} holds a {record.get('method')!r} adapter, but this model has method={info.method!r} "
-            f"injected; use PEFTCallback(method={record.get('method')!r}, ...) or another checkpoint."
+            f"{where} holds a {record['method']!r} adapter, but this model has method={info.method!r} "
+            f"injected; use PEFTCallback(method={record['method']!r}, ...) or another checkpoint."
         )
-    theirs = registry.get(info.method).config_cls.from_dict(record.get("config", {}))
+    try:
+        theirs = registry.get(info.method).config_cls.from_dict(record["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where} records {info.method} options this lightning_peft cannot use: {error}") from error
     diff = info.config.diff(theirs)
     if diff:
         details = "; ".join(f"{k}={b!r} in {where}, {k}={a!r} here" for k, (a, b) in diff.items())
         raise ValueError(f"{where} was trained with other {info.method} options: {details}.")
-    problem = info.fingerprint.mismatch(BaseFingerprint.from_dict(record["base"]))
+    if record["format"] == 1:
+        warnings.warn(
+            f"{where} carries a format-1 lightning_peft record, whose base fingerprint cannot tell a fine-tuned "
+            "derivative from its base; it loads with that weaker check. Save the adapter again to upgrade it.",
+            UserWarning,
+            stacklevel=2,
+        )
+        problem = info.fingerprint.mismatch_legacy(record["base"])
+    else:
+        problem = info.fingerprint.mismatch(BaseFingerprint.from_dict(record["base"]))
     if problem:
         raise ValueError(f"{where} does not fit this base model: {problem}.")
+
+
+def non_finite_error(found: Sequence[str], where: str) -> ValueError:
+    """The error for adapter tensors holding NaN or infinities (``found``: their names, with counts)."""
+    return ValueError(
+        f"{where} holds non-finite values (NaN or infinity) in adapter tensor(s) {_shown(found, 3)}: the training "
+        "that wrote it diverged. Load an earlier checkpoint, or lower the learning rate and train again."
+    )
+
+
+def check_finite(tensors: Mapping[str, Tensor], where: str) -> None:
+    """Refuse adapter tensors holding NaN or infinities, naming them."""
+    bad = []
+    for name, tensor in tensors.items():
+        if isinstance(tensor, Tensor) and (tensor.is_floating_point() or tensor.is_complex()) and not tensor.is_meta:
+            count = int((~torch.isfinite(tensor.detach())).sum())
+            if count:
+                bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise non_finite_error(bad, where)
+
+
+def check_tensors(shapes: Mapping[str, Sequence[int]], tensors: Mapping[str, Any], where: str) -> None:
+    """Refuse, before anything is copied, adapter tensors that are missing from ``tensors``, not of
+    the shape ``shapes`` gives, or not finite; each is named."""
+    missing = [name for name in shapes if name not in tensors]
+    if missing:
+        raise ValueError(
+            f"{where} lacks adapter weights: {_shown(missing)}. It is incomplete or was trimmed by another tool."
+        )
+    wrong = [
+        f"{name} is {tuple(tensors[name].shape) if isinstance(tensors[name], Tensor) else type(tensors[name]).__name__}"
+        f" there, {tuple(shape)} here"
+        for name, shape in shapes.items()
+        if not isinstance(tensors[name], Tensor) or tuple(tensors[name].shape) != tuple(shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"{where} does not fit this model's adapter: {_shown(wrong, 3, '; ')}. It was trained with other "
+            "options or on a model of another size."
+        )
+    check_finite({name: tensors[name] for name in shapes}, where)
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module, remove: Callable[[nn.Module], None]) -> Iterator[None]:
+    """Undo what a load did to ``model`` when it raises inside: an adapter it injected (taken out
+    with ``remove``, every ``requires_grad`` flag restored), or the adapter tensors it overwrote
+    (copied back).
+
+    Args:
+        model: the model being loaded into.
+        remove: takes an injected adapter out again (``lambda m: lightning_peft.unload(m, merge=False)``).
+    """
+    had_adapter = get_info(model) is not None
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    tensors = [*adapter_state(model), *training_state(model)] if had_adapter else []
+    saved = {name: t.detach().clone() for name, t in tensors}
+    try:
+        yield
+    except BaseException:
+        if not had_adapter and get_info(model) is not None:
+            remove(model)
+            for param in model.parameters():
+                param.requires_grad_(flags.get(id(param), param.requires_grad))
+        with torch.no_grad():
+            for name, tensor in tensors:
+                tensor.copy_(saved[name])
+        raise
 
 
 def _load_pre_hook(
@@ -273,27 +581,45 @@ def _load_pre_hook(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
+    """Everything checked before torch copies a tensor, so that a refused load changes nothing."""
     info = get_info(module)
     if info is None:
         return
     info.load_prefix = prefix
+    where = _LOADING_FROM.get()
     record = local_metadata.get(METADATA_KEY)
-    if record is None:
-        return  # a plain tensor dict: torch's strict checks (with frozen keys allowed to be missing) apply
-    check_record(info, record)
+    if record is not None:
+        check_record(info, record, where)
     merged = [name for name, m in adapter_modules(module) if m.merged]
     if merged:
         raise ValueError(
             f"cannot load adapter weights into merged layers ({', '.join(merged[:3])}, ...); "
             "call lightning_peft.unmerge(model) first."
         )
-    missing = [prefix + name for name, _ in adapter_state(module) if prefix + name not in state_dict]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(
-            f"the state dict was written by lightning_peft ({info.method}) but lacks adapter weights: {shown}. "
-            "The checkpoint is incomplete or was trimmed by another tool."
-        )
+    own = {prefix + name: t for name, t in module.state_dict(keep_vars=True).items()}  # extra state too
+    if strict:
+        unexpected = [key for key in state_dict if key.startswith(prefix) and key not in own]
+        if unexpected:
+            raise ValueError(
+                f"{where} holds tensors this model does not have: {_shown(unexpected)}. Was it trained on another "
+                f"architecture, or with another {info.method} configuration?"
+            )
+    required = {prefix + name: t.shape for name, t in adapter_state(module)}
+    optional = {prefix + name: t.shape for name, t in training_state(module)}
+    if record is not None:  # a lightning_peft state dict holds the whole adapter; a plain one: torch's strict check
+        check_tensors(required, state_dict, where)
+    present = {key: shape for key, shape in {**required, **optional}.items() if key in state_dict}
+    check_tensors(present, state_dict, where)
+    frozen = [
+        f"{key} is {tuple(state_dict[key].shape)} there, {tuple(own[key].shape)} here"
+        for key in state_dict
+        if key not in present
+        and isinstance(own.get(key), Tensor)
+        and isinstance(state_dict[key], Tensor)
+        and state_dict[key].shape != own[key].shape
+    ]
+    if frozen:
+        raise ValueError(f"{where} does not fit this model: {_shown(frozen, 3, '; ')}.")
 
 
 def _load_post_hook(module: nn.Module, incompatible: Any) -> None:

@@ -5,11 +5,15 @@ An adapter trained with lightning_peft can be served by anything that reads peft
 method whose registry entry declares a :class:`~lightning_peft.registry.PeftFormat`. Tensor names
 come from the adapter layers (``AdapterModule.peft_key``); options from the method's mapping,
 which refuses peft options lightning_peft does not implement instead of dropping them.
+
+Loading validates before it changes anything: a field that is not one of peft's (a typo such as
+``lora_rnak``) is refused by name with the closest field suggested, and every tensor is checked
+for presence, shape and finiteness; on any failure the method it injected is removed again.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,15 +22,44 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft import registry
-from lightning_peft.core import state
-from lightning_peft.core.inject import inject, resolve
+from lightning_peft.core import files, state
+from lightning_peft.core.inject import inject, resolve, unload
 from lightning_peft.core.targeting import find_base_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: What peft writes instead of safetensors with ``save_pretrained(safe_serialization=False)``.
+BIN_NAME = "adapter_model.bin"
 #: peft keys every tensor by its path under ``PeftModel.base_model.model``.
 PREFIX = "base_model.model."
 M = TypeVar("M", bound=nn.Module)
+
+#: The version of peft whose config fields :data:`PEFT_FIELDS` lists.
+PEFT_FIELDS_VERSION = "0.21.2"
+#: Every field of peft's config class per ``peft_type`` (``dataclasses.fields`` of ``LoraConfig`` and
+#: ``IA3Config`` in peft 0.21.2; a test checks the installed peft has no field missing here). A field
+#: not listed is refused: lightning_peft does not guess what an unknown option meant.
+# fmt: off
+PEFT_FIELDS: dict[str, frozenset[str]] = {
+    "LORA": frozenset({
+        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path",
+        "bias", "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out",
+        "inference_mode", "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern",
+        "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
+        "megatron_config", "megatron_core", "modules_to_save", "monteclora_config", "peft_type", "peft_version",
+        "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config", "target_modules",
+        "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora",
+        "use_rslora", "velora_config",
+    }),
+    "IA3": frozenset({
+        "auto_mapping", "base_model_name_or_path", "exclude_modules", "fan_in_fan_out", "feedforward_modules",
+        "inference_mode", "init_ia3_weights", "modules_to_save", "peft_type", "peft_version", "revision",
+        "target_modules", "task_type",
+    }),
+}
+# fmt: on
+#: peft's class name per ``peft_type``, for messages.
+PEFT_CLASSES = {"LORA": "LoraConfig", "IA3": "IA3Config"}
 
 
 def check_peft_defaults(method: str, options: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -93,8 +126,6 @@ def save_peft_adapter(
         base_model_name_or_path: recorded for peft's ``PeftModel.from_pretrained``; defaults to
             the transformers model's ``config._name_or_path``.
     """
-    from safetensors.torch import save_file
-
     info = state.require_info(model)
     fmt = _format(info.method)
     tensors = dict(_peft_names(model).values())
@@ -109,9 +140,9 @@ def save_peft_adapter(
         **fmt.to_peft(info.config),
     }
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state.to_cpu_contiguous(tensors), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    text = files.json_bytes(config, out / CONFIG_NAME)  # a non-finite option is refused before any write
+    files.save_tensors(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    files.atomic_write(out / CONFIG_NAME, text)
     return out
 
 
@@ -131,47 +162,105 @@ def _same_base_weights(model: nn.Module, stored: dict[str, Tensor]) -> set[str]:
     return same
 
 
+def check_peft_fields(options: dict[str, Any], where: str) -> None:
+    """Refuse a field that is not one of peft's for the config's ``peft_type`` (see :data:`PEFT_FIELDS`).
+
+    Raises:
+        ValueError: naming the field and the closest peft field, if one is close.
+    """
+    peft_type = str(options.get("peft_type"))
+    known = PEFT_FIELDS.get(peft_type)
+    if known is None:
+        raise ValueError(
+            f"{where}: lightning_peft has no list of peft's {peft_type} config fields to check it against; "
+            f"known: {', '.join(sorted(PEFT_FIELDS))}."
+        )
+    unknown = sorted(set(options) - known)
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        raise ValueError(
+            f"{where} has field {name!r}, which is not a field of peft's {PEFT_CLASSES.get(peft_type, peft_type)} "
+            f"(as of peft {PEFT_FIELDS_VERSION}){f'; did you mean {close[0]!r}?' if close else '.'} lightning_peft "
+            "refuses an option it cannot interpret rather than dropping it: fix or remove the field."
+        )
+
+
+def _read_peft_tensors(path: Path) -> dict[str, Tensor]:
+    if path.name == WEIGHTS_NAME:
+        return files.load_tensors(path)
+    stored = files.load_torch(path)
+    if not isinstance(stored, dict) or not all(isinstance(v, Tensor) for v in stored.values()):
+        raise files.FileContentError(f"{path} is not a peft adapter: expected a mapping of tensor names to tensors.")
+    return stored
+
+
+def _remove(model: nn.Module) -> None:
+    unload(model, merge=False)
+
+
 def load_peft_adapter(model: M, directory: str | os.PathLike[str]) -> M:
     """Load a Hugging Face peft adapter folder into ``model`` (injecting the method first); returns ``model``.
 
+    Reads ``adapter_model.safetensors``, or peft's ``adapter_model.bin`` without unpickling it (plain
+    tensors only). All or nothing: when it raises, ``model`` is as it was.
+
     Raises:
         FileNotFoundError: when the folder or its files are missing.
-        ValueError: for a peft method or option lightning_peft does not implement, a model that
-            already has another adapter, or tensors that do not match the model's adapter.
+        files.FileContentError: when a file is truncated, corrupt, or holds a pickled object.
+        ValueError: for a field peft does not have, a peft method or option lightning_peft does not
+            implement, a model that already has another adapter, or tensors that do not match the
+            model's adapter (missing, unexpected, of another shape, not finite).
     """
-    from safetensors.torch import load_file
-
     folder = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"peft adapter folder {folder} lacks {name}")
-    options = json.loads((folder / CONFIG_NAME).read_text())
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"peft adapter folder {folder} lacks {CONFIG_NAME}")
+    weights_file = next((folder / n for n in (WEIGHTS_NAME, BIN_NAME) if (folder / n).is_file()), None)
+    if weights_file is None:
+        raise FileNotFoundError(f"peft adapter folder {folder} lacks {WEIGHTS_NAME} (or peft's older {BIN_NAME})")
+    options = files.read_json(config_file)
+    if not isinstance(options, dict):
+        raise files.FileContentError(f"{config_file} holds a JSON {type(options).__name__}, not peft's config object.")
     peft_type = options.get("peft_type")
     matches = [m for m in registry.all_methods() if m.peft is not None and m.peft.peft_type == peft_type]
     if not matches:
         known = sorted({m.peft.peft_type for m in registry.all_methods() if m.peft is not None})
         raise ValueError(f"peft_type={peft_type!r} has no lightning_peft equivalent; supported: {', '.join(known)}.")
     method = matches[0]
-    config = method.peft.from_peft(options)  # type: ignore[union-attr]
-    info = state.get_info(model)
-    if info is None:
-        inject(model, config)
-    elif info.method != method.name or info.config.diff(resolve(model, config)):
+    check_peft_fields(options, str(config_file))
+    try:
+        config = method.peft.from_peft(options)  # type: ignore[union-attr]
+    except KeyError as error:
         raise ValueError(
-            f"{type(model).__name__} already has a {info.method} adapter ({info.config}) that differs from the peft "
-            f"adapter in {folder} ({config}); load it into a fresh base model."
-        )
-    stored = load_file(str(folder / WEIGHTS_NAME))
-    names = _peft_names(model)
-    missing = [key for key, _ in names.values() if key not in stored]
-    extra = sorted(set(stored) - {key for key, _ in names.values()} - _same_base_weights(model, stored))
-    if missing or extra:
-        raise ValueError(
-            f"the peft adapter in {folder} does not match this model's {method.name} adapter: "
-            f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
-            f"{' ...' if len(extra) > 3 else ''}. Was it trained on another architecture?"
-        )
-    shapes = dict(state.adapter_state(model))
-    weights = {full: stored[key].reshape(shapes[full].shape) for full, (key, _) in names.items()}
-    model.load_state_dict(weights, strict=True)
+            f"{config_file} lacks the field {error.args[0]!r}, which lightning_peft's {method.name} needs; the file "
+            "is truncated or was edited by hand."
+        ) from error
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_file}: {error}") from error
+    stored = _read_peft_tensors(weights_file)
+    with state.all_or_nothing(model, remove=_remove):
+        info = state.get_info(model)
+        if info is None:
+            inject(model, config)
+        elif info.method != method.name or info.config.diff(resolve(model, config)):
+            raise ValueError(
+                f"{type(model).__name__} already has a {info.method} adapter ({info.config}) that differs from the "
+                f"peft adapter in {folder} ({config}); load it into a fresh base model."
+            )
+        names = _peft_names(model)
+        missing = [key for key, _ in names.values() if key not in stored]
+        extra = sorted(set(stored) - {key for key, _ in names.values()} - _same_base_weights(model, stored))
+        if missing or extra:
+            raise ValueError(
+                f"the peft adapter in {folder} does not match this model's {method.name} adapter: "
+                f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+                f"{' ...' if len(extra) > 3 else ''}. Was it trained on another architecture?"
+            )
+        # Every tensor's shape (in peft's layout) and values, before one is reshaped or copied.
+        state.check_tensors({key: peft.shape for key, peft in names.values()}, stored, str(weights_file))
+        shapes = dict(state.adapter_state(model))
+        weights = {full: stored[key].reshape(shapes[full].shape) for full, (key, _) in names.items()}
+        with state.loading_from(str(weights_file)):
+            model.load_state_dict(weights, strict=True)
     return model

@@ -96,9 +96,64 @@ def test_refuses_another_architecture() -> None:
         lp.inject(other, "lora", r=4).load_state_dict(sd)
 
 
-def test_accepts_the_same_base_in_another_dtype() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_accepts_the_same_base_in_another_dtype(dtype: torch.dtype) -> None:
     sd = lp.trainable_state_dict(trained())
-    lp.inject(tiny.build("llama").to(torch.bfloat16), "lora", r=4).load_state_dict(sd)
+    lp.inject(tiny.build("llama").to(dtype), "lora", r=4).load_state_dict(sd)
+
+
+def test_accepts_a_16_bit_copy_trained_on_another_16_bit_copy() -> None:
+    """fp16 and bf16 copies of one base: each rounded once from it, compared after a second rounding."""
+    source = lp.inject(tiny.build("llama").to(torch.float16), "lora", r=4)
+    randomize_adapter(source)
+    lp.inject(tiny.build("llama").to(torch.bfloat16), "lora", r=4).load_state_dict(lp.trainable_state_dict(source))
+
+
+def derivative(seed: int = 0, relative: float = 1e-3) -> nn.Module:
+    """The base with every weight moved by ``relative`` Gaussian noise: a fine-tuned derivative of it."""
+    model = tiny.build("llama", seed=seed)
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.mul_(1 + relative * torch.randn(tensor.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refuses_a_derivative_of_the_base(dtype: torch.dtype) -> None:
+    sd = lp.trainable_state_dict(trained())
+    target = lp.inject(derivative().to(dtype), "lora", r=4)
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this base model: it was trained on another base model of the same architecture, or on "
+        r"a fine-tuned derivative of this one \(\d+ of \d+ frozen weight tensors differ, e\.g\. \w",
+    ):
+        target.load_state_dict(sd)
+    # The format-1 fingerprint (checksums within 5 %) took the derivative for the base.
+    structure, checksums = lp.get_info(trained()).fingerprint.legacy
+    old = {"model_type": "llama", "structure": structure, "checksums": checksums}
+    assert lp.get_info(lp.inject(derivative(), "lora", r=4)).fingerprint.mismatch_legacy(old) is None
+
+
+def test_buffers_computed_at_init_are_not_part_of_the_fingerprint() -> None:
+    """Rotary frequencies are recomputed per device and may differ in the last bit: not weights."""
+    sd = lp.trainable_state_dict(trained())
+    target = tiny.build("llama")
+    rotary = target.model.rotary_emb
+    assert "inv_freq" in rotary._non_persistent_buffers_set
+    with torch.no_grad():
+        rotary.inv_freq.mul_(1 + 1e-6)
+    lp.inject(target, "lora", r=4).load_state_dict(sd)
+
+
+def test_the_fingerprint_samples_every_weight() -> None:
+    fingerprint = lp.get_info(trained()).fingerprint
+    weights = {n for n, _ in tiny.build("llama").state_dict().items()}
+    assert set(fingerprint.names) == weights and len(fingerprint.samples) == len(weights)
+    assert all(s is not None and s.startswith("float32:") for s in fingerprint.samples)
+    record = fingerprint.to_dict()
+    assert set(record) == {"model_type", "structure", "samples"}
 
 
 def test_refuses_a_record_without_all_adapter_keys() -> None:
@@ -106,6 +161,30 @@ def test_refuses_a_record_without_all_adapter_keys() -> None:
     del sd["model.layers.1.self_attn.v_proj.lora_B"]
     with pytest.raises(ValueError, match=r"lacks adapter weights: model\.layers\.1\.self_attn\.v_proj\.lora_B"):
         lp.inject(tiny.build("llama"), "lora", r=4).load_state_dict(sd)
+
+
+def test_a_plain_state_dict_is_checked_before_anything_is_copied() -> None:
+    """Without a record, too: a non-finite adapter tensor or a frozen weight of another shape is refused
+    before torch copies the rest (torch alone copies every tensor that fits, then raises)."""
+    source = trained()
+    target = lp.inject(tiny.build("llama"), "lora", r=4)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    poisoned = dict(lp.trainable_state_dict(source))
+    poisoned["model.layers.0.self_attn.q_proj.lora_B"] = torch.full((32, 4), float("nan"))
+    with pytest.raises(
+        ValueError,
+        match=r"the state dict holds non-finite values .* model\.layers\.0\.self_attn\."
+        r"q_proj\.lora_B \(128 of 128 values\)",
+    ):
+        target.load_state_dict(poisoned, strict=False)
+    full = {k: v.clone() for k, v in source.state_dict().items()}
+    full["model.norm.weight"] = torch.ones(31)
+    with pytest.raises(
+        ValueError, match=r"the state dict does not fit this model: model\.norm\.weight is \(31,\) there, \(32,\) here"
+    ):
+        target.load_state_dict(full)
+    for name, tensor in target.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name} changed"
 
 
 def test_refuses_to_load_into_merged_layers() -> None:
