@@ -1,5 +1,7 @@
 """What every PEFT strategy shares: the :class:`PEFTStrategy` interface that PEFTCallback and
-the method hooks talk to, and the helpers that name and load a trainable-only state."""
+the method hooks talk to, the helpers that name and load a trainable-only state, and
+:class:`PEFTCheckpointIO`, through which every strategy PEFTCallback runs reads and writes
+checkpoint files (plain-tensor loading, atomic saving)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
+from lightning.fabric.utilities.types import _PATH
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_peft.core import state
+from lightning_peft.core import files, state
 
 if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy
+
     from lightning_peft.registry import Sharding
 
 #: Prefixes that wrappers (FSDP1, activation checkpointing) insert into parameter names.
@@ -88,20 +96,91 @@ class PEFTStrategy:
         yield self.lightning_module.training_step
 
 
-def load_adapter_into(
-    pl_module: nn.Module, tensors: Mapping[str, Tensor], write: Callable[[Mapping[str, Tensor]], None]
-) -> None:
-    """Validate a trainable-only state dict against ``pl_module``'s adapter, then ``write`` it in."""
+#: Writes validated adapter tensors into the (sharded) model: ``(tensors, where)``. It checks their
+#: shapes against the whole tensors (:func:`lightning_peft.core.state.check_tensors`) before any copy.
+WriteFn = Callable[[Mapping[str, Tensor], str], None]
+
+
+def load_adapter_into(pl_module: nn.Module, tensors: Mapping[str, Tensor], write: WriteFn, where: str) -> None:
+    """Validate a trainable-only state dict against ``pl_module``'s adapter, then ``write`` it in.
+
+    Nothing is written unless the record (method, options, base model) fits and every adapter
+    tensor is present and finite; ``write`` then checks the shapes before its first copy.
+
+    Args:
+        pl_module: the module holding the adapter.
+        tensors: the checkpoint's state dict.
+        write: copies them into the model (see :data:`WriteFn`).
+        where: the checkpoint, for errors.
+    """
     info = state.require_info(pl_module)
     record = state.read_metadata(tensors)  # type: ignore[arg-type]
     if record is not None:
-        state.check_record(info, record)
+        state.check_record(info, record, where)
     expected = [clean_name(n) for n, _ in state.adapter_state(pl_module)]
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise ValueError(
-            f"the checkpoint lacks adapter weights: {', '.join(missing[:5])}"
+            f"{where} lacks adapter weights: {', '.join(missing[:5])}"
             f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}. It is incomplete or not a "
             "lightning_peft checkpoint."
         )
-    write(tensors)
+    state.check_finite({k: tensors[k] for k in expected}, where)
+    write(tensors, where)
+
+
+def checkpoint_state(checkpoint: Any, where: str) -> dict[str, Any]:
+    """``checkpoint`` if it is a Lightning checkpoint (a mapping with a ``state_dict``); else a clear error."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise files.FileContentError(
+            f"{where} is not a Lightning checkpoint: it holds {type(checkpoint).__name__}"
+            + (f" with keys {sorted(map(str, checkpoint))[:5]}" if isinstance(checkpoint, dict) else "")
+            + ", and no 'state_dict'. Pass a .ckpt written by Trainer.fit with PEFTCallback."
+        )
+    return checkpoint
+
+
+class PEFTCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` through lightning_peft's file helpers.
+
+    ``load_checkpoint`` is ``torch.load(weights_only=True)`` whatever the Trainer passes (Lightning's
+    ``None`` becomes ``False`` in some strategies), so a checkpoint holding a pickled object is
+    refused, never unpickled (:func:`lightning_peft.core.files.load_torch`). ``save_checkpoint``
+    replaces the file atomically in its own folder (:func:`lightning_peft.core.files.atomic_write`),
+    where Lightning's default stages it in ``$TMPDIR`` and copies it across filesystems. Remote
+    paths (``s3://``, ...) are read through fsspec the same way and written as Lightning does.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        files.save_torch(checkpoint, get_filesystem(path)._strip_protocol(str(path)))
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable[..., Any] | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        fs = get_filesystem(path)
+        if _is_local_file_protocol(path):
+            return files.load_torch(fs._strip_protocol(str(path)), map_location=map_location)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint file {path} is missing.")
+        with fs.open(path, "rb") as handle:
+            return files.load_torch(handle, map_location=map_location, name=str(path))
+
+
+def secure(strategy: Strategy) -> None:
+    """Give ``strategy`` :class:`PEFTCheckpointIO` where it would use Lightning's default
+    ``TorchCheckpointIO``; a checkpoint IO passed by the user (async, cloud) is kept."""
+    from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+
+    current = strategy._checkpoint_io  # the property would put a default one there first
+    if current is None or type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = PEFTCheckpointIO()
+    elif isinstance(current, _WrappingCheckpointIO) and current.checkpoint_io is None:
+        current.checkpoint_io = PEFTCheckpointIO()

@@ -1,11 +1,17 @@
 """``PEFTDeepSpeedStrategy``: DeepSpeed ZeRO-1/2/3 with trainable-only checkpoints, complete
-adapter files, and the adapter made whole for the methods' training hooks."""
+adapter files, and the adapter made whole for the methods' training hooks.
+
+DeepSpeed's own checkpoint engine unpickles its files (``torch.load(weights_only=False)``); this
+strategy gives the engine lightning_peft's loader instead (plain tensors plus the few DeepSpeed
+data classes its files hold) and atomic saving, and checks the adapter files of a checkpoint
+folder before the engine loads anything from it."""
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,8 +20,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_peft.core import io, state
-from lightning_peft.lightning.base import PEFTStrategy
+from lightning_peft.core import files, io, state
+from lightning_peft.lightning.base import PEFTStrategy, secure
 
 if TYPE_CHECKING:
     from lightning_peft.registry import Sharding
@@ -46,6 +52,7 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
     def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
         self._step_grads: dict[nn.Parameter, Tensor] = {}  # see adapter_gradients(keep=True)
+        secure(self)  # for load_full_weights, which reads one file through the checkpoint IO
 
     @contextlib.contextmanager
     @override
@@ -57,6 +64,27 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
         super().init_deepspeed()
         if self.zero_stage_3:
             self.gather_units()
+        self.secure_engine()
+
+    def secure_engine(self) -> None:
+        """Have the DeepSpeed engine read checkpoints with lightning_peft's loader and write them
+        atomically (:class:`PlainTensorEngine`); engines other than DeepSpeed's default are left alone."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        engine = self.deepspeed_engine
+        if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+            engine.checkpoint_engine = PlainTensorEngine(engine.checkpoint_engine)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Check the folder's adapter files (record, every tensor finite) before the engine loads a thing."""
+        assert self.lightning_module is not None
+        folder = Path(str(self.broadcast(checkpoint_path)))
+        if (folder / io.CONFIG_NAME).is_file():
+            record, tensors = io.read_adapter(folder)
+            state.check_record(state.require_info(self.lightning_module), record, str(folder))
+            state.check_finite(tensors, str(folder))
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     def gather_units(self) -> None:
         """Have ZeRO-3 gather, for each adapter module that declares ``gather_as_unit``, every
@@ -208,6 +236,43 @@ class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):
                 description=f"DeepSpeed ZeRO stage {stage} with trainable-only checkpoints",
                 stage=stage,
             )
+
+
+def deepspeed_data_classes() -> list[type]:
+    """The data classes DeepSpeed's checkpoint files hold besides tensors (loss scaler, ZeRO stage,
+    fragment addresses): plain records, safe to allow for a ``weights_only`` load."""
+    import importlib
+
+    found = []
+    for module, name in (
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ):
+        with contextlib.suppress(ImportError, AttributeError):  # versions that lack one never write it
+            found.append(getattr(importlib.import_module(module), name))
+    return found
+
+
+class PlainTensorEngine:
+    """DeepSpeed's ``TorchCheckpointEngine`` with ``load`` through :func:`lightning_peft.core.files.load_torch`
+    (``weights_only=True``, :func:`deepspeed_data_classes` allowed) and ``save`` through
+    :func:`lightning_peft.core.files.save_torch` (atomic); everything else is the wrapped engine's."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "engine":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return files.load_torch(path, map_location=map_location, allow=deepspeed_data_classes())
+
+    def save(self, state_dict: Any, path: str) -> None:
+        files.save_torch(state_dict, path)
 
 
 def _write_full(param: nn.Parameter, value: Tensor, grad: bool) -> None:

@@ -24,6 +24,12 @@ Lightning's own versions gather the whole model to save a few MB of adapter:
 ``PEFTStrategy`` (the interface PEFTCallback talks to) is in ``lightning/base.py`` and the DeepSpeed
 strategy in ``lightning/deepspeed_strategy.py``; every name is importable from here.
 
+Every strategy PEFTCallback runs reads and writes checkpoints through lightning_peft's file
+helpers (:class:`~lightning_peft.lightning.base.PEFTCheckpointIO`): loading never unpickles
+(``weights_only=True`` whatever the Trainer passes, DCP's metadata and DeepSpeed's files through
+allowlists of their data classes), a refused checkpoint changes nothing in the model, and saving
+replaces files atomically in their own folder.
+
 Injection happens before any of them wraps the model (PEFTCallback injects in ``setup`` or right
 after ``configure_model``), and PEFTCallback restricts the optimizer where ``configure_optimizers``
 returns, before FSDP or DeepSpeed see it.
@@ -32,8 +38,9 @@ returns, before FSDP or DeepSpeed see it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +60,17 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_peft import registry
-from lightning_peft.core import io, state
-from lightning_peft.lightning.base import PEFTStrategy, clean_name, clean_state, is_sharded, load_adapter_into
+from lightning_peft.core import files, io, state
+from lightning_peft.lightning.base import (  # every name importable from here
+    PEFTCheckpointIO,  # noqa: F401
+    PEFTStrategy,
+    checkpoint_state,
+    clean_name,
+    clean_state,
+    is_sharded,
+    load_adapter_into,
+    secure,
+)
 from lightning_peft.lightning.deepspeed_strategy import PEFTDeepSpeedStrategy
 
 if TYPE_CHECKING:
@@ -137,7 +153,7 @@ def _own_parameters(unit: FullyShardedDataParallel) -> Iterator[nn.Parameter]:
 
 @contextlib.contextmanager
 def _summon_adapter(
-    root: nn.Module, params: list[Tensor], writeback: bool, with_grads: bool = False
+    root: nn.Module, params: Sequence[Tensor], writeback: bool, with_grads: bool = False
 ) -> Generator[None, None, None]:
     """Unshard exactly the FSDP1 units that own ``params`` (``recurse=False``), one at a time inside;
     ``with_grads``: their gradients too (written back with ``writeback``)."""
@@ -198,6 +214,7 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
         if kwargs.get("use_orig_params") is False:
             raise ValueError("PEFTFSDPStrategy needs use_orig_params=True (the default) to find the adapter's tensors.")
         super().__init__(*args, **kwargs)
+        secure(self)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
@@ -276,8 +293,9 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
 
         assert self.model is not None and self.lightning_module is not None
         path = Path(self.broadcast(checkpoint_path))
-        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
-        load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_adapter)
+        # weights_only=True whatever Lightning passes (its None used to become False here).
+        checkpoint = checkpoint_state(files.load_torch(path), str(path))
+        load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_adapter, str(path))
         optimizer_states = checkpoint.get("optimizer_states")
         if optimizer_states is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
             return checkpoint
@@ -302,11 +320,12 @@ class PEFTFSDPStrategy(PEFTStrategy, FSDPStrategy):
         # torch's name-keyed full optimizer state (every rank computes it; rank 0 writes it).
         return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True))
 
-    def _write_adapter(self, tensors: Mapping[str, Tensor]) -> None:
+    def _write_adapter(self, tensors: Mapping[str, Tensor], where: str) -> None:
         assert self.model is not None and self.lightning_module is not None
         named = [(clean_name(n), p) for n, p in state.adapter_state(self.lightning_module)]
         params = [p for _, p in named if isinstance(p, nn.Parameter)]
         with _summon_adapter(self.model, params, writeback=True), torch.no_grad():
+            state.check_tensors({name: tensor.shape for name, tensor in named}, tensors, where)  # whole shapes here
             for name, tensor in named:
                 tensor.copy_(tensors[name])
 
@@ -351,6 +370,7 @@ class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
         kwargs.setdefault("tensor_parallel_size", 1)
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.wrap_modules = tuple(wrap_modules or ())
+        secure(self)
 
     @override
     def setup_environment(self) -> None:
@@ -416,17 +436,31 @@ class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        from lightning.fabric.strategies.model_parallel import _distributed_checkpoint_save
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
         assert self.lightning_module is not None
         # Distributed checkpoints lose the state dict's torch metadata: keep our record beside it.
         checkpoint[state.METADATA_KEY] = state.require_info(self.lightning_module).metadata()
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        if not self._save_distributed_checkpoint or storage_options is not None:
+            super().save_checkpoint(checkpoint, filepath, storage_options)  # one file, through PEFTCheckpointIO
+            return
+        # Lightning's sharded save, with the loop/callback state (meta.pt) written atomically.
+        path = Path(self.broadcast(filepath))
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        converted = {"state_dict": checkpoint.pop("state_dict")}
+        converted.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        _distributed_checkpoint_save(converted, path)
+        if self.global_rank == 0:
+            files.save_torch(checkpoint, path / _METADATA_FILENAME)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
         from lightning.fabric.utilities.load import _METADATA_FILENAME
         from lightning.pytorch.trainer.states import TrainerFn
-        from torch.distributed.checkpoint import load as dcp_load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
@@ -438,31 +472,60 @@ class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         info = state.require_info(self.lightning_module)
         if _is_sharded_checkpoint(path):
-            metadata = torch.load(path / _METADATA_FILENAME, weights_only=bool(weights_only))
-            state.check_record(info, metadata.pop(state.METADATA_KEY, info.metadata()))
-            target: dict[str, Any] = {"state_dict": dict(self._sharded_adapter())}
+            metadata = files.load_torch(path / _METADATA_FILENAME)  # weights_only=True, whatever Lightning passes
+            record = metadata.pop(state.METADATA_KEY, None) if isinstance(metadata, dict) else None
+            if record is None:
+                raise ValueError(
+                    f"{path} carries no lightning_peft record ({_METADATA_FILENAME} has no {state.METADATA_KEY!r} "
+                    "entry): it was not written by PEFTFSDP2Strategy, so nothing says what adapter it holds."
+                )
+            state.check_record(info, record, str(path))
+            live = self._sharded_adapter()
+            # Read into copies of the adapter's shards: a refused checkpoint leaves the model alone.
+            loaded = {name: torch.empty_like(tensor) for name, tensor in live.items()}
+            target: dict[str, Any] = {"state_dict": loaded}
             sharded = StateDictOptions(full_state_dict=False, cpu_offload=False)
             if fitting:
                 for idx, optimizer in enumerate(self.optimizers):
                     target[f"optimizer_{idx}"] = get_optimizer_state_dict(self.model, optimizer, options=sharded)
-            dcp_load(target, checkpoint_id=path)  # in place into the adapter's own shards
+            load_distributed(target, path)
+            self._refuse_non_finite(loaded, str(path))
+            with torch.no_grad():
+                for name, tensor in live.items():
+                    tensor.copy_(loaded[name])
             if fitting:
                 for idx, optimizer in enumerate(self.optimizers):
                     set_optimizer_state_dict(self.model, optimizer, target[f"optimizer_{idx}"], options=sharded)
             return metadata
-        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+        checkpoint = checkpoint_state(files.load_torch(path), str(path))  # weights_only=True, as above
         checkpoint.pop(state.METADATA_KEY, None)
-        load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_full)
+        load_adapter_into(self.lightning_module, checkpoint.pop("state_dict"), self._write_full, str(path))
         if fitting:
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             for optimizer, opt_state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
                 set_optimizer_state_dict(self.model, optimizer, _param_names(self.model, opt_state), options=full)
         return checkpoint
 
-    def _write_full(self, tensors: Mapping[str, Tensor]) -> None:
+    def _refuse_non_finite(self, tensors: Mapping[str, Tensor], where: str) -> None:
+        """:func:`~lightning_peft.core.state.check_finite` for sharded tensors: each rank counts its shard,
+        the counts are summed, and every rank raises alike."""
+        from torch.distributed.tensor import DTensor
+
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors.values()]
+        counts = torch.tensor(
+            [float((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0.0 for t in local],
+            device=local[0].device if local else "cpu",  # where the shards are (and the collective runs)
+        )
+        counts = self.reduce(counts, reduce_op="sum")
+        bad = [f"{name} ({int(n)} values)" for name, n in zip(tensors, counts.tolist(), strict=True) if n]
+        if bad:
+            raise state.non_finite_error(bad, where)
+
+    def _write_full(self, tensors: Mapping[str, Tensor], where: str) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         assert self.lightning_module is not None
+        state.check_tensors({n: t.shape for n, t in state.adapter_state(self.lightning_module)}, tensors, where)
         with torch.no_grad():
             for name, tensor in state.adapter_state(self.lightning_module):
                 source = tensors[name].to(tensor.device, tensor.dtype)
@@ -480,6 +543,79 @@ class PEFTFSDP2Strategy(PEFTStrategy, ModelParallelStrategy):
             description="FSDP2 after injection, single-file adapter checkpoints",
             save_distributed_checkpoint=False,
         )
+
+
+def _dcp_data(module: str, name: str, found: Any) -> bool:
+    """What a DCP ``.metadata`` pickle may hold: torch's checkpoint metadata classes, sizes, dtypes,
+    layouts and paths (all data; nothing that runs code when called with the pickle's arguments)."""
+    if module == "torch" and isinstance(found, (torch.dtype, torch.layout, torch.memory_format)):
+        return True
+    if module == "torch.distributed.checkpoint.metadata":
+        return isinstance(found, type) and found.__module__ == module
+    paths = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+    return (module in ("pathlib", "pathlib._local") and name in paths) or (module, name) in {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("collections", "OrderedDict"),
+    }
+
+
+@functools.cache
+def plain_dcp() -> tuple[type, type]:
+    """(storage reader, load planner) classes for torch's distributed checkpoints that never unpickle;
+    built on first use, so that importing this module does not import ``torch.distributed.checkpoint``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class _Reader(FileSystemReader):
+        """torch's DCP reader, with its ``.metadata`` pickle read through an allowlist of data classes
+        (:func:`lightning_peft.core.files.unpickle_plain`) instead of ``pickle.load``."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            metadata = files.unpickle_plain(Path(self.path) / ".metadata", _dcp_data)
+            if not isinstance(metadata, Metadata):
+                raise files.FileContentError(
+                    f"{self.path}/.metadata holds {type(metadata).__name__}, not DCP metadata."
+                )
+            if metadata.storage_meta is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+            return metadata
+
+    class _Planner(DefaultLoadPlanner):
+        """torch's default load planner, reading non-tensor entries (optimizer hyperparameters) with
+        ``weights_only=True`` (:func:`lightning_peft.core.files.load_torch`) where torch unpickles them."""
+
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            fqn = read_item.dest_index.fqn
+            loaded = files.load_torch(value, name=f"entry {fqn!r} of the distributed checkpoint")
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], loaded)
+            else:
+                self.state_dict[fqn] = loaded
+
+    return _Reader, _Planner
+
+
+def load_distributed(target: dict[str, Any], path: Path) -> None:
+    """``torch.distributed.checkpoint.load(target, path)`` through :func:`plain_dcp`: nothing unpickled,
+    and a refused file raises :class:`~lightning_peft.core.files.FileContentError` itself (DCP reports
+    its readers' errors as text inside a ``CheckpointException``, a ``BaseException``)."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader_cls, planner_cls = plain_dcp()
+    reader = reader_cls(path)
+    reader.read_metadata()  # refused here, before DCP would wrap the error
+    try:
+        load(target, checkpoint_id=path, storage_reader=reader, planner=planner_cls())
+    except CheckpointException as error:
+        refused = [exc for exc, _ in error.failures.values() if isinstance(exc, files.FileContentError)]
+        if refused:
+            raise refused[0] from error
+        raise
 
 
 def _param_names(model: nn.Module, opt_state: dict[str, Any]) -> dict[str, Any]:
@@ -514,9 +650,16 @@ NAMES = ("peft_fsdp", "peft_fsdp2", "peft_fsdp2_full", "peft_deepspeed_stage_2",
 
 def check_supported(strategy: Strategy, method: Method | None = None) -> None:
     """Raise a clear error for a strategy PEFTCallback cannot train and checkpoint correctly, or one
-    whose sharding ``method`` does not support (see :attr:`lightning_peft.registry.Method.sharding`)."""
+    whose sharding ``method`` does not support (see :attr:`lightning_peft.registry.Method.sharding`).
+
+    A supported one-device or DDP strategy also gets :class:`PEFTCheckpointIO` here (see
+    :func:`~lightning_peft.lightning.base.secure`), before any checkpoint is loaded; the PEFT
+    strategies set it themselves.
+    """
     plain = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
     if plain:
+        # Lightning's TorchCheckpointIO would stage saves in $TMPDIR and pass weights_only on unchecked.
+        secure(strategy)
         return
     if isinstance(strategy, PEFTStrategy):
         if method is not None and strategy.sharding not in method.sharding:
