@@ -169,7 +169,8 @@ def test_deepspeed_engine_reads_deepspeed_data_classes(tmp_path: Path) -> None:
 )
 def test_every_supported_strategy_gets_the_plain_tensor_io(make: Callable[[], Any]) -> None:
     strategy = make()
-    strategies.check_supported(strategy)
+    strategies.check_supported(strategy)  # a pure check
+    strategies.secure_checkpoints(strategy)  # what PEFTCallback.setup calls next
     assert type(strategy.checkpoint_io) is PEFTCheckpointIO
 
 
@@ -178,7 +179,7 @@ def test_a_checkpoint_io_the_user_chose_is_kept() -> None:
         pass
 
     strategy = SingleDeviceStrategy("cpu", checkpoint_io=Mine())
-    strategies.check_supported(strategy)
+    strategies.secure_checkpoints(strategy)
     assert type(strategy.checkpoint_io) is Mine
     assert isinstance(strategy.checkpoint_io, CheckpointIO)
 

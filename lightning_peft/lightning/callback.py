@@ -169,6 +169,7 @@ class PEFTCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.check_strategy(trainer)
+        strategies.secure_checkpoints(trainer.strategy)  # before any checkpoint is read
         self._restrict_configure_optimizers(pl_module)
         if not is_overridden("configure_model", pl_module):
             self.inject(pl_module)

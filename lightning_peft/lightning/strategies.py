@@ -648,18 +648,23 @@ _INSTEAD = {
 NAMES = ("peft_fsdp", "peft_fsdp2", "peft_fsdp2_full", "peft_deepspeed_stage_2", "peft_deepspeed_stage_3")
 
 
+def is_plain(strategy: Strategy) -> bool:
+    """One device or DDP: replicated weights, Lightning's own checkpointing (see :func:`secure`)."""
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+
+
+def secure_checkpoints(strategy: Strategy) -> None:
+    """Give a one-device or DDP strategy :class:`PEFTCheckpointIO` (plain tensors only, atomic saves) before
+    any checkpoint is loaded: Lightning's TorchCheckpointIO stages saves in $TMPDIR and passes
+    ``weights_only`` on unchecked. The PEFT strategies set it themselves."""
+    if is_plain(strategy):
+        secure(strategy)
+
+
 def check_supported(strategy: Strategy, method: Method | None = None) -> None:
     """Raise a clear error for a strategy PEFTCallback cannot train and checkpoint correctly, or one
-    whose sharding ``method`` does not support (see :attr:`lightning_peft.registry.Method.sharding`).
-
-    A supported one-device or DDP strategy also gets :class:`PEFTCheckpointIO` here (see
-    :func:`~lightning_peft.lightning.base.secure`), before any checkpoint is loaded; the PEFT
-    strategies set it themselves.
-    """
-    plain = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
-    if plain:
-        # Lightning's TorchCheckpointIO would stage saves in $TMPDIR and pass weights_only on unchecked.
-        secure(strategy)
+    whose sharding ``method`` does not support (see :attr:`lightning_peft.registry.Method.sharding`)."""
+    if is_plain(strategy):
         return
     if isinstance(strategy, PEFTStrategy):
         if method is not None and strategy.sharding not in method.sharding:
