@@ -20,6 +20,7 @@ from lightning_peft.lightning.cli import METHOD_HELP, PEFTLightningCLI, main
 from lightning_peft.lightning.summary import PEFTModelSummary
 from lightning_peft.tasks import datasets
 from lightning_peft.tasks.sources import PACKAGES
+from tests import optional
 from tests.tasks import hub
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +79,8 @@ def test_every_config_instantiates(path: Path) -> None:
     missing = packages_needed(path)
     if missing:
         pytest.skip(f"needs the offline packages {missing} (see the README's test command)")
+    if "quantization:" in path.read_text() and not optional.installed("bitsandbytes"):
+        pytest.skip(optional.reason("bitsandbytes"))
     cli = PEFTLightningCLI(args=config_args(path), run=False)  # builds model, data, trainer; loads no weights
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback)]
     assert callback.method.name in registry.methods()

@@ -263,15 +263,18 @@ def test_training_lowers_the_loss_and_logs_accuracy(hub_dir: Path, tmp_path: Pat
     path = hub.write_jsonl(tmp_path / "mc.jsonl", hub.choice_rows(repeat=4))
     dm = MultipleChoiceData(train_file=str(path), batch_size=6, val_split=0.25)
     module = MultipleChoiceLM(str(folder), learning_rate=0.1)
-    t = trainer(tmp_path, max_epochs=3, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
+    t = trainer(tmp_path, max_epochs=6, callbacks=[PEFTCallback("lora", r=4, verbose=False)])
     before = t.validate(module, dm, verbose=False)[0]
     t.fit(module, dm)
     assert {"train_loss", "train_lm_loss", "train_unlikelihood_loss", "train_length_normalized_loss"} <= set(
         t.callback_metrics
     )
     after = t.validate(module, dm, verbose=False)[0]
-    # Tiny random models learn slowly (LLaMA's frozen final norm and head bound its logits), but visibly.
-    assert after["val_loss"] < 0.97 * before["val_loss"] and after["val_accuracy"] > before["val_accuracy"]
+    # Tiny random models learn slowly (LLaMA's frozen final norm and head bound its logits), but visibly: the
+    # loss, which training minimizes, falls. Accuracy over 6 validation examples moves in steps of 1/6 and
+    # depends on the random init (T5 before transformers 5.16 starts elsewhere and drops from 4/6 to 2/6 while
+    # its loss falls), so it is checked against a computation by hand below rather than for a rise.
+    assert after["val_loss"] < 0.97 * before["val_loss"], (after["val_loss"], before["val_loss"])
 
     # val_accuracy is the share of examples whose best length-normalized score is the answer.
     module.eval()
