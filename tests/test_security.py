@@ -27,7 +27,7 @@ from lightning_peft import PEFTCallback
 from lightning_peft.core import files, state
 from lightning_peft.lightning import strategies
 from lightning_peft.lightning.base import PEFTCheckpointIO, secure
-from tests import tiny
+from tests import optional, tiny
 from tests.core.test_io import _kill_while_writing
 from tests.lightning.distributed import cpu_deepspeed, forked
 from tests.lightning.modules import TinyLM, token_loader
@@ -116,7 +116,7 @@ def _dcp_byte_entry(tmp_path: Path, marker: Path) -> None:
 
 
 def _deepspeed_engine() -> Any:
-    pytest.importorskip("deepspeed")
+    optional.importorskip("deepspeed")
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     from lightning_peft.lightning.deepspeed_strategy import PlainTensorEngine
@@ -145,7 +145,7 @@ def test_plain_dcp_still_reads_a_real_distributed_checkpoint(tmp_path: Path) -> 
 
 
 def test_deepspeed_engine_reads_deepspeed_data_classes(tmp_path: Path) -> None:
-    pytest.importorskip("deepspeed")
+    optional.importorskip("deepspeed")
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
