@@ -1,7 +1,7 @@
 """``PEFTDeepSpeedStrategy``: DeepSpeed ZeRO-1/2/3 with trainable-only checkpoints, complete
 adapter files, and the adapter made whole for the methods' training hooks.
 
-DeepSpeed's own checkpoint engine unpickles its files (``torch.load(weights_only=False)``); this
+DeepSpeed's own checkpoint engine unpickles its files (its torch.load turns weights-only loading off); this
 strategy gives the engine lightning_peft's loader instead (plain tensors plus the few DeepSpeed
 data classes its files hold) and atomic saving, and checks the adapter files of a checkpoint
 folder before the engine loads anything from it."""
