@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -318,16 +319,19 @@ class TextDataModule(L.LightningDataModule):
             self.setup({"train": "fit", "validation": "validate", "test": "test"}.get(split, "predict"))
         pad_id = self.tokenizer.pad_token_id
         left = split == "predict" and self.pad_left_for_predict
-        return StatefulDataLoader(
-            self.encoded[split],  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(self.encoded[split]), self.seed) if shuffle else None,
-            # Worker seeds from a generator of its own too: building or iterating a loader then draws
-            # nothing from the global RNG, so a resumed run's dropout stays in step with an uninterrupted one.
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            collate_fn=functools.partial(pad_collate, pad_token_id=pad_id, left=left),  # picklable for workers
-        )
+        with warnings.catch_warnings():
+            # torchdata 0.11's constructor calls torch's deprecated set_vital; not about the user's run.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            return StatefulDataLoader(
+                self.encoded[split],  # type: ignore[arg-type]
+                batch_size=self.batch_size,
+                sampler=EpochShuffle(len(self.encoded[split]), self.seed) if shuffle else None,
+                # Worker seeds from a generator of its own too: building or iterating a loader then draws
+                # nothing from the global RNG, so a resumed run's dropout stays in step with an uninterrupted one.
+                generator=torch.Generator().manual_seed(self.seed),
+                num_workers=self.num_workers,
+                collate_fn=functools.partial(pad_collate, pad_token_id=pad_id, left=left),  # picklable for workers
+            )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
