@@ -123,7 +123,9 @@ class PEFTCallback(Callback):
         self.restore_rng = restore_rng
         self.on_dead_params: DeadParams = on_dead_params
         if not isinstance(gradient_checkpointing, bool):
-            raise ValueError(f"PEFTCallback.gradient_checkpointing must be True or False; got {gradient_checkpointing!r}.")
+            raise ValueError(
+                f"PEFTCallback.gradient_checkpointing must be True or False; got {gradient_checkpointing!r}."
+            )
         self.gradient_checkpointing = gradient_checkpointing
         self._grads_checked: set[int] = set()  # ids of the optimizers whose first step was checked
         self._backward_ran = False  # a backward pass ran since the last optimizer step
