@@ -18,18 +18,18 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "PEFTCallback": "lightning_peft.lightning.callback",
-    "inject": "lightning_peft.core.inject",
-    "merge": "lightning_peft.core.inject",
-    "unmerge": "lightning_peft.core.inject",
-    "unload": "lightning_peft.core.inject",
-    "summary": "lightning_peft.core.inject",
+    "inject": "lightning_peft.api.inject",
+    "merge": "lightning_peft.api.inject",
+    "unmerge": "lightning_peft.api.inject",
+    "unload": "lightning_peft.api.inject",
+    "summary": "lightning_peft.api.inject",
     "trainable_state_dict": "lightning_peft.core.state",
     "get_info": "lightning_peft.core.state",
-    "on_step": "lightning_peft.core.training",
-    "regularization": "lightning_peft.core.training",
-    "calibrate": "lightning_peft.core.training",
-    "save_adapter": "lightning_peft.core.io",
-    "load_adapter": "lightning_peft.core.io",
+    "on_step": "lightning_peft.api.training",
+    "regularization": "lightning_peft.api.training",
+    "calibrate": "lightning_peft.api.training",
+    "save_adapter": "lightning_peft.api.io",
+    "load_adapter": "lightning_peft.api.io",
     "save_peft_adapter": "lightning_peft.interop.peft_format",
     "load_peft_adapter": "lightning_peft.interop.peft_format",
     "quantize": "lightning_peft.core.quantize",
@@ -38,7 +38,7 @@ _EXPORTS = {
     "enable_gradient_checkpointing": "lightning_peft.core.checkpointing",
     # The subpackage itself, which is callable: Python binds it to this name once imported anyway.
     "methods": "lightning_peft.methods",
-    "get_method": "lightning_peft.registry",
+    "get_method": "lightning_peft.api",
 }
 
 __all__ = [
@@ -66,15 +66,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from lightning_peft.api import get_method
+    from lightning_peft.api.inject import inject, merge, summary, unload, unmerge
+    from lightning_peft.api.io import load_adapter, save_adapter
+    from lightning_peft.api.training import calibrate, on_step, regularization
     from lightning_peft.core.checkpointing import enable_gradient_checkpointing
-    from lightning_peft.core.inject import inject, merge, summary, unload, unmerge
-    from lightning_peft.core.io import load_adapter, save_adapter
     from lightning_peft.core.quantize import dequantize, prepare_for_kbit_training, quantize
     from lightning_peft.core.state import get_info, trainable_state_dict
-    from lightning_peft.core.training import calibrate, on_step, regularization
     from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter
     from lightning_peft.lightning.callback import PEFTCallback
-    from lightning_peft.registry import get as get_method
     from lightning_peft.registry import methods  # at run time the callable package, called the same way
 
 
@@ -85,7 +85,7 @@ def __getattr__(name: str) -> Any:
     imported = importlib.import_module(module)
     if imported.__name__ == f"{__name__}.{name}":  # a subpackage exported as itself
         return imported
-    value = getattr(imported, "get" if name == "get_method" else name)
+    value = getattr(imported, name)
     globals()[name] = value
     return value
 

@@ -3,14 +3,19 @@
 Each file in ``lightning_peft/methods`` ends with one :func:`register` call. The CLI's choices,
 the shipped configs, the docs table and the test grids are all generated from this list, so a
 method exists exactly when it is registered here.
+
+The registry sits below the methods and never imports them: importing ``lightning_peft.methods``
+registers the built-ins, and every floor above (``lightning_peft.api``, the Lightning layer, the
+CLI) does so before it reads the list.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from lightning_peft.core.config import ALL_SHARDINGS, Sharding
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -19,12 +24,6 @@ if TYPE_CHECKING:
 
 MethodKind = Literal["layer", "input"]
 
-#: How a distributed strategy lays out the base model's weights, by name: FSDP1 (flat parameters),
-#: FSDP2 (per-parameter DTensor shards), DeepSpeed ZeRO stages 1-3 (3: weights partitioned and
-#: gathered per module; 1 and 2: gradients and optimizer state handled in DeepSpeed's buffers).
-#: Replicated training (one device, DDP) needs no entry: every method supports it.
-Sharding = Literal["fsdp", "fsdp2", "zero1", "zero2", "zero3"]
-ALL_SHARDINGS: frozenset[Sharding] = frozenset({"fsdp", "fsdp2", "zero1", "zero2", "zero3"})
 
 #: Adds the method to ``model`` in place, with an already resolved config; returns the names of
 #: the modules it wrapped or added.
@@ -34,7 +33,7 @@ ResolveFn = Callable[["nn.Module", Any], Any]
 
 # Optional training hooks, for methods that do more than let the optimizer update their tensors.
 # Each gets the model the method was injected into and its resolved config; a training loop runs
-# them through lightning_peft.core.training (PEFTCallback does it for Lightning).
+# them through lightning_peft.api.training (PEFTCallback does it for Lightning).
 
 #: After each optimizer step, before the gradients are cleared: ``(model, config, step, total_steps)``,
 #: ``step`` counting optimizer steps from 1, ``total_steps`` the planned number (``None`` if unknown).
@@ -66,6 +65,22 @@ class PeftFormat:
     peft_type: str
     to_peft: Callable[[Any], dict[str, Any]]
     from_peft: Callable[[dict[str, Any]], Any]
+
+
+def check_peft_defaults(method: str, options: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse peft options that lightning_peft's ``method`` does not implement (non-default values).
+
+    Raises:
+        ValueError: naming the field, the value in the peft config, and the value supported.
+    """
+    for option, default in defaults.items():
+        value = options.get(option)
+        if value in (None, {}, []) or value == default:
+            continue
+        raise ValueError(
+            f"peft {options.get('peft_type', '')} adapter_config.json has {option}={value!r}, which lightning_peft's "
+            f"{method} does not implement (supported: {option}={default!r})."
+        )
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,6 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_BUILTIN_LOADED = False
 
 
 def register(method: Method) -> Method:
@@ -141,23 +155,24 @@ def register(method: Method) -> Method:
     return method
 
 
-def _load_builtin() -> None:
-    global _BUILTIN_LOADED
-    if not _BUILTIN_LOADED:
-        importlib.import_module("lightning_peft.methods")
-        _BUILTIN_LOADED = True
+def _registered() -> dict[str, Method]:
+    """The registered methods; an empty registry is a missing import, never an empty list."""
+    if not _METHODS:
+        raise RuntimeError(
+            "no PEFT method is registered yet: import lightning_peft.methods (or lightning_peft.api, which "
+            "does) before reading the registry."
+        )
+    return _METHODS
 
 
 def methods() -> list[str]:
     """Names of every registered method, in registration order."""
-    _load_builtin()
-    return list(_METHODS)
+    return list(_registered())
 
 
 def all_methods() -> list[Method]:
     """Every registered :class:`Method`."""
-    _load_builtin()
-    return list(_METHODS.values())
+    return list(_registered().values())
 
 
 def get(name: str) -> Method:
@@ -166,16 +181,14 @@ def get(name: str) -> Method:
     Raises:
         ValueError: for an unknown name, listing the registered ones.
     """
-    _load_builtin()
-    if not isinstance(name, str) or name not in _METHODS:
+    if not isinstance(name, str) or name not in _registered():
         raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}; got {name!r}.")
     return _METHODS[name]
 
 
 def for_config(config: AdapterConfig) -> Method:
     """The method whose config class ``config`` is."""
-    _load_builtin()
-    for method in _METHODS.values():
+    for method in _registered().values():
         if type(config) is method.config_cls:
             return method
     raise TypeError(

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lightning_peft.methods  # noqa: F401  (registers the built-in methods the test grids read)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("WANDB_MODE", "offline")

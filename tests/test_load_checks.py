@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lightning_peft as lp
-from lightning_peft.core import io
+from lightning_peft.api import io
 from lightning_peft.lightning import strategies
 from tests import tiny
 from tests.core.test_io import _rewrite, _tamper, trained

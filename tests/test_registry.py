@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -22,3 +24,13 @@ def test_a_peft_type_that_contradicts_the_peft_format_is_refused() -> None:
         r"unset \(None\) or make the two agree\.",
     ):
         dataclasses.replace(registry.get("lora"), peft_type="IA3")
+
+
+def test_an_empty_registry_is_a_missing_import_not_an_empty_list() -> None:
+    """The registry sits below the methods and never imports them: read before they are, it says so."""
+    code = (
+        "import lightning_peft.registry as r\n"
+        "try:\n    r.methods()\nexcept RuntimeError as e:\n    print(e)\nelse:\n    raise SystemExit('no error')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "import lightning_peft.methods" in out

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import lightning_peft.methods  # noqa: F401  (registers the built-ins)
 from lightning_peft import registry
 
 README = Path(__file__).resolve().parents[1] / "README.md"

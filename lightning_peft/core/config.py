@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 C = TypeVar("C", bound="AdapterConfig")
 
@@ -166,3 +166,11 @@ class LayerConfig(AdapterConfig):
             value = getattr(self, name)
             if isinstance(value, tuple):
                 object.__setattr__(self, name, list(value))
+
+
+#: How a distributed strategy lays out the base model's weights, by name: FSDP1 (flat parameters),
+#: FSDP2 (per-parameter DTensor shards), DeepSpeed ZeRO stages 1-3 (3: weights partitioned and
+#: gathered per module; 1 and 2: gradients and optimizer state handled in DeepSpeed's buffers).
+#: Replicated training (one device, DDP) needs no entry: every method supports it.
+Sharding = Literal["fsdp", "fsdp2", "zero1", "zero2", "zero3"]
+ALL_SHARDINGS: frozenset[Sharding] = frozenset({"fsdp", "fsdp2", "zero1", "zero2", "zero3"})

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_peft.core.layer import AdapterLayer
 
 if TYPE_CHECKING:
-    from lightning_peft.registry import Sharding
+    from lightning_peft.core.config import Sharding
 
 
 class _Buffers(nn.Module):

@@ -472,8 +472,6 @@ def check_record(info: PEFTInfo, record: Any, where: str = "the state dict") -> 
     A format-1 record is still read; its base fingerprint (checksums within 5 %) cannot tell a
     fine-tuned derivative from its base, which a warning says.
     """
-    from lightning_peft import registry
-
     record = validate_record(record, where)
     if record["method"] != info.method:
         raise ValueError(
@@ -481,7 +479,7 @@ def check_record(info: PEFTInfo, record: Any, where: str = "the state dict") -> 
             f"injected; use PEFTCallback(method={record['method']!r}, ...) or another checkpoint."
         )
     try:
-        theirs = registry.get(info.method).config_cls.from_dict(record["config"])
+        theirs = type(info.config).from_dict(record["config"])  # the method is the same: its config class
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where} records {info.method} options this lightning_peft cannot use: {error}") from error
     diff = info.config.diff(theirs)

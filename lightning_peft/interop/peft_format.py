@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft import registry
+from lightning_peft.api.inject import inject, resolve, unload
 from lightning_peft.core import files, state
-from lightning_peft.core.inject import inject, resolve, unload
 from lightning_peft.core.targeting import find_base_model
 
 CONFIG_NAME = "adapter_config.json"
@@ -60,22 +60,6 @@ PEFT_FIELDS: dict[str, frozenset[str]] = {
 # fmt: on
 #: peft's class name per ``peft_type``, for messages.
 PEFT_CLASSES = {"LORA": "LoraConfig", "IA3": "IA3Config"}
-
-
-def check_peft_defaults(method: str, options: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """Refuse peft options that lightning_peft's ``method`` does not implement (non-default values).
-
-    Raises:
-        ValueError: naming the field, the value in the peft config, and the value supported.
-    """
-    for field, default in defaults.items():
-        value = options.get(field)
-        if value in (None, {}, []) or value == default:
-            continue
-        raise ValueError(
-            f"peft {options.get('peft_type', '')} adapter_config.json has {field}={value!r}, which lightning_peft's "
-            f"{method} does not implement (supported: {field}={default!r})."
-        )
 
 
 def _format(method: str) -> registry.PeftFormat:

@@ -21,7 +21,7 @@ from lightning_peft.core import files, state
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
 
-    from lightning_peft.registry import Sharding
+    from lightning_peft.core.config import Sharding
 
 #: Prefixes that wrappers (FSDP1, activation checkpointing) insert into parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

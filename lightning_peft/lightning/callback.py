@@ -7,7 +7,7 @@ module builds its model there) and freezes everything else; the optimizers that
 ``configure_optimizers`` returns are restricted to the trainable parameters before any strategy
 wraps them; checkpoints keep only the trainable state plus optimizer, scheduler, loop and RNG
 state, and resuming from them is exact. Methods that declare training hooks (see
-``lightning_peft.core.training``) get them run: calibration at train start, a regularization
+``lightning_peft.api.training``) get them run: calibration at train start, a regularization
 penalty's gradient before each optimizer step, and per-step work after it. At the first optimizer
 step of every fit (a resumed one too) it checks that every trainable tensor got a gradient
 (``on_dead_params``): an adapter on a layer the forward never calls would otherwise never train.
@@ -30,9 +30,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_inf
 from lightning.pytorch.utilities.seed import isolate_rng
 from typing_extensions import override
 
+import lightning_peft.api  # noqa: F401  (registers the built-in methods)
 from lightning_peft import registry
-from lightning_peft.core import inject as core_inject
-from lightning_peft.core import state, training
+from lightning_peft.api import inject as api_inject
+from lightning_peft.api import training
+from lightning_peft.core import state
 from lightning_peft.core.checkpointing import enable_gradient_checkpointing
 from lightning_peft.core.config import AdapterConfig, check_choice
 from lightning_peft.lightning import strategies
@@ -150,7 +152,7 @@ class PEFTCallback(Callback):
         """Inject the method into ``pl_module`` unless this same adapter is already there."""
         info = state.get_info(pl_module)
         if info is not None:
-            if info.method == self.method.name and info.config == core_inject.resolve(pl_module, self.config):
+            if info.method == self.method.name and info.config == api_inject.resolve(pl_module, self.config):
                 return  # a second stage (validate after fit) or a second fit on the same module
             raise ValueError(
                 f"{type(pl_module).__name__} already has a {info.method} adapter ({info.config}); "
@@ -162,11 +164,11 @@ class PEFTCallback(Callback):
                 f"{self.method.name}: the adapter must be added before the model is wrapped. Build the model without "
                 "wrapping it in configure_model and let the strategy shard it (strategy='peft_fsdp' or 'peft_fsdp2')."
             )
-        core_inject.inject(pl_module, self.config)
+        api_inject.inject(pl_module, self.config)
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(pl_module)
         if self.verbose:
-            rank_zero_info(core_inject.summary(pl_module))
+            rank_zero_info(api_inject.summary(pl_module))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -238,7 +240,7 @@ class PEFTCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state.assert_no_grad_leak(pl_module)
-        summary = core_inject.summary_dict(pl_module)
+        summary = api_inject.summary_dict(pl_module)
         for logger in trainer.loggers:
             logger.log_hyperparams({"peft": summary})
 
@@ -255,7 +257,7 @@ class PEFTCallback(Callback):
             self.calibrate(trainer, pl_module)
 
     # ------------------------------------------------------------------ method training hooks
-    # Methods declare optional hooks on their registry entry (lightning_peft.core.training runs
+    # Methods declare optional hooks on their registry entry (lightning_peft.api.training runs
     # them); none is specific to a method here.
 
     @staticmethod

@@ -54,6 +54,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+import lightning_peft.api  # noqa: F401  (registers the built-in methods)
 from lightning_peft import registry
 from lightning_peft.core.config import AdapterConfig
 from lightning_peft.lightning.callback import PEFTCallback

@@ -20,11 +20,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_peft.core import files, io, state
+from lightning_peft.api import io
+from lightning_peft.core import files, state
 from lightning_peft.lightning.base import PEFTStrategy, secure
 
 if TYPE_CHECKING:
-    from lightning_peft.registry import Sharding
+    from lightning_peft.core.config import Sharding
 
 
 class PEFTDeepSpeedStrategy(PEFTStrategy, DeepSpeedStrategy):

@@ -59,8 +59,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+import lightning_peft.api  # noqa: F401  (registers the built-in methods)
 from lightning_peft import registry
-from lightning_peft.core import files, io, state
+from lightning_peft.api import io
+from lightning_peft.core import files, state
 from lightning_peft.lightning.base import (  # every name importable from here
     PEFTCheckpointIO,  # noqa: F401
     PEFTStrategy,

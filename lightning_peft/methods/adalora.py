@@ -25,7 +25,7 @@ that final pattern is re-applied every step. The loss gets the orthogonality pen
 
     R = orth_reg_weight * mean over the 2n matrices of ||Q Q^T - I||_F and ||P^T P - I||_F
 
-Where it runs: :func:`lightning_peft.core.training.on_step` and ``regularization`` (PEFTCallback
+Where it runs: :func:`lightning_peft.api.training.on_step` and ``regularization`` (PEFTCallback
 calls both). The kept/pruned pattern is the ``rank_mask`` buffer, saved with the adapter, so loading
 restores the pruned ranks; the importance statistics are training state (in checkpoints, not in
 adapter files). Differences from peft: exactly ``b(t)`` triplets are kept (peft prunes every
@@ -50,9 +50,9 @@ from lightning_peft.core.config import (
     check_probability,
     invalid,
 )
-from lightning_peft.core.inject import inject_layers, resolve_targets
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.targeting import is_linear
+from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.registry import ALL_SHARDINGS, Method, register
 
 #: peft's AdaLoRA defaults, so that configs carry over.
@@ -332,7 +332,7 @@ register(
         config_cls=AdaLoRAConfig,
         kind="layer",
         apply=partial(inject_layers, wrap=wrap),
-        resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
+        resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS, method="adalora"),
         on_step=on_step,
         on_step_uses_adapter=True,
         regularization=regularization,

@@ -19,9 +19,9 @@ from torch import nn
 
 from lightning_peft.core.config import LayerConfig
 from lightning_peft.core.delta import DeltaLayer
-from lightning_peft.core.inject import replace_modules
 from lightning_peft.core.layer import AdapterModule
 from lightning_peft.core.targeting import iter_named_modules, name_matches, select
+from lightning_peft.core.wrapping import replace_modules
 from lightning_peft.registry import Method, register
 
 

@@ -35,9 +35,9 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, check_choice, check_positive
-from lightning_peft.core.inject import replace_modules
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.targeting import architecture_default, find_base_model, is_linear, model_type, select
+from lightning_peft.core.wrapping import replace_modules
 from lightning_peft.registry import Method, register
 
 Targets = str | list[str]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.quantize import adapter_factory, dequantized_weight, is_quantized
 from lightning_peft.core.targeting import is_linear
-from lightning_peft.methods.lora import LoRAConfig, LoRALinear
+from lightning_peft.methods.lora import VARIANTS, LoRAConfig, LoRALinear
 
 
 class DoRALinear(LoRALinear):
@@ -133,3 +133,6 @@ def wrap(module: nn.Module, config: LoRAConfig) -> DoRALinear:
         f"it is a {type(module).__name__}, which lora with use_dora=True cannot wrap; DoRA wraps nn.Linear "
         "and transformers' Conv1D (without use_dora, lora also wraps nn.Embedding and nn.Conv2d)"
     )
+
+
+VARIANTS["use_dora"] = wrap

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, check_module_keys, invalid
-from lightning_peft.core.inject import replace_modules
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.quantize import adapter_factory, disable_cpu_repacking, is_quantized, merge_refusal
 from lightning_peft.core.targeting import ALL_LINEAR, architecture_default, is_linear, name_matches, select
+from lightning_peft.core.wrapping import replace_modules
 from lightning_peft.registry import Method, PeftFormat, register
 
 # BERT-style encoders name both the attention and the feed-forward output projection

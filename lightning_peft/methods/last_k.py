@@ -19,8 +19,8 @@ from torch import nn
 
 from lightning_peft.core.config import AdapterConfig, check_positive_int, invalid
 from lightning_peft.core.delta import DeltaLayer
-from lightning_peft.core.inject import replace_modules
 from lightning_peft.core.targeting import name_matches
+from lightning_peft.core.wrapping import replace_modules
 from lightning_peft.registry import Method, register
 
 

@@ -12,6 +12,7 @@ so the model starts out unchanged. With ``rslora`` the scale is ``alpha / sqrt(r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -21,11 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, check_choice, check_positive, check_positive_int, check_probability
-from lightning_peft.core.inject import inject_layers, resolve_targets
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.quantize import adapter_factory, disable_cpu_repacking, is_quantized, merge_refusal
 from lightning_peft.core.targeting import is_linear
-from lightning_peft.registry import Method, PeftFormat, register
+from lightning_peft.core.wrapping import inject_layers, resolve_targets
+from lightning_peft.registry import Method, PeftFormat, check_peft_defaults, register
 
 #: What LoRA wraps when no target list is given: the attention query and value projections, as in
 #: the paper's main experiments (and peft's defaults, so configs carry over).
@@ -326,12 +327,16 @@ class LoRAConv2d(LoRALayer):
         return result + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(result.dtype) * self.scaling
 
 
-def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
-    """The LoRA wrapper for one selected module."""
-    if config.use_dora:
-        from lightning_peft.methods import dora  # its layers build on LoRALinear
+#: Wrappers for LoRA's variants, by the config flag that selects them: a variant's file builds on
+#: this one and adds itself here (``dora.py``: ``use_dora``), so LoRA never imports its variants.
+VARIANTS: dict[str, Callable[[nn.Module, LoRAConfig], LoRALayer]] = {}
 
-        return dora.wrap(module, config)
+
+def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
+    """The LoRA wrapper for one selected module (a variant's, where its flag is set)."""
+    for flag, variant in VARIANTS.items():
+        if getattr(config, flag):
+            return variant(module, config)
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding(module, config)
     if isinstance(module, nn.Conv2d):
@@ -386,8 +391,6 @@ def to_peft(config: LoRAConfig) -> dict[str, Any]:
 
 def from_peft(options: dict[str, Any]) -> LoRAConfig:
     """peft's ``LoraConfig`` fields as our options; unsupported peft options are refused."""
-    from lightning_peft.interop.peft_format import check_peft_defaults
-
     check_peft_defaults("lora", options, _PEFT_UNSUPPORTED)
     return LoRAConfig(
         r=options["r"],
@@ -408,7 +411,7 @@ register(
         config_cls=LoRAConfig,
         kind="layer",
         apply=apply,
-        resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS),
+        resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS, method="lora"),
         summary="low-rank update B A added to frozen linear, embedding and conv weights; mergeable",
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models",
         peft=PeftFormat("LORA", to_peft, from_peft),

@@ -14,7 +14,7 @@ the rest of training, and only those change::
 
 The budget is per tensor (FISH ranks globally) so that every shape is known at injection and a
 checkpoint, which stores just the positions and values of ``S``, loads without resizing. The
-selection runs in :func:`lightning_peft.core.training.calibrate` (PEFTCallback calls it at train
+selection runs in :func:`lightning_peft.api.training.calibrate` (PEFTCallback calls it at train
 start, on the training dataloader); a model restored from a checkpoint keeps its selection.
 """
 
@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from lightning_peft.core import state
 from lightning_peft.core.config import LayerConfig, check_choice, check_positive_int, invalid
 from lightning_peft.core.delta import DeltaLayer
-from lightning_peft.core.inject import inject_layers
 from lightning_peft.core.targeting import ALL_LINEAR
+from lightning_peft.core.wrapping import inject_layers
 from lightning_peft.registry import Method, register
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import lightning_peft as lp
-from lightning_peft.core import files, io, state
+from lightning_peft.api import io
+from lightning_peft.core import files, state
 from tests import tiny
 from tests.payload import Payload, poison
 from tests.peft_reference import randomize_adapter

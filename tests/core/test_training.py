@@ -1,4 +1,4 @@
-"""The generic training hooks (lightning_peft.core.training) and training-only adapter state."""
+"""The generic training hooks (lightning_peft.api.training) and training-only adapter state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 
 import lightning_peft as lp
 from lightning_peft import registry
-from lightning_peft.core import state, training
+from lightning_peft.api import training
+from lightning_peft.core import state
 from tests import tiny
 from tests.peft_reference import randomize_adapter
 

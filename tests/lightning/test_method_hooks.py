@@ -12,7 +12,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 import lightning_peft as lp
 from lightning_peft import PEFTCallback
-from lightning_peft.core import state, training
+from lightning_peft.api import training
+from lightning_peft.core import state
 from lightning_peft.methods import adalora
 from tests.lightning.modules import StopAfterFirstEpoch, TinyLM, token_loader, trainer
 

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from lightning_peft import registry
+from lightning_peft.api.inject import inject, unload
 from lightning_peft.core import files, state
-from lightning_peft.core.inject import inject, unload
 from lightning_peft.core.targeting import find_base_model
 
 CONFIG_NAME = "adapter_config.json"

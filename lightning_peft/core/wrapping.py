@@ -1,0 +1,69 @@
+"""Wrapping selected modules: the primitives layer methods build their ``apply`` and ``resolve`` from.
+
+The generic loop is the same for every layer method: select modules, wrap each (once, even when
+the module is shared under several names), swap the wrapper in, only once every wrapper is built.
+``lightning_peft.api.inject`` (a floor above the methods) runs a method's ``apply`` on a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from torch import nn
+
+from lightning_peft.core import targeting
+from lightning_peft.core.config import LayerConfig
+from lightning_peft.core.layer import AdapterLayer
+
+L = TypeVar("L", bound=LayerConfig)
+
+#: Builds the wrapper for one selected module, or raises TypeError if the method cannot wrap it.
+WrapFn = Callable[[nn.Module, Any], AdapterLayer]
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+def replace_modules(root: nn.Module, names: Sequence[str], build: Callable[[str, nn.Module], nn.Module]) -> list[str]:
+    """Replace each named module by ``build(name, module)``, wrapping a shared module only once.
+
+    All wrappers are built before the first swap, so an error leaves the model untouched.
+    """
+    built: dict[int, nn.Module] = {}
+    plan: list[tuple[str, nn.Module]] = []
+    for name in names:
+        module = root.get_submodule(name)
+        if id(module) not in built:
+            # New submodules start in training mode; match the mode of what they replace.
+            built[id(module)] = build(name, module).train(module.training)
+        plan.append((name, built[id(module)]))
+    # Every other path to a shared module (tied embeddings, T5's `shared`) gets the same wrapper.
+    aliases = [(n, m) for n, m in targeting.iter_named_modules(root) if n and id(m) in built and n not in names]
+    for name, module in [*plan, *((n, built[id(m)]) for n, m in aliases)]:
+        _set_module(root, name, module)
+    return list(names)
+
+
+def resolve_targets(model: nn.Module, config: L, *, defaults: Mapping[str, str | Sequence[str]], method: str) -> L:
+    """``resolve`` for layer methods: fill ``target_modules`` from the architecture default of ``method``."""
+    if config.target_modules is not None:
+        return config
+    return config.replace(target_modules=targeting.architecture_default(model, defaults, method=method))
+
+
+def inject_layers(model: nn.Module, config: LayerConfig, *, wrap: WrapFn) -> list[str]:
+    """``apply`` for layer methods: wrap every module that ``config`` selects."""
+    assert config.target_modules is not None, "resolve() fills target_modules before apply()"
+    names = targeting.select(model, config.target_modules, config.exclude_modules, owner=type(config).__name__)
+
+    def build(name: str, module: nn.Module) -> nn.Module:
+        try:
+            return wrap(module, config)
+        except TypeError as err:
+            raise TypeError(f"{type(config).__name__}.target_modules selected {name!r}: {err}") from None
+
+    return replace_modules(model, names, build)
