@@ -23,6 +23,13 @@ _EXPORTS = {
     "unmerge": "lightning_peft.api.inject",
     "unload": "lightning_peft.api.inject",
     "summary": "lightning_peft.api.inject",
+    "delete_adapter": "lightning_peft.api.inject",
+    "adapters": "lightning_peft.api.adapters",
+    "active_adapters": "lightning_peft.api.adapters",
+    "set_adapter": "lightning_peft.api.adapters",
+    "disable_adapter": "lightning_peft.api.adapters",
+    "mixed_batch": "lightning_peft.api.adapters",
+    "hotswap_adapter": "lightning_peft.api.adapters",
     "trainable_state_dict": "lightning_peft.core.state",
     "get_info": "lightning_peft.core.state",
     "on_step": "lightning_peft.api.training",
@@ -43,6 +50,13 @@ _EXPORTS = {
 
 __all__ = [
     "PEFTCallback",
+    "active_adapters",
+    "adapters",
+    "delete_adapter",
+    "disable_adapter",
+    "hotswap_adapter",
+    "mixed_batch",
+    "set_adapter",
     "calibrate",
     "dequantize",
     "enable_gradient_checkpointing",
@@ -67,7 +81,15 @@ __all__ = [
 
 if TYPE_CHECKING:
     from lightning_peft.api import get_method
-    from lightning_peft.api.inject import inject, merge, summary, unload, unmerge
+    from lightning_peft.api.adapters import (
+        active_adapters,
+        adapters,
+        disable_adapter,
+        hotswap_adapter,
+        mixed_batch,
+        set_adapter,
+    )
+    from lightning_peft.api.inject import delete_adapter, inject, merge, summary, unload, unmerge
     from lightning_peft.api.io import load_adapter, save_adapter
     from lightning_peft.api.training import calibrate, on_step, regularization
     from lightning_peft.core.checkpointing import enable_gradient_checkpointing

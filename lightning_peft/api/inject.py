@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from torch import nn
@@ -21,6 +22,8 @@ from lightning_peft.core.layer import AdapterLayer, AdapterModule, TrainableModu
 from lightning_peft.core.wrapping import replace_modules
 
 M = TypeVar("M", bound=nn.Module)
+#: The name ``mixed_batch`` reads as "no adapter: the bare base model" (peft's too).
+BASE = "__base__"
 
 
 def resolve(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
@@ -73,34 +76,75 @@ def check_listed_modules(model: nn.Module, config: AdapterConfig) -> None:
         targeting.check_listed(model, names, field=field, owner=type(config).__name__, exempt=exempt)
 
 
-def _check_fresh(model: nn.Module) -> None:
-    info = state.get_info(model)
-    existing = [n for n, _ in state.adapter_modules(model)]
-    if info is not None or existing:
-        what = f"{info.method!r}" if info else f"adapter modules ({', '.join(existing[:3])})"
+def _check_name(model: nn.Module, name: Any, entry: registry.Method) -> None:
+    """Refuse an adapter name that is malformed or taken, and a second input-side adapter."""
+    if not isinstance(name, str) or not name or name == BASE or any(c in name for c in "./\\"):
         raise ValueError(
-            f"{type(model).__name__} already has {what} injected; a model takes one adapter. "
-            "Call lightning_peft.unload(model) first, or inject into a fresh copy of the base model."
+            f"adapter_name must be a non-empty string without '.', '/' or '\\\\', other than {BASE!r} (which "
+            f"mixed_batch reads as the bare base model); got {name!r}."
         )
+    table = state.adapters(model)
+    existing = [n for n, _ in state.adapter_modules(model)]
+    if not table and existing:
+        raise ValueError(
+            f"{type(model).__name__} already has adapter modules ({', '.join(existing[:3])}) that inject did not add; "
+            "call lightning_peft.unload(model) first, or inject into a fresh copy of the base model."
+        )
+    if name in table:
+        raise ValueError(
+            f"{type(model).__name__} already has an adapter named {name!r} ({table[name].method}); pass another "
+            f"adapter_name, or call lightning_peft.delete_adapter(model, {name!r}) first."
+        )
+    merged = [n for n, m in state.adapter_modules(model) if m.merged]
+    if merged:
+        raise ValueError(
+            f"{type(model).__name__} has merged adapter layers ({', '.join(merged[:3])}); call "
+            "lightning_peft.unmerge(model) before adding another adapter."
+        )
+    if entry.kind == "input":
+        inputs = [n for n, info in table.items() if registry.get(info.method).kind == "input"]
+        if inputs:
+            raise ValueError(
+                f"{type(model).__name__} already has the input-side adapter {inputs[0]!r} "
+                f"({table[inputs[0]].method}), and a model takes one input-side adapter (they all edit the same "
+                f"inputs); add {entry.name} to a fresh copy of the base model, or delete {inputs[0]!r} first. "
+                "Layer adapters (lora, ia3, ...) can be added beside it."
+            )
 
 
-def inject(model: M, method: str | AdapterConfig = "lora", /, **options: Any) -> M:
-    """Add a PEFT method to ``model`` in place, freeze everything else, and return ``model``.
+def activate(model: nn.Module, names: Sequence[str]) -> None:
+    """Make exactly ``names`` the active adapters: their modules on and trainable, all others off and frozen."""
+    for _, module in state.adapter_modules(model):
+        module.set_enabled(module.adapter_name in names)
+    state.set_active(model, names)
+    state.freeze(model)
+
+
+def inject(
+    model: M, method: str | AdapterConfig = "lora", /, *, adapter_name: str = state.DEFAULT_ADAPTER, **options: Any
+) -> M:
+    """Add a PEFT method to ``model`` in place as adapter ``adapter_name``, freeze the rest, return ``model``.
+
+    A model holds several named adapters (of the same or different methods, on the same or other
+    targets); the one added last is the active one, the one that trains, until
+    :func:`lightning_peft.set_adapter` says otherwise.
 
     Args:
         model: any ``nn.Module``; for transformers models the method's per-architecture defaults
             apply. A LightningModule works too (its inner transformers model is found).
         method: a registered method name (see :func:`lightning_peft.methods`) or a config object.
+        adapter_name: the adapter's name (``"default"``, peft's default, unless given).
         **options: the method's options when ``method`` is a name (``r=8, alpha=16``).
 
     Raises:
         ValueError: for an unknown method, invalid options, a listed target, exclusion or module to
-            save that matches no module (with the closest names), targets that match nothing, or a
-            model that already has an adapter.
-        TypeError: when a target is a module type the method cannot wrap.
+            save that matches no module (with the closest names), targets that match nothing, an
+            adapter name that is malformed or taken, a second input-side adapter, or merged layers.
+        TypeError: when a target is a module type the method cannot wrap, or cannot share a layer
+            with the adapter already there.
     """
     entry, config = registry.to_config(method, options)
-    _check_fresh(model)
+    _check_name(model, adapter_name, entry)
     # The lists as given (not the defaults resolve() fills in), before anything is changed.
     check_listed_modules(model, config)
     config = resolve(model, config)
@@ -109,19 +153,29 @@ def inject(model: M, method: str | AdapterConfig = "lora", /, **options: Any) ->
         if config.modules_to_save
         else []
     )
+    before = {id(m) for _, m in state.adapter_modules(model)}
+    previous = state.active_adapters(model)
+
+    def added_modules() -> list[AdapterModule]:
+        return [m for _, m in state.adapter_modules(model) if id(m) not in before]
+
     # Heads first: a wrapped head's inside is never a target of the method itself.
     replace_modules(model, to_save, lambda _, module: TrainableModule(module))
     try:
         added = entry.apply(model, config)
     except Exception:
-        _remove_adapters(model, merge=False)
+        _remove(model, added_modules(), merge=False)
         raise
+    for module in added_modules():
+        module.adapter_name = adapter_name
     base_path, _ = targeting.find_base_model(model)
-    state.attach(model, state.PEFTInfo(entry.name, config, base_path, state.fingerprint(model), [*to_save, *added]))
-    state.freeze(model)
+    modules = [*to_save, *added]
+    fingerprint = state.fingerprint(model)
+    state.attach(model, state.PEFTInfo(entry.name, config, base_path, fingerprint, modules, name=adapter_name))
+    activate(model, [adapter_name])
     trainable, _ = state.count_parameters(model)
     if trainable == 0:
-        unload(model, merge=False)
+        remove_added(model, [adapter_name], previous)
         raise ValueError(
             f"{entry.name} with {config} left no trainable parameter in {type(model).__name__}; "
             "widen target_modules or the method's options."
@@ -130,7 +184,9 @@ def inject(model: M, method: str | AdapterConfig = "lora", /, **options: Any) ->
 
 
 def _check_mergeable(model: nn.Module) -> list[AdapterModule]:
-    modules = [m for _, m in state.adapter_modules(model)]
+    """The active adapters' modules, once each is known to be mergeable."""
+    active = state.active_adapters(model)
+    modules = [m for _, m in state.adapter_modules(model) if not state.adapters(model) or m.adapter_name in active]
     if not modules:
         state.require_info(model)
         raise ValueError(f"{type(model).__name__} has no adapter modules to merge.")
@@ -141,7 +197,7 @@ def _check_mergeable(model: nn.Module) -> list[AdapterModule]:
 
 
 def merge(model: M) -> M:
-    """Fold every adapter into its base weights in place (zero extra latency at inference).
+    """Fold the active adapters into their base weights in place (zero extra latency at inference).
 
     Raises:
         TypeError: for methods with nothing to merge (prompt and prefix tuning).
@@ -153,32 +209,84 @@ def merge(model: M) -> M:
 
 def unmerge(model: M) -> M:
     """Undo :func:`merge`: base weights back as they were (to float rounding), adapters active."""
-    for module in _check_mergeable(model):
+    modules = [m for _, m in state.adapter_modules(model) if m.merged]
+    if not modules:
+        _check_mergeable(model)
+    for module in modules:
         module.unmerge()
     return model
 
 
-def _remove_adapters(model: nn.Module, *, merge: bool) -> None:
-    for name, module in list(state.adapter_modules(model)):
+def _swap(root: nn.Module, module: nn.Module, replacement: nn.Module | None) -> None:
+    """Put ``replacement`` wherever ``module`` sits in ``root`` (every path to it), or delete it there."""
+    places = [name for name, m in root.named_modules(remove_duplicate=False) if m is module and name]
+    for name in places:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        if replacement is None:
+            delattr(parent, attr)
+        else:
+            setattr(parent, attr, replacement)
+
+
+def _remove(model: nn.Module, modules: Sequence[AdapterModule], *, merge: bool) -> None:
+    """Take adapter ``modules`` out of ``model`` (a wrapper's place goes to what it wraps)."""
+    for module in modules:
         if isinstance(module, AdapterLayer):
-            if merge:
+            if merge and module.enabled:
                 module.merge()
-            replace_modules(model, [name], lambda _, m: m.unwrap())  # type: ignore[attr-defined]
+            _swap(model, module, module.unwrap())
         else:
             module.on_unload()
-            parent_name, _, attr = name.rpartition(".")
-            delattr(model.get_submodule(parent_name) if parent_name else model, attr)
+            _swap(model, module, None)
+
+
+def remove_added(model: nn.Module, names: Sequence[str], active: Sequence[str]) -> None:
+    """Take adapters ``names`` out again and make ``active`` the active ones (undoing a failed load)."""
+    for name in names:
+        _remove(model, [m for _, m in state.adapter_modules(model, name)], merge=False)
+        state.detach(model, name)
+    if state.adapters(model):
+        activate(model, [n for n in active if n in state.adapters(model)])
+
+
+def delete_adapter(model: M, adapter_name: str) -> M:
+    """Remove adapter ``adapter_name`` from ``model``; the others, and the base, stay as they are.
+
+    Raises:
+        ValueError: for a name the model does not hold (listing those it does), an active adapter
+            (switch to another with ``set_adapter`` first, or ``unload`` the last one), or a merged one.
+    """
+    info = state.adapter_of(model, adapter_name)
+    if adapter_name in state.active_adapters(model):
+        others = [n for n in state.adapters(model) if n != adapter_name]
+        hint = (
+            f"call lightning_peft.set_adapter(model, {others[0]!r}) first"
+            if others
+            else "it is the last one: call lightning_peft.unload(model, merge=False) to remove it"
+        )
+        raise ValueError(f"adapter {adapter_name!r} ({info.method}) is active; {hint}.")
+    merged = [n for n, m in state.adapter_modules(model, adapter_name) if m.merged]
+    if merged:
+        raise ValueError(
+            f"adapter {adapter_name!r} is merged into {merged[0]}; call lightning_peft.unmerge(model) first."
+        )
+    _remove(model, [m for _, m in state.adapter_modules(model, adapter_name)], merge=False)
+    state.detach(model, adapter_name)
+    state.freeze(model)
+    return model
 
 
 def unload(model: M, *, merge: bool = True) -> M:
-    """Remove the adapter and return the plain base model (``merge=True`` keeps what it learned).
+    """Remove every adapter and return the plain base model (``merge=True`` keeps what the active ones learned).
 
-    Heads in ``modules_to_save`` keep their trained weights. Parameters stay frozen.
+    Heads in ``modules_to_save`` keep their trained weights when merged (else the heads as they
+    were). Parameters stay frozen.
     """
     state.require_info(model)
     if merge:
         _check_mergeable(model)
-    _remove_adapters(model, merge=merge)
+    _remove(model, [m for _, m in state.adapter_modules(model)], merge=merge)
     state.detach(model)
     return model
 

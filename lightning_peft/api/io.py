@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from lightning_peft import registry
-from lightning_peft.api.inject import inject, unload
+from lightning_peft.api.inject import inject, remove_added
 from lightning_peft.core import files, state
 from lightning_peft.core.targeting import find_base_model
 
@@ -32,11 +32,38 @@ PathLike = str | os.PathLike[str]
 # --------------------------------------------------------------------------- adapter files
 
 
-def save_adapter(model: nn.Module, directory: PathLike) -> Path:
-    """Write the adapter of ``model`` to ``directory`` (created if needed) and return the folder."""
-    # Training-only statistics (see AdapterModule.training_state_names) stay in checkpoints.
-    tensors = state.trainable_state_dict(model, training_state=False)
-    return write_adapter(state.require_info(model), tensors, directory)
+def site_keys(model: nn.Module, adapter_name: str, *, training_state: bool) -> dict[str, tuple[str, Tensor]]:
+    """``{key in an adapter file: (key in model.state_dict(), tensor)}`` for adapter ``adapter_name``.
+
+    A file names each tensor by where its module sits in the base model (``state.site_name``), so
+    an adapter saved from a model that holds others loads into one that holds none, and back.
+    """
+    keys: dict[str, tuple[str, Tensor]] = {}
+    for path, module in state.adapter_modules(model, adapter_name):
+        site = state.site_name(model, path)
+        declared = [*module.adapter_state(), *(module.training_state() if training_state else ())]
+        for local, tensor in declared:
+            keys[f"{site}.{local}" if site else local] = (f"{path}.{local}" if path else local, tensor)
+    return keys
+
+
+def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str | None = None) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if needed); return the folder.
+
+    Without a name, every adapter: ``"default"`` in ``directory`` itself and each other one in
+    ``directory/<name>`` (peft's layout); a model with one adapter writes it in ``directory``.
+    """
+    state.require_info(model)
+    out = Path(directory)
+    if adapter_name is not None:
+        info = state.adapter_of(model, adapter_name)
+        # Training-only statistics (see AdapterModule.training_state_names) stay in checkpoints.
+        tensors = {key: t.detach() for key, (_, t) in site_keys(model, info.name, training_state=False).items()}
+        return write_adapter(info, tensors, out)
+    names = list(state.adapters(model))
+    for name in names:
+        save_adapter(model, out if name == state.DEFAULT_ADAPTER or len(names) == 1 else out / name, name)
+    return out
 
 
 def write_adapter(info: state.PEFTInfo, tensors: Mapping[str, Tensor], directory: PathLike) -> Path:
@@ -91,7 +118,7 @@ def read_adapter(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return state.validate_record(record, str(path)), dict(state_dict)
 
 
-def _rebase(tensors: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
+def rebase(tensors: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
     """Move keys from one base-model path to another (a Lightning checkpoint into a bare model)."""
     if old == new:
         return tensors
@@ -107,12 +134,15 @@ def _rebase(tensors: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]
     return moved
 
 
-def _remove(model: nn.Module) -> None:
-    unload(model, merge=False)
+def load_adapter(model: M, path: PathLike, adapter_name: str | None = None) -> M:
+    """Load an adapter into ``model``, injecting its method first where needed; returns ``model``.
 
-
-def load_adapter(model: M, path: PathLike) -> M:
-    """Load an adapter into ``model`` (injecting its method first if needed); returns ``model``.
+    Args:
+        model: the model to load into.
+        path: an adapter folder (``save_adapter``) or a Lightning checkpoint of PEFTCallback.
+        adapter_name: the adapter to load into: one the model holds is overwritten; another name is
+            added beside the adapters it has (and becomes the active one). Without a name: into the
+            active adapter, or, for a model without adapters, as the name the file records.
 
     All or nothing: when it raises, ``model`` is as it was (an adapter it injected is removed).
 
@@ -128,16 +158,27 @@ def load_adapter(model: M, path: PathLike) -> M:
         method = registry.get(record["method"])
     except ValueError as error:
         raise ValueError(f"{path} holds an adapter of a method this lightning_peft does not have: {error}") from error
-    with state.all_or_nothing(model, remove=_remove):
-        if state.get_info(model) is None:
+    current = state.get_info(model)
+    target = adapter_name or (current.name if current else record.get("adapter", state.DEFAULT_ADAPTER))
+    with state.all_or_nothing(model, remove=remove_added):
+        if state.get_info(model, target) is None:
             try:
                 config = method.config_cls.from_dict(record["config"])
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{path} records options this lightning_peft cannot use: {error}") from error
-            inject(model, config)
+            inject(model, config, adapter_name=target)
         base_path, _ = find_base_model(model)
-        ordered: OrderedDict[str, Tensor] = OrderedDict(_rebase(tensors, record["base_path"], base_path))
+        keys = site_keys(model, target, training_state=True)
+        stored = rebase(tensors, record["base_path"], base_path)
+        ordered: OrderedDict[str, Tensor] = OrderedDict(
+            (keys[key][0] if key in keys else key, value) for key, value in stored.items()
+        )
+        record = {**record, "adapter": target} if target != state.DEFAULT_ADAPTER else _without_name(record)
         ordered._metadata = {"": {state.METADATA_KEY: record}}  # type: ignore[attr-defined]
         with state.loading_from(str(path)):
             model.load_state_dict(ordered, strict=True)
     return model
+
+
+def _without_name(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key != "adapter"}

@@ -66,6 +66,7 @@ class DeltaLayer(AdapterLayer):
     adapter_names = ("delta", "values", "indices")
     # The deltas sit in ParameterDicts, which are never called: ZeRO-3 must gather them with the layer.
     gather_as_unit = True
+    stackable = False  # it shadows the base layer's own parameters, which a second delta would shadow again
     #: The shardings (:data:`lightning_peft.registry.Sharding`) this layer trains correctly under.
     shardings: frozenset[Sharding] = frozenset({"fsdp", "fsdp2", "zero1", "zero2", "zero3"})
 
@@ -123,7 +124,7 @@ class DeltaLayer(AdapterLayer):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._merged:
+        if self.bypassed:
             return self.base_layer(*args, **kwargs)
         owner = self.base_owner(self._names())
         # Registered per call, so that they run after any hook a strategy put on the owner (which

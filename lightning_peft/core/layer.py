@@ -3,11 +3,18 @@
 Everything generic (freezing, the trainable state dict, loading, merging, summaries) walks the
 model for :class:`AdapterModule` instances and reads their ``adapter_names`` declaration. Nothing
 is picked by a substring of a parameter name.
+
+Several named adapters may share one base layer: each adapter's wrapper wraps the next, the last
+one the base layer (a chain, added innermost so earlier adapters keep their state-dict keys). A
+wrapper that is switched off (:meth:`AdapterModule.set_enabled`) passes its input straight to
+what it wraps, so the chain computes the base layer plus the enabled adapters' updates. In a mixed
+batch (:mod:`lightning_peft.api.adapters`) each wrapper updates only the rows of its own samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import copy
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +43,46 @@ class AdapterModule(nn.Module):
     gather_as_unit: ClassVar[bool] = False
     #: Local tensor names that Hugging Face peft spells differently (``{"lora_A": "lora_A.weight"}``).
     peft_names: ClassVar[dict[str, str]] = {}
+    #: Whether another adapter may share the base layer this one wraps (see the module docstring).
+    #: False where the adapter reads the base weight itself (DoRA's norm, a delta shadowing it).
+    stackable: ClassVar[bool] = True
+    #: Whether a mixed batch can run through this module, each row with its own adapter
+    #: (:meth:`AdapterLayer.mixed_forward`).
+    supports_mixed_batch: ClassVar[bool] = False
+    #: Whether the tensors under this module beside the adapter's are frozen base weights that
+    #: identify the base model; False for a module that keeps a trained copy of a base module.
+    fingerprinted: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The adapter this module belongs to (set by ``inject``).
+        self.adapter_name = "default"
+        self._enabled = True
+        #: In a mixed batch: the indices of the batch rows this adapter serves; ``None`` otherwise.
+        self.rows: Tensor | None = None
+        #: In a mixed batch: how many samples it names.
+        self.batch_size: int | None = None
+
+    def mixed_rows(self, x: Tensor) -> Tensor:
+        """This adapter's rows of a mixed batch, on ``x``'s device, once ``x`` is checked to be that batch."""
+        assert self.rows is not None and self.batch_size is not None
+        if x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"mixed_batch names {self.batch_size} samples, but the {type(self).__name__} of adapter "
+                f"{self.adapter_name!r} got a batch of {x.shape[0]} (input shape {tuple(x.shape)}); pass one adapter "
+                "name per sample, batch first (for generate(), repeat each name num_return_sequences * num_beams "
+                "times)."
+            )
+        return self.rows if self.rows.device == x.device else self.rows.to(x.device)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the adapter takes part in the forward (``set_adapter`` and ``disable_adapter`` switch it)."""
+        return self._enabled
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the adapter on or off; switched off, the module computes what the base model does."""
+        self._enabled = enabled
 
     def adapter_state(self) -> Iterator[tuple[str, Tensor]]:
         """(local name, tensor) for every declared parameter and buffer."""
@@ -109,6 +156,31 @@ class AdapterLayer(AdapterModule):
         super().__init__()
         self.base_layer = base_layer
         self._merged = False
+
+    @property
+    def base(self) -> nn.Module:
+        """The base layer itself, below any other adapter's wrapper that shares it."""
+        module = self.base_layer
+        while isinstance(module, AdapterLayer):
+            module = module.base_layer
+        return module
+
+    @property
+    def bypassed(self) -> bool:
+        """Whether the forward is just the wrapped module's: merged (the update is in the weight),
+        switched off, or in a mixed batch with no row of its own."""
+        return self._merged or not self._enabled or (self.rows is not None and self.rows.numel() == 0)
+
+    def mixed_forward(self, x: Tensor, update: Callable[[Tensor], Tensor]) -> Tensor:
+        """The wrapped module's output on ``x`` (batch first), plus ``update(x[rows])`` on this adapter's rows.
+
+        One gather and one scatter per layer, whatever the batch: every sample's output is what
+        that sample alone would give (row by row equal to running it with its adapter).
+        """
+        rows = self.mixed_rows(x)
+        result = self.base_layer(x)
+        part = update(x.index_select(0, rows)).to(result.dtype)
+        return result.index_add(0, rows, part)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -194,28 +266,63 @@ class AdapterLayer(AdapterModule):
 
 
 class TrainableModule(AdapterLayer):
-    """A module trained in full and saved whole (``modules_to_save``), e.g. a new task head."""
+    """A module trained in full and saved whole (``modules_to_save``), e.g. a new task head.
 
-    adapter_names = ("base_layer",)
+    It trains a copy (``trained``) and keeps the module it wraps as it was, as peft's
+    ``ModulesToSaveWrapper`` does: switched off, the model is the base model exactly, and each
+    named adapter that saves the same module has a copy of its own.
+    """
+
+    adapter_names = ("trained",)
     method = "modules_to_save"
+    supports_mixed_batch = True
+    fingerprinted = False  # the wrapped module is a new head (random at init), not what identifies the base
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.trained = copy.deepcopy(base_layer)
 
     def peft_key(self, local: str) -> str:
-        return local.removeprefix("base_layer.")  # peft files keep a saved module's own names
+        return local.removeprefix("trained.")  # peft files keep a saved module's own names
+
+    @property
+    def bypassed(self) -> bool:
+        return not self._enabled or (self.rows is not None and self.rows.numel() == 0)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_layer(*args, **kwargs)
+        if self.bypassed:
+            return self.base_layer(*args, **kwargs)
+        if self.rows is None:
+            return self.trained(*args, **kwargs)
+        x, *rest = args
+        rows = self.mixed_rows(x)
+        result = self.base_layer(*args, **kwargs)
+        part = self.trained(x.index_select(0, rows), *rest, **kwargs)
+        if not isinstance(result, Tensor) or not isinstance(part, Tensor) or part.shape[1:] != result.shape[1:]:
+            what = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
+            raise ValueError(
+                f"adapter {self.adapter_name!r}'s copy of {type(self.base).__name__} returns {what} for its rows, "
+                f"where the module it shares returns {tuple(result.shape) if isinstance(result, Tensor) else result}; "
+                "a mixed batch needs saved modules of one output shape (e.g. classifier heads of one num_labels). "
+                "Serve these adapters in separate batches."
+            )
+        return result.index_copy(0, rows, part.to(result.dtype))
 
     def reset_adapter_parameters(self) -> None:
-        reset = getattr(self.base_layer, "reset_parameters", None)
+        reset = getattr(self.trained, "reset_parameters", None)
         if callable(reset):
             reset()
 
     @property
     def mergeable(self) -> bool:
-        return True  # its weights are the base weights: merging and unloading keep them as trained
+        return True  # unloading with merge=True keeps the trained copy in the module's place
 
     def _merge(self) -> None:
         pass
 
     def _unmerge(self) -> None:
         pass
+
+    def unwrap(self) -> nn.Module:
+        """The trained copy once merged, else the module as it was."""
+        return self.trained if self._merged else self.base_layer

@@ -34,6 +34,10 @@ from lightning_peft.core.targeting import find_base_model
 
 #: Key of our record inside ``state_dict._metadata[prefix]``.
 METADATA_KEY = "lightning_peft"
+#: Key of the records of further adapters a state dict holds, beside the first one's.
+MORE_KEY = "lightning_peft_more"
+#: The name of an adapter injected without one (peft's too).
+DEFAULT_ADAPTER = "default"
 #: The record format written: 2 fingerprints the base by sampled values. Format 1 (checksums) is read.
 FORMAT_VERSION = 2
 _SAMPLES = 16  # values sampled per base weight tensor (format 2)
@@ -187,25 +191,69 @@ class PEFTInfo:
     fingerprint: BaseFingerprint
     modules: list[str] = field(default_factory=list)
     load_prefix: str = ""
+    #: The adapter's name (``inject(..., adapter_name=...)``); a model may hold several.
+    name: str = DEFAULT_ADAPTER
 
     def metadata(self) -> dict[str, Any]:
-        """The record written into state dicts and adapter files: plain JSON types only."""
-        return {
+        """The record written into state dicts and adapter files: plain JSON types only.
+
+        ``adapter`` (the name) is written only for a name other than ``"default"``, so a single
+        default adapter's record reads the same in lightning_peft versions before named adapters.
+        """
+        record = {
             "format": FORMAT_VERSION,
             "method": self.method,
             "config": self.config.to_dict(),
             "base_path": self.base_path,
             "base": self.fingerprint.to_dict(),
         }
+        if self.name != DEFAULT_ADAPTER:
+            record["adapter"] = self.name
+        return record
 
 
-_INFO_ATTR = "_lightning_peft"
+_INFO_ATTR = "_lightning_peft"  # the table of named adapters, on the module inject() was called on
+_ACTIVE_ATTR = "_lightning_peft_active"
 
 
-def get_info(model: nn.Module) -> PEFTInfo | None:
-    """The injection record of ``model`` (``None`` if nothing was injected into it as a root)."""
-    info = model.__dict__.get(_INFO_ATTR)
-    return info if isinstance(info, PEFTInfo) else None
+def adapters(model: nn.Module) -> dict[str, PEFTInfo]:
+    """The adapters injected into ``model`` as a root, by name, in the order they were added."""
+    table = model.__dict__.get(_INFO_ATTR)
+    return dict(table) if isinstance(table, dict) else {}
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The names of the adapters that take part in the forward and train (``set_adapter``)."""
+    return list(model.__dict__.get(_ACTIVE_ATTR, []))
+
+
+def get_info(model: nn.Module, name: str | None = None) -> PEFTInfo | None:
+    """The record of adapter ``name`` of ``model`` (``None`` if it has none by that name).
+
+    Without a name: the first active adapter's (the one adapter, for a model that holds one);
+    ``None`` if nothing was injected into ``model`` as a root.
+    """
+    table = adapters(model)
+    if name is not None:
+        return table.get(name)
+    for active in active_adapters(model):
+        return table[active]
+    return next(iter(table.values()), None)
+
+
+def unknown_adapter(model: nn.Module, name: Any) -> ValueError:
+    """The error for an adapter name ``model`` does not hold, listing the ones it does."""
+    names = list(adapters(model))
+    held = f"it holds {', '.join(map(repr, names))}" if names else "it holds none"
+    return ValueError(f"{type(model).__name__} has no adapter named {name!r}; {held}{_closest(str(name), names)}.")
+
+
+def adapter_of(model: nn.Module, name: str) -> PEFTInfo:
+    """The record of adapter ``name``, or :func:`unknown_adapter`'s error."""
+    info = adapters(model).get(name) if isinstance(name, str) else None
+    if info is None:
+        raise unknown_adapter(model, name)
+    return info
 
 
 def require_info(model: nn.Module) -> PEFTInfo:
@@ -221,49 +269,65 @@ def require_info(model: nn.Module) -> PEFTInfo:
 # --------------------------------------------------------------------------- walking adapters
 
 
-def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
-    """(full name, module) for every adapter module in ``model``, each once."""
+def adapter_modules(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, AdapterModule]]:
+    """(full name, module) for every adapter module in ``model`` (of adapter ``adapter`` only, if given), each once."""
     for name, module in model.named_modules():
-        if isinstance(module, AdapterModule):
+        if isinstance(module, AdapterModule) and (adapter is None or module.adapter_name == adapter):
             yield name, module
+
+
+def site_name(model: nn.Module, name: str) -> str:
+    """Where adapter module ``name`` sits in the base model: its path with the wrappers of other
+    adapters that share its base layer taken out (``q_proj.base_layer`` -> ``q_proj``).
+
+    Adapter files key tensors by it, so they do not depend on the order adapters were added in.
+    """
+    while name.endswith(".base_layer") and isinstance(model.get_submodule(name[: -len(".base_layer")]), AdapterLayer):
+        name = name[: -len(".base_layer")]
+    return name
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _declared(model: nn.Module, kind: str) -> Iterator[tuple[str, Tensor]]:
+def _declared(model: nn.Module, kind: str, adapter: str | None = None) -> Iterator[tuple[str, Tensor]]:
     seen: set[int] = set()
-    for prefix, module in adapter_modules(model):
+    for prefix, module in adapter_modules(model, adapter):
         for local, tensor in getattr(module, kind)():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 yield _join(prefix, local), tensor
 
 
-def adapter_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(full name, tensor) for every declared adapter parameter and buffer."""
-    return _declared(model, "adapter_state")
+def adapter_state(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, Tensor]]:
+    """(full name, tensor) for every declared adapter parameter and buffer (of ``adapter`` only, if given)."""
+    return _declared(model, "adapter_state", adapter)
 
 
-def training_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+def training_state(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, Tensor]]:
     """(full name, tensor) for every buffer that adapter modules keep only for training."""
-    return _declared(model, "training_state")
+    return _declared(model, "training_state", adapter)
 
 
-def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """(full name, parameter) for every parameter that the adapter trains."""
-    for name, tensor in adapter_state(model):
+def adapter_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    """(full name, parameter) for every parameter that the adapter (``adapter``, or any) trains."""
+    for name, tensor in adapter_state(model, adapter):
         if isinstance(tensor, nn.Parameter):
             yield name, tensor
 
 
 def freeze(model: nn.Module) -> None:
-    """Freeze every parameter, then unfreeze exactly the declared adapter parameters."""
+    """Freeze every parameter, then unfreeze exactly the declared parameters of the active adapters.
+
+    A model without a record of named adapters (adapter modules built by hand) trains all of them.
+    """
     for param in model.parameters():
         param.requires_grad_(False)
-    for _, param in adapter_parameters(model):
-        param.requires_grad_(True)
+    names = active_adapters(model) if adapters(model) else [None]
+    for name in names:
+        for _, param in adapter_parameters(model, name):
+            param.requires_grad_(True)
 
 
 def undeclared_trainable(model: nn.Module) -> list[str]:
@@ -311,6 +375,10 @@ def fingerprint(model: nn.Module) -> BaseFingerprint:
     """Fingerprint of the frozen base weights of ``model`` (adapter state excluded)."""
     base_path, base = find_base_model(model)
     adapter_ids = {id(t) for _, t in [*adapter_state(model), *training_state(model)]}
+    # A module that keeps a trained copy of a base module (modules_to_save) holds no identifying weight.
+    adapter_ids |= {
+        id(t) for _, m in adapter_modules(model) if not m.fingerprinted for t in [*m.parameters(), *m.buffers()]
+    }
     every: dict[str, Tensor] = {}  # format 1 took every parameter and buffer
     for name, tensor in [*base.named_parameters(), *base.named_buffers()]:
         if id(tensor) not in adapter_ids:
@@ -339,10 +407,12 @@ def fingerprint(model: nn.Module) -> BaseFingerprint:
 # --------------------------------------------------------------------------- state dicts
 
 
-def trainable_state_dict(model: nn.Module, *, training_state: bool = True) -> OrderedDict[str, Tensor]:
-    """The adapter's state only (tensors detached, not copied), keyed like ``model.state_dict()``.
+def trainable_state_dict(
+    model: nn.Module, *, training_state: bool = True, adapter_name: str | None = None
+) -> OrderedDict[str, Tensor]:
+    """The adapters' state only (tensors detached, not copied), keyed like ``model.state_dict()``.
 
-    The returned dict carries the injection record in ``_metadata`` like any torch state dict, so
+    The returned dict carries the injection records in ``_metadata`` like any torch state dict, so
     ``model.load_state_dict(sd)`` on an injected model validates method, options and base model.
 
     Args:
@@ -350,11 +420,21 @@ def trainable_state_dict(model: nn.Module, *, training_state: bool = True) -> Or
         training_state: include the buffers adapter modules keep only for training (see
             ``AdapterModule.training_state_names``), as a checkpoint to resume from needs;
             ``save_adapter`` leaves them out.
+        adapter_name: only this adapter's state (default: every adapter the model holds).
     """
-    info = require_info(model)
-    tensors = [*adapter_state(model), *(_declared(model, "training_state") if training_state else ())]
+    require_info(model)
+    names = [adapter_of(model, adapter_name).name] if adapter_name is not None else list(adapters(model))
+    tensors = [
+        item
+        for name in names
+        for item in [*adapter_state(model, name), *(_declared(model, "training_state", name) if training_state else ())]
+    ]
     state: OrderedDict[str, Tensor] = OrderedDict((n, t.detach()) for n, t in tensors)
-    metadata: dict[str, dict[str, Any]] = {"": {"version": model._version, METADATA_KEY: info.metadata()}}
+    records = [adapter_of(model, name).metadata() for name in names]
+    root: dict[str, Any] = {"version": model._version, METADATA_KEY: records[0]}
+    if len(records) > 1:
+        root[MORE_KEY] = records[1:]
+    metadata: dict[str, dict[str, Any]] = {"": root}
     for prefix, module in adapter_modules(model):
         metadata.setdefault(prefix, {"version": module._version})
         for sub, child in module.named_modules(prefix=prefix):
@@ -375,6 +455,8 @@ def read_metadata(state_dict: dict[str, Any], prefix: str = "") -> Any:
 
 #: The keys of a record and their types; any other key is refused.
 RECORD_FIELDS: dict[str, type] = {"format": int, "method": str, "config": dict, "base_path": str, "base": dict}
+#: Keys a record may hold, and their types: the adapter's name, where it is not ``"default"``.
+OPTIONAL_FIELDS: dict[str, type] = {"adapter": str}
 #: The keys of the record's base fingerprint, per format.
 FINGERPRINT_FIELDS: dict[int, frozenset[str]] = {
     1: frozenset({"model_type", "structure", "checksums"}),
@@ -408,10 +490,14 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
 
     if not isinstance(record, dict):
         raise malformed(f"expected a mapping, got {type(record).__name__}")
-    unknown = sorted(set(record) - set(RECORD_FIELDS))
+    known_keys = [*RECORD_FIELDS, *OPTIONAL_FIELDS]
+    unknown = sorted(set(record) - set(known_keys))
     if unknown:
         key = unknown[0]
-        raise malformed(f"unknown key {key!r}{_closest(key, list(RECORD_FIELDS))}; known: {', '.join(RECORD_FIELDS)}")
+        raise malformed(f"unknown key {key!r}{_closest(key, known_keys)}; known: {', '.join(known_keys)}")
+    for key, kind in OPTIONAL_FIELDS.items():
+        if key in record and (not isinstance(record[key], kind) or not record[key]):
+            raise malformed(f"{key} must be a non-empty {kind.__name__}; got {str(record[key])[:60]!r}")
     missing = [key for key in RECORD_FIELDS if key not in record]
     if missing:
         raise malformed(f"it lacks {missing[0]!r}; a record holds {', '.join(RECORD_FIELDS)}")
@@ -543,30 +629,44 @@ def check_tensors(shapes: Mapping[str, Sequence[int]], tensors: Mapping[str, Any
 
 
 @contextlib.contextmanager
-def all_or_nothing(model: nn.Module, remove: Callable[[nn.Module], None]) -> Iterator[None]:
-    """Undo what a load did to ``model`` when it raises inside: an adapter it injected (taken out
-    with ``remove``, every ``requires_grad`` flag restored), or the adapter tensors it overwrote
-    (copied back).
+def all_or_nothing(model: nn.Module, remove: Callable[[nn.Module, list[str], list[str]], None]) -> Iterator[None]:
+    """Undo what a load did to ``model`` when it raises inside: adapters it injected (taken out
+    with ``remove``, every ``requires_grad`` flag and the active adapters restored), or the
+    adapter tensors it overwrote (copied back).
 
     Args:
         model: the model being loaded into.
-        remove: takes an injected adapter out again (``lambda m: lightning_peft.unload(m, merge=False)``).
+        remove: ``remove(model, added, active)`` takes the adapters named ``added`` out again and
+            makes ``active`` the active adapters again (``lightning_peft.api.inject.remove_added``).
     """
-    had_adapter = get_info(model) is not None
+    held = set(adapters(model))
+    active = active_adapters(model)
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    tensors = [*adapter_state(model), *training_state(model)] if had_adapter else []
+    tensors = [*adapter_state(model), *training_state(model)] if held else []
     saved = {name: t.detach().clone() for name, t in tensors}
     try:
         yield
     except BaseException:
-        if not had_adapter and get_info(model) is not None:
-            remove(model)
+        added = [name for name in adapters(model) if name not in held]
+        if added:
+            remove(model, added, active)
             for param in model.parameters():
                 param.requires_grad_(flags.get(id(param), param.requires_grad))
         with torch.no_grad():
             for name, tensor in tensors:
                 tensor.copy_(saved[name])
         raise
+
+
+def _records(local_metadata: Mapping[str, Any], where: str) -> list[Any]:
+    """The records a state dict carries at the root: its first adapter's, then any further ones'."""
+    record = local_metadata.get(METADATA_KEY)
+    if record is None:
+        return []
+    more = local_metadata.get(MORE_KEY, [])
+    if not isinstance(more, list):
+        raise ValueError(f"{where} carries a malformed lightning_peft record: {MORE_KEY} must be a list of records.")
+    return [record, *more]
 
 
 def _load_pre_hook(
@@ -579,16 +679,31 @@ def _load_pre_hook(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Everything checked before torch copies a tensor, so that a refused load changes nothing."""
+    """Everything checked before torch copies a tensor, so that a refused load changes nothing.
+
+    The records name the adapters the state dict holds (all of them are required in full); a
+    plain state dict without records is held to torch's strict check over every adapter.
+    """
     info = get_info(module)
     if info is None:
         return
     info.load_prefix = prefix
     where = _LOADING_FROM.get()
-    record = local_metadata.get(METADATA_KEY)
-    if record is not None:
-        check_record(info, record, where)
-    merged = [name for name, m in adapter_modules(module) if m.merged]
+    records = _records(local_metadata, where)
+    names: list[str] = []
+    for record in records:
+        validate_record(record, where)
+        name = record.get("adapter", DEFAULT_ADAPTER)
+        if name not in adapters(module):
+            raise ValueError(
+                f"{where} holds adapter {name!r}, which this model does not have "
+                f"({', '.join(map(repr, adapters(module)))}); inject it first, or load it with "
+                f"lightning_peft.load_adapter(model, path, adapter_name=...)."
+            )
+        check_record(adapter_of(module, name), record, where)
+        names.append(name)
+    module.__dict__["_lightning_peft_loading"] = names if records else list(adapters(module))
+    merged = [name for name, m in adapter_modules(module) if m.merged and (not records or m.adapter_name in names)]
     if merged:
         raise ValueError(
             f"cannot load adapter weights into merged layers ({', '.join(merged[:3])}, ...); "
@@ -602,9 +717,10 @@ def _load_pre_hook(
                 f"{where} holds tensors this model does not have: {_shown(unexpected)}. Was it trained on another "
                 f"architecture, or with another {info.method} configuration?"
             )
-    required = {prefix + name: t.shape for name, t in adapter_state(module)}
-    optional = {prefix + name: t.shape for name, t in training_state(module)}
-    if record is not None:  # a lightning_peft state dict holds the whole adapter; a plain one: torch's strict check
+    loading = names if records else [None]
+    required = {prefix + n: t.shape for a in loading for n, t in adapter_state(module, a)}
+    optional = {prefix + n: t.shape for a in loading for n, t in training_state(module, a)}
+    if records:  # a lightning_peft state dict holds the whole adapter; a plain one: torch's strict check
         check_tensors(required, state_dict, where)
     present = {key: shape for key, shape in {**required, **optional}.items() if key in state_dict}
     check_tensors(present, state_dict, where)
@@ -621,39 +737,57 @@ def _load_pre_hook(
 
 
 def _load_post_hook(module: nn.Module, incompatible: Any) -> None:
-    """Frozen base weights may be missing from a state dict: they are not part of the adapter."""
+    """Frozen base weights may be missing from a state dict, and so may the adapters it does not hold."""
     info = get_info(module)
     if info is None:
         return
     prefix = info.load_prefix
-    adapter_keys = {prefix + name for name, _ in adapter_state(module)}
+    loaded = module.__dict__.pop("_lightning_peft_loading", list(adapters(module)))
+    required = {prefix + name for a in loaded for name, _ in adapter_state(module, a)}
     frozen = {prefix + n for n, _ in module.named_parameters(remove_duplicate=False)}
     frozen |= {prefix + n for n, _ in module.named_buffers(remove_duplicate=False)}
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not (k in frozen and k not in adapter_keys)]
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not (k in frozen and k not in required)]
 
 
 def _state_dict_post_hook(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]) -> None:
-    info = get_info(module)
-    if info is not None:
-        local_metadata[METADATA_KEY] = info.metadata()
+    records = [info.metadata() for info in adapters(module).values()]
+    if records:
+        local_metadata[METADATA_KEY] = records[0]
+        if len(records) > 1:
+            local_metadata[MORE_KEY] = records[1:]
 
 
 def attach(model: nn.Module, info: PEFTInfo) -> None:
-    """Record the injection on ``model`` and install the state-dict hooks that use the record."""
-    model.__dict__[_INFO_ATTR] = info
-    handles = [
-        model.register_load_state_dict_pre_hook(_load_pre_hook),
-        model.register_load_state_dict_post_hook(_load_post_hook),
-        model.register_state_dict_post_hook(_state_dict_post_hook),
-    ]
-    model.__dict__["_lightning_peft_hooks"] = handles
+    """Record adapter ``info`` on ``model`` (making it the active one) and, for the first adapter,
+    install the state-dict hooks that use the records."""
+    table = model.__dict__.setdefault(_INFO_ATTR, {})
+    if not table:
+        handles = [
+            model.register_load_state_dict_pre_hook(_load_pre_hook),
+            model.register_load_state_dict_post_hook(_load_post_hook),
+            model.register_state_dict_post_hook(_state_dict_post_hook),
+        ]
+        model.__dict__["_lightning_peft_hooks"] = handles
+    table[info.name] = info
+    model.__dict__[_ACTIVE_ATTR] = [info.name]
 
 
-def detach(model: nn.Module) -> None:
-    """Remove the record and hooks (after :func:`unload`)."""
-    for handle in model.__dict__.pop("_lightning_peft_hooks", []):
-        handle.remove()
-    model.__dict__.pop(_INFO_ATTR, None)
+def set_active(model: nn.Module, names: Sequence[str]) -> None:
+    """Record which adapters are active (``lightning_peft.set_adapter`` also switches their modules)."""
+    model.__dict__[_ACTIVE_ATTR] = list(names)
+
+
+def detach(model: nn.Module, name: str | None = None) -> None:
+    """Remove adapter ``name``'s record (every record if ``None``), and the hooks with the last one."""
+    table: dict[str, PEFTInfo] = model.__dict__.get(_INFO_ATTR, {})
+    for removed in list(table) if name is None else [name]:
+        table.pop(removed, None)
+    model.__dict__[_ACTIVE_ATTR] = [n for n in active_adapters(model) if n in table]
+    if not table:
+        for handle in model.__dict__.pop("_lightning_peft_hooks", []):
+            handle.remove()
+        model.__dict__.pop(_INFO_ATTR, None)
+        model.__dict__.pop(_ACTIVE_ATTR, None)
 
 
 def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

@@ -18,6 +18,8 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from torch import nn
 
+from lightning_peft.core.layer import AdapterLayer
+
 ALL_LINEAR = "all-linear"
 
 # Task heads that are newly initialized when a pretrained backbone gets a classification head;
@@ -222,13 +224,18 @@ def select(
     """
     outputs = output_layer_names(root) if target == ALL_LINEAR else set()
     selected: list[str] = []
+    saved: list[str] = []  # modules kept whole as a trained copy (modules_to_save): their inside is never a target
     for name, module in model_named_modules(root):
-        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+        if not name or any(name == s or name.startswith(s + ".") for s in [*skip, *saved]):
             continue
         if ".base_layer" in f".{name}":  # the inside of a wrapper is never a target of its own
             continue
-        if target == ALL_LINEAR:
-            hit = is_linear(module) and name not in outputs
+        kept = isinstance(module, AdapterLayer) and module.method == "modules_to_save"
+        if kept:
+            saved.append(name)
+        if target == ALL_LINEAR:  # a layer another adapter already wraps is still the linear layer it wraps
+            inner = module.base if isinstance(module, AdapterLayer) else module
+            hit = not kept and is_linear(inner) and name not in outputs
         else:
             hit = name_matches(name, target)
         if hit and not (exclude is not None and name_matches(name, exclude)):

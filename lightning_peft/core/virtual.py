@@ -178,6 +178,15 @@ class InputAdapter(AdapterModule):
         """Register the hooks on ``base`` (the transformers model this module is attached to)."""
         raise NotImplementedError
 
+    def set_enabled(self, enabled: bool) -> None:
+        """Switched off, the hooks are removed (the model runs as the base model); on, installed again."""
+        if enabled != self._enabled:
+            if enabled:
+                self.install(self.__dict__["_installed_on"])
+            else:
+                self.on_unload()
+        super().set_enabled(enabled)
+
     def forward(self) -> Tensor:
         """The tensors the hooks put into the model (virtual token embeddings, prefix states)."""
         raise NotImplementedError
@@ -441,5 +450,6 @@ def attach(model: nn.Module, method: str, build: Callable[[nn.Module], InputAdap
         raise ValueError(f"{type(base).__name__} already has an attribute {method!r}; cannot attach {method} there.")
     adapter = build(base).train(base.training)  # new modules start in training mode; match the model
     base.add_module(method, adapter)
+    adapter.__dict__["_installed_on"] = base  # not a submodule: the base holds the adapter, not the reverse
     adapter.install(base)  # a failure here is cleaned up by inject (on_unload, then removal)
     return [f"{path}.{method}" if path else method]

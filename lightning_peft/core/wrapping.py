@@ -28,19 +28,50 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def chain_end(module: AdapterLayer) -> AdapterLayer:
+    """The last adapter wrapper in a chain of adapters that share one base layer (see ``core.layer``)."""
+    while isinstance(module.base_layer, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
 def replace_modules(root: nn.Module, names: Sequence[str], build: Callable[[str, nn.Module], nn.Module]) -> list[str]:
     """Replace each named module by ``build(name, module)``, wrapping a shared module only once.
 
+    A module that already holds another adapter's wrapper is not wrapped again from outside: the
+    new wrapper goes around its base layer, at the end of the chain (``build`` gets the base layer).
     All wrappers are built before the first swap, so an error leaves the model untouched.
+
+    Raises:
+        TypeError: when the new wrapper and one already there cannot share a base layer.
     """
     built: dict[int, nn.Module] = {}
     plan: list[tuple[str, nn.Module]] = []
+    inner: list[tuple[AdapterLayer, nn.Module]] = []
     for name in names:
         module = root.get_submodule(name)
-        if id(module) not in built:
-            # New submodules start in training mode; match the mode of what they replace.
-            built[id(module)] = build(name, module).train(module.training)
+        if id(module) in built:
+            plan.append((name, built[id(module)]))
+            continue
+        if isinstance(module, AdapterLayer):
+            end = chain_end(module)
+            new = build(name, end.base_layer).train(end.base_layer.training)
+            links = [new, module, *(m for m in module.modules() if isinstance(m, AdapterLayer) and m is not module)]
+            refusing = [type(m).__name__ for m in links if not m.stackable]
+            if refusing:
+                raise TypeError(
+                    f"{name!r} already holds adapter {module.adapter_name!r} ({type(module).__name__}), and "
+                    f"{' and '.join(dict.fromkeys(refusing))} cannot share a base layer with another adapter (it reads "
+                    "the base weight itself); target other modules, or delete the other adapter first."
+                )
+            built[id(module)] = module
+            inner.append((end, new))
+            continue
+        # New submodules start in training mode; match the mode of what they replace.
+        built[id(module)] = build(name, module).train(module.training)
         plan.append((name, built[id(module)]))
+    for end, new in inner:
+        end.base_layer = new
     # Every other path to a shared module (tied embeddings, T5's `shared`) gets the same wrapper.
     aliases = [(n, m) for n, m in targeting.iter_named_modules(root) if n and id(m) in built and n not in names]
     for name, module in [*plan, *((n, built[id(m)]) for n, m in aliases)]:

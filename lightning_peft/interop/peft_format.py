@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft import registry
-from lightning_peft.api.inject import inject, resolve, unload
+from lightning_peft.api.inject import inject, remove_added, resolve
 from lightning_peft.core import files, state
 from lightning_peft.core.targeting import find_base_model
 
@@ -179,10 +179,6 @@ def _read_peft_tensors(path: Path) -> dict[str, Tensor]:
     return stored
 
 
-def _remove(model: nn.Module) -> None:
-    unload(model, merge=False)
-
-
 def load_peft_adapter(model: M, directory: str | os.PathLike[str]) -> M:
     """Load a Hugging Face peft adapter folder into ``model`` (injecting the method first); returns ``model``.
 
@@ -223,7 +219,7 @@ def load_peft_adapter(model: M, directory: str | os.PathLike[str]) -> M:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_file}: {error}") from error
     stored = _read_peft_tensors(weights_file)
-    with state.all_or_nothing(model, remove=_remove):
+    with state.all_or_nothing(model, remove=remove_added):
         info = state.get_info(model)
         if info is None:
             inject(model, config)

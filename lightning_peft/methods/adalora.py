@@ -213,7 +213,7 @@ class SVDLinear(AdapterLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (..., out)
-        if self._merged:
+        if self.bypassed:
             return result
         lora_A = self.lora_A
         x = self.dropout(x)

@@ -159,6 +159,7 @@ class BottleneckAdapter(AdapterLayer):
 
     adapter_names = ("adapter_down", "adapter_up")
     method = "bottleneck"
+    supports_mixed_batch = True
 
     def __init__(self, base_layer: nn.Module, config: BottleneckConfig, hidden_size: int | None = None) -> None:
         in_features, out_features = _features(base_layer, hidden_size)
@@ -193,6 +194,8 @@ class BottleneckAdapter(AdapterLayer):
         return out * self.scaling
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.bypassed:
+            return self.base_layer(*args, **kwargs)
         output = self.base_layer(*args, **kwargs)
         hidden = output[0] if isinstance(output, tuple) else output  # attention blocks return tuples
         if not isinstance(hidden, Tensor):
@@ -201,7 +204,11 @@ class BottleneckAdapter(AdapterLayer):
                 f"{type(self.base_layer).__name__} returned {type(output).__name__}"
             )
         source = self._block_input(args, kwargs) if self.parallel else hidden
-        hidden = hidden + self.adapter(source).to(hidden.dtype)
+        if self.rows is None:
+            hidden = hidden + self.adapter(source).to(hidden.dtype)
+        else:  # a mixed batch: only this adapter's rows (batch first)
+            rows = self.mixed_rows(hidden)
+            hidden = hidden.index_add(0, rows, self.adapter(source.index_select(0, rows)).to(hidden.dtype))
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _block_input(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor:

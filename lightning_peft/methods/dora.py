@@ -37,6 +37,8 @@ class DoRALinear(LoRALinear):
     """DoRA around ``nn.Linear`` or transformers' ``Conv1D``: LoRA's ``A``, ``B`` plus a magnitude."""
 
     adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude")  # type: ignore[assignment]
+    stackable = False  # its norm reads the base weight, which another adapter on the layer would change
+    supports_mixed_batch = False  # the norm is per adapter and per weight, not per row
     peft_names = {**LoRALinear.peft_names, "lora_magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
@@ -81,7 +83,7 @@ class DoRALinear(LoRALinear):
             return torch.linalg.vector_norm(combined, dim=1).to(self.lora_magnitude.dtype)  # (out,)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._merged:
+        if self.bypassed:
             return self.base_layer(x)
         # The update reads the base weight: computed in a hook at the end of the base layer's own
         # forward, where a strategy that shards it (FSDP1, ZeRO-3) still has it whole.

@@ -136,6 +136,7 @@ class IA3Layer(AdapterLayer):
 
     adapter_names = ("ia3_l",)
     method = "ia3"
+    supports_mixed_batch = True
 
     def __init__(self, base_layer: nn.Module, *, feedforward: bool) -> None:
         if not is_linear(base_layer):
@@ -165,8 +166,10 @@ class IA3Layer(AdapterLayer):
         return tensor[None, :] if self.feedforward else tensor[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._merged:
+        if self.bypassed:
             return self.base_layer(x)
+        if self.rows is not None:
+            return self._mixed(x)
         scale = self.ia3_l
         # In the wider of the two dtypes (type promotion): a bfloat16 vector on a float32 activation
         # does not round the activation to bfloat16.
@@ -175,18 +178,28 @@ class IA3Layer(AdapterLayer):
         result = self.base_layer(x)  # (..., out)
         return (result * scale).to(result.dtype)
 
+    def _mixed(self, x: Tensor) -> Tensor:
+        """A mixed batch: the vector scales only this adapter's rows (of the input or of the output)."""
+        rows = self.mixed_rows(x)
+        if self.feedforward:
+            scaled = (x.index_select(0, rows) * self.ia3_l).to(x.dtype)
+            return self.base_layer(x.index_copy(0, rows, scaled))
+        result = self.base_layer(x)
+        scaled = (result.index_select(0, rows) * self.ia3_l).to(result.dtype)
+        return result.index_copy(0, rows, scaled)
+
     @property
     def mergeable(self) -> bool:
-        return not is_quantized(self.base_layer) and super().mergeable
+        return not is_quantized(self.base) and super().mergeable
 
     def merge(self) -> None:
-        if is_quantized(self.base_layer):  # rescaling a quantized weight means requantizing it
-            raise merge_refusal(self, self.base_layer, self.method)
+        if is_quantized(self.base):  # rescaling a quantized weight means requantizing it
+            raise merge_refusal(self, self.base, self.method)
         super().merge()
 
     def unmerge(self) -> None:
-        if is_quantized(self.base_layer):
-            raise merge_refusal(self, self.base_layer, self.method)
+        if is_quantized(self.base):
+            raise merge_refusal(self, self.base, self.method)
         super().unmerge()
 
     def _weight_scale(self, scale: Tensor) -> Tensor:

@@ -102,6 +102,7 @@ class LoRALayer(AdapterLayer):
 
     adapter_names = ("lora_A", "lora_B")
     method = "lora"
+    supports_mixed_batch = True
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base_layer)
@@ -114,18 +115,22 @@ class LoRALayer(AdapterLayer):
         """``scaling * B A`` laid out like the base layer's weight."""
         raise NotImplementedError
 
+    def update(self, x: Tensor) -> Tensor:
+        """The adapter's term alone, ``scaling * B A dropout(x)``, for inputs ``x`` (a mixed batch's rows)."""
+        raise NotImplementedError
+
     @property
     def mergeable(self) -> bool:
-        return not is_quantized(self.base_layer) and super().mergeable
+        return not is_quantized(self.base) and super().mergeable
 
     def merge(self) -> None:
-        if is_quantized(self.base_layer):  # requantizing W + s B A would lose more than the update adds
-            raise merge_refusal(self, self.base_layer, self.method)
+        if is_quantized(self.base):  # requantizing W + s B A would lose more than the update adds
+            raise merge_refusal(self, self.base, self.method)
         super().merge()
 
     def unmerge(self) -> None:
-        if is_quantized(self.base_layer):
-            raise merge_refusal(self, self.base_layer, self.method)
+        if is_quantized(self.base):
+            raise merge_refusal(self, self.base, self.method)
         super().unmerge()
 
     def _merge(self) -> None:
@@ -217,6 +222,10 @@ class LoRALinear(LoRALayer):
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
+    def update(self, x: Tensor) -> Tensor:
+        x = self.dropout(x).to(self.lora_A.dtype)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling  # (..., r) -> (..., out)
+
     def _can_fuse(self, x: Tensor) -> bool:
         """Whether the fused path computes exactly what ``base_layer(x)`` + update would.
 
@@ -237,7 +246,11 @@ class LoRALinear(LoRALayer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._merged and self._can_fuse(x):
+        if self.bypassed:
+            return self.base_layer(x)
+        if self.rows is not None:
+            return self.mixed_forward(x, self.update)
+        if self._can_fuse(x):
             base = self.base_layer
             w = base.weight if self.fan_in_fan_out else base.weight.t()  # (in, out)
             out = _FusedLoRALinear.apply(
@@ -245,8 +258,6 @@ class LoRALinear(LoRALayer):
             )
             return out.view(*x.shape[:-1], out.shape[-1])
         result = self.base_layer(x)  # (..., out)
-        if self._merged:
-            return result
         lora_A = self.lora_A
         x = self.dropout(x)
         if x.dtype != lora_A.dtype:
@@ -273,15 +284,22 @@ class LoRAEmbedding(LoRALayer):
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A).t() * self.scaling  # (num_embeddings, embedding_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)  # (..., dim)
-        if self._merged:
-            return result
-        base = self.base_layer
-        hidden = F.embedding(
+    def _hidden(self, x: Tensor) -> Tensor:
+        base = self.base
+        return F.embedding(
             x, self.lora_A.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )  # (..., r)
-        return self._add_update(result, hidden)
+
+    def update(self, x: Tensor) -> Tensor:
+        return F.linear(self._hidden(x), self.lora_B) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bypassed:
+            return self.base_layer(x)
+        if self.rows is not None:
+            return self.mixed_forward(x, self.update)
+        result = self.base_layer(x)  # (..., dim)
+        return self._add_update(result, self._hidden(x))
 
 
 class LoRAConv2d(LoRALayer):
@@ -319,12 +337,16 @@ class LoRAConv2d(LoRALayer):
         a, b = self.lora_A.weight, self.lora_B.weight
         return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling
 
+    def update(self, x: Tensor) -> Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))) * self.scaling
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.bypassed:
+            return self.base_layer(x)
+        if self.rows is not None:
+            return self.mixed_forward(x, self.update)
         result = self.base_layer(x)  # (B, out, H', W')
-        if self._merged:
-            return result
-        x = self.dropout(x)
-        return result + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(result.dtype) * self.scaling
+        return result + self.update(x).to(result.dtype)
 
 
 #: Wrappers for LoRA's variants, by the config flag that selects them: a variant's file builds on

@@ -193,9 +193,9 @@ def test_refuses_to_load_into_merged_layers() -> None:
         target.load_state_dict(lp.trainable_state_dict(trained()))
 
 
-def test_injecting_twice_is_an_error() -> None:
+def test_injecting_a_taken_adapter_name_again_is_an_error() -> None:
     model = lp.inject(tiny.build("llama"), "lora")
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM already has 'lora' injected; a model takes one adapter"):
+    with pytest.raises(ValueError, match=r"already has an adapter named 'default' \(lora\); pass another adapter_name"):
         lp.inject(model, "lora", r=2)
 
 

@@ -80,7 +80,7 @@ def test_loss_decreases(tmp_path: Path, method: str, family: str) -> None:
     first, last = module.losses[0], sum(module.losses[-3:]) / 3
     assert last < 0.95 * first, f"{method} on {arch}: loss {first:.3f} -> {last:.3f}"
     declared = {n for n, _ in state.adapter_parameters(module)}
-    assert declared and all(n.startswith(f"model.{method}.") or ".base_layer." in n for n in declared)
+    assert declared and all(n.startswith(f"model.{method}.") or ".trained." in n for n in declared)
     for name, param in module.named_parameters():
         if name not in declared:
             assert torch.equal(param, frozen[name.replace(".base_layer", "")]), f"frozen {name} changed"

@@ -36,8 +36,8 @@ def copy_to_peft(ours: nn.Module, reference: nn.Module, rename: Callable[[str], 
     method = lp.get_info(ours).method
     copied = 0
     for name, tensor in lp.trainable_state_dict(ours).items():
-        if ".base_layer." in name:
-            module, local = name.split(".base_layer.")
+        if ".trained." in name:  # a head in modules_to_save: our trained copy is peft's
+            module, local = name.split(".trained.")
             key = f"base_model.{module}.modules_to_save.default.{local}"
         else:
             owner, _, local = name.partition(".")

@@ -65,7 +65,7 @@ def test_follows_the_formula() -> None:
 def test_classification_head_trains_in_full_beside_the_biases() -> None:
     model = lp.inject(tiny.build("bert", "classify"), "bitfit")
     keys = set(lp.trainable_state_dict(model))
-    assert {"classifier.base_layer.weight", "classifier.base_layer.bias"} <= keys
+    assert {"classifier.trained.weight", "classifier.trained.bias"} <= keys
     assert not any(k.startswith("classifier.") and ".delta." in k for k in keys)  # no delta inside the head
 
 

@@ -191,8 +191,8 @@ def test_checkpoints_hold_only_the_adapter_and_check_its_options(method: str) ->
     state = lp.trainable_state_dict(model)
     assert set(state) == declared
     assert {k for k in state if not k.startswith(f"{method}.")} == {
-        "classifier.base_layer.weight",
-        "classifier.base_layer.bias",
+        "classifier.trained.weight",
+        "classifier.trained.bias",
     }
     fresh = lp.inject(tiny.build("bert", "classify"), method, num_virtual_tokens=N)
     fresh.load_state_dict(state)

@@ -149,7 +149,7 @@ def test_eval_never_merges() -> None:
 def test_modules_to_save_head_trains_in_full_and_is_saved() -> None:
     model = lp.inject(tiny.build("bert", "classify"), "lora", r=2)
     sd = lp.trainable_state_dict(model)
-    assert {"classifier.base_layer.weight", "classifier.base_layer.bias"} <= set(sd)
+    assert {"classifier.trained.weight", "classifier.trained.bias"} <= set(sd)
     assert model.classifier.weight.requires_grad and model.classifier.out_features == 2  # attribute passthrough
     none = lp.inject(tiny.build("bert", "classify"), "lora", r=2, modules_to_save=[])
     assert not any("classifier" in k for k in lp.trainable_state_dict(none))
