@@ -30,6 +30,7 @@ _EXPORTS = {
     "disable_adapter": "lightning_peft.api.adapters",
     "mixed_batch": "lightning_peft.api.adapters",
     "hotswap_adapter": "lightning_peft.api.adapters",
+    "add_weighted_adapter": "lightning_peft.api.combine",
     "trainable_state_dict": "lightning_peft.core.state",
     "get_info": "lightning_peft.core.state",
     "on_step": "lightning_peft.api.training",
@@ -51,6 +52,7 @@ _EXPORTS = {
 __all__ = [
     "PEFTCallback",
     "active_adapters",
+    "add_weighted_adapter",
     "adapters",
     "delete_adapter",
     "disable_adapter",
@@ -89,6 +91,7 @@ if TYPE_CHECKING:
         mixed_batch,
         set_adapter,
     )
+    from lightning_peft.api.combine import add_weighted_adapter
     from lightning_peft.api.inject import delete_adapter, inject, merge, summary, unload, unmerge
     from lightning_peft.api.io import load_adapter, save_adapter
     from lightning_peft.api.training import calibrate, on_step, regularization
