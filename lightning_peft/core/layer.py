@@ -180,7 +180,9 @@ class AdapterLayer(AdapterModule):
         rows = self.mixed_rows(x)
         result = self.base_layer(x)
         part = update(x.index_select(0, rows)).to(result.dtype)
-        return result.index_add(0, rows, part)
+        # In place: the wrapped layers (linear, embedding, conv) keep no output for their backward,
+        # and autograd refuses, rather than miscomputes, if one ever did.
+        return result.index_add_(0, rows, part)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -296,3 +296,15 @@ def test_hotswap_replaces_weights_in_place_and_refuses_another_rank(tmp_path: Pa
     assert all(torch.equal(before[k], v) for k, v in lp.trainable_state_dict(model).items())
     with pytest.raises(ValueError, match=r"no adapter named 'z'"):
         lp.hotswap_adapter(model, tmp_path / "a", adapter_name="z")
+
+
+def test_a_mixed_batch_trains_each_adapter_on_its_own_rows_only() -> None:
+    model = two_loras()
+    batch = tiny.inputs("llama", batch=2)
+    lp.set_adapter(model, ["a", "b"])
+    with lp.mixed_batch(model, ["a", "__base__"]):
+        tiny.logits(model, batch).square().mean().backward()
+    grads_a = [p.grad for _, p in state.adapter_parameters(model, "a")]
+    grads_b = [p.grad for _, p in state.adapter_parameters(model, "b")]
+    assert all(g is not None for g in grads_a) and any(g.abs().sum() > 0 for g in grads_a)
+    assert all(g is None or g.abs().sum() == 0 for g in grads_b)  # b served no row
