@@ -6,15 +6,24 @@ method whose registry entry declares a :class:`~lightning_peft.registry.PeftForm
 come from the adapter layers (``AdapterModule.peft_key``); options from the method's mapping,
 which refuses peft options lightning_peft does not implement instead of dropping them.
 
+Named adapters follow peft's layout: ``save_peft_adapter(model, folder)`` writes ``"default"`` in
+``folder`` and each other adapter in ``folder/<name>``, every folder a plain peft adapter whose
+tensor names carry no adapter name; they are keyed by where each module sits in the base model
+(``state.site_name``), so an adapter that shares a layer with another writes what it would alone.
+``load_peft_adapter(model, folder, adapter_name)`` reads one folder, as peft's ``load_adapter`` does.
+
 Loading validates before it changes anything: a field that is not one of peft's (a typo such as
 ``lora_rnak``) is refused by name with the closest field suggested, and every tensor is checked
-for presence, shape and finiteness; on any failure the method it injected is removed again.
+for presence, shape and finiteness; on any failure the adapter it added is removed again, and the
+tensors of an adapter it loaded into are as they were.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,42 +89,42 @@ def _format(method: str) -> registry.PeftFormat:
     return entry.peft
 
 
-def _peft_names(model: nn.Module) -> dict[str, tuple[str, Tensor]]:
-    """Our full tensor name -> (peft key, the tensor as peft lays it out), for every adapter tensor."""
-    info = state.require_info(model)
+def _peft_names(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, Tensor]]:
+    """Our full tensor name -> (peft key, the tensor as peft lays it out), for adapter ``adapter_name``.
+
+    The key comes from the module's site in the base model (other adapters' wrappers taken out),
+    as peft names it: no adapter name in it.
+    """
+    info = state.adapter_of(model, adapter_name)
     base = f"{info.base_path}." if info.base_path else ""
     names: dict[str, tuple[str, Tensor]] = {}
-    for prefix, module in state.adapter_modules(model):
+    for prefix, module in state.adapter_modules(model, adapter_name):
+        site = state.site_name(model, prefix)
         for local, tensor in module.adapter_state():
             full = f"{prefix}.{local}" if prefix else local
             if not full.startswith(base):
                 raise ValueError(
-                    f"adapter tensor {full!r} lies outside the transformers model ({info.base_path!r}); peft's "
-                    "format only holds tensors of the base model."
+                    f"adapter tensor {full!r} of adapter {adapter_name!r} lies outside the transformers model "
+                    f"({info.base_path!r}); peft's format only holds tensors of the base model."
                 )
-            inner = prefix[len(base) :] if prefix.startswith(base) else prefix
+            inner = site[len(base) :] if site.startswith(base) else site
             key = module.peft_key(local)
             names[full] = (PREFIX + (f"{inner}.{key}" if inner else key), module.to_peft_tensor(local, tensor))
     return names
 
 
-def save_peft_adapter(
-    model: nn.Module, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
-) -> Path:
-    """Write the adapter of ``model`` in Hugging Face peft's format; returns the folder.
-
-    Args:
-        model: a model with a lightning_peft adapter (also a LightningModule holding one).
-        directory: the folder to write (created if needed).
-        base_model_name_or_path: recorded for peft's ``PeftModel.from_pretrained``; defaults to
-            the transformers model's ``config._name_or_path``.
-    """
-    info = state.require_info(model)
-    fmt = _format(info.method)
-    tensors = dict(_peft_names(model).values())
-    if base_model_name_or_path is None:
-        _, base = find_base_model(model)
-        base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+def _peft_folder(
+    model: nn.Module, adapter_name: str, base_model_name_or_path: str | None, out: Path
+) -> tuple[Path, bytes, dict[str, Tensor]]:
+    """(folder, config file bytes, tensors) of adapter ``adapter_name``: everything checked, nothing written."""
+    info = state.adapter_of(model, adapter_name)
+    try:
+        fmt = _format(info.method)
+    except ValueError as error:
+        if len(state.adapters(model)) == 1:
+            raise
+        raise ValueError(f"adapter {adapter_name!r}: {error}") from error
+    tensors = dict(_peft_names(model, adapter_name).values())
     config = {
         "peft_type": fmt.peft_type,
         "task_type": None,
@@ -123,24 +132,73 @@ def save_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         **fmt.to_peft(info.config),
     }
+    return out, files.json_bytes(config, out / CONFIG_NAME), tensors  # a non-finite option is refused here
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_name: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write adapters of ``model`` in Hugging Face peft's format; returns the folder.
+
+    Every adapter is checked (a method with a peft format, options peft can hold) before any file
+    is written.
+
+    Args:
+        model: a model with lightning_peft adapters (also a LightningModule holding them).
+        directory: the folder to write (created if needed).
+        adapter_name: the adapter to write in ``directory``. Without a name, every adapter, in
+            peft's layout: ``"default"`` in ``directory`` and each other one in ``directory/<name>``
+            (a model with one adapter writes it in ``directory``); ``PeftModel.from_pretrained``
+            reads the first, ``PeftModel.load_adapter(directory/<name>, adapter_name=<name>)`` the others.
+        base_model_name_or_path: recorded for peft's ``PeftModel.from_pretrained``; defaults to
+            the transformers model's ``config._name_or_path``.
+
+    Raises:
+        ValueError: for a name the model does not hold (listing those it does), an adapter of a
+            method without a peft format, or an option peft's config cannot hold.
+    """
+    state.require_info(model)
     out = Path(directory)
-    text = files.json_bytes(config, out / CONFIG_NAME)  # a non-finite option is refused before any write
-    files.save_tensors(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
-    files.atomic_write(out / CONFIG_NAME, text)
+    if base_model_name_or_path is None:
+        _, base = find_base_model(model)
+        base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+    if adapter_name is not None:
+        folders = [_peft_folder(model, state.adapter_of(model, adapter_name).name, base_model_name_or_path, out)]
+    else:
+        names = list(state.adapters(model))
+        folders = [
+            _peft_folder(
+                model,
+                name,
+                base_model_name_or_path,
+                out if name == state.DEFAULT_ADAPTER or len(names) == 1 else out / name,
+            )
+            for name in names
+        ]
+    for folder, text, tensors in folders:
+        files.save_tensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        files.atomic_write(folder / CONFIG_NAME, text)
     return out
 
 
 def _same_base_weights(model: nn.Module, stored: dict[str, Tensor]) -> set[str]:
     """Frozen base weights peft saved beside the adapter (it does for targeted embeddings) that equal ours.
 
-    Any that differ (a resized vocabulary, another base) stay unexpected, so loading fails loudly.
+    peft names such a weight ``<site>.base_layer.<name>``; ours may sit under several adapters'
+    wrappers (``<site>.base_layer.base_layer.<name>``). Any that differ (a resized vocabulary,
+    another base) stay unexpected, so loading fails loudly.
     """
     info = state.require_info(model)
     base = f"{info.base_path}." if info.base_path else ""
+    adapter_ids = {id(t) for _, t in state.adapter_state(model)}
     same = set()
-    for name, tensor in model.state_dict().items():
-        if name.startswith(base) and ".base_layer." in name:
-            key = PREFIX + name[len(base) :]
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(base) and ".base_layer." in name and id(tensor) not in adapter_ids:
+            key = PREFIX + re.sub(r"(\.base_layer)+\.", ".base_layer.", name[len(base) :])
             if key in stored and stored[key].shape == tensor.shape and torch.equal(stored[key].to(tensor), tensor):
                 same.add(key)
     return same
@@ -179,23 +237,42 @@ def _read_peft_tensors(path: Path) -> dict[str, Tensor]:
     return stored
 
 
-def load_peft_adapter(model: M, directory: str | os.PathLike[str]) -> M:
+def load_peft_adapter(model: M, directory: str | os.PathLike[str], adapter_name: str | None = None) -> M:
     """Load a Hugging Face peft adapter folder into ``model`` (injecting the method first); returns ``model``.
 
     Reads ``adapter_model.safetensors``, or peft's ``adapter_model.bin`` without unpickling it (plain
-    tensors only). All or nothing: when it raises, ``model`` is as it was.
+    tensors only). One folder, as peft's ``load_adapter`` reads one: for a folder that
+    ``save_pretrained`` wrote with several adapters, load ``directory`` and then each
+    ``directory/<name>`` with ``adapter_name=<name>``. All or nothing: when it raises, ``model`` is
+    as it was (an adapter it added is removed, one it loaded into keeps its tensors).
+
+    Args:
+        model: the model to load into.
+        directory: a peft adapter folder (``adapter_config.json`` + weights).
+        adapter_name: the adapter to load into: one the model holds is overwritten (its method and
+            options must be the file's); another name is added beside the adapters it has (and
+            becomes the active one). Without a name: into the active adapter, or, for a model
+            without adapters, as ``"default"``.
 
     Raises:
         FileNotFoundError: when the folder or its files are missing.
         files.FileContentError: when a file is truncated, corrupt, or holds a pickled object.
         ValueError: for a field peft does not have, a peft method or option lightning_peft does not
-            implement, a model that already has another adapter, or tensors that do not match the
-            model's adapter (missing, unexpected, of another shape, not finite).
+            implement, an adapter of that name with another method or options, a malformed name,
+            or tensors that do not match the model's adapter (missing, unexpected, of another
+            shape, not finite).
     """
     folder = Path(directory)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"peft adapter folder {folder} lacks {CONFIG_NAME}")
+        inside = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}")) if folder.is_dir() else []
+        hint = (
+            f"; it holds adapters in subfolders {', '.join(map(repr, inside))} (peft's layout for adapters other "
+            "than 'default'): load each with load_peft_adapter(model, folder / name, adapter_name=name)"
+            if inside
+            else ""
+        )
+        raise FileNotFoundError(f"peft adapter folder {folder} lacks {CONFIG_NAME}{hint}")
     weights_file = next((folder / n for n in (WEIGHTS_NAME, BIN_NAME) if (folder / n).is_file()), None)
     if weights_file is None:
         raise FileNotFoundError(f"peft adapter folder {folder} lacks {WEIGHTS_NAME} (or peft's older {BIN_NAME})")
@@ -219,28 +296,36 @@ def load_peft_adapter(model: M, directory: str | os.PathLike[str]) -> M:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_file}: {error}") from error
     stored = _read_peft_tensors(weights_file)
+    current = state.get_info(model)
+    target = adapter_name if adapter_name is not None else (current.name if current else state.DEFAULT_ADAPTER)
     with state.all_or_nothing(model, remove=remove_added):
-        info = state.get_info(model)
+        info = state.get_info(model, target) if isinstance(target, str) else None
         if info is None:
-            inject(model, config)
+            inject(model, config, adapter_name=target)
+            info = state.adapter_of(model, target)
         elif info.method != method.name or info.config.diff(resolve(model, config)):
             raise ValueError(
-                f"{type(model).__name__} already has a {info.method} adapter ({info.config}) that differs from the "
-                f"peft adapter in {folder} ({config}); load it into a fresh base model."
+                f"{type(model).__name__}'s adapter {info.name!r} is a {info.method} adapter ({info.config}) that "
+                f"differs from the peft adapter in {folder} ({config}); pass another adapter_name to add it beside, "
+                "or load it into a fresh base model."
             )
-        names = _peft_names(model)
+        names = _peft_names(model, info.name)
         missing = [key for key, _ in names.values() if key not in stored]
         extra = sorted(set(stored) - {key for key, _ in names.values()} - _same_base_weights(model, stored))
         if missing or extra:
             raise ValueError(
                 f"the peft adapter in {folder} does not match this model's {method.name} adapter: "
                 f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
-                f"{' ...' if len(extra) > 3 else ''}. Was it trained on another architecture?"
+                f"{' ...' if len(extra) > 3 else ''} (adapter {info.name!r}). Was it trained on another architecture?"
             )
         # Every tensor's shape (in peft's layout) and values, before one is reshaped or copied.
         state.check_tensors({key: peft.shape for key, peft in names.values()}, stored, str(weights_file))
-        shapes = dict(state.adapter_state(model))
-        weights = {full: stored[key].reshape(shapes[full].shape) for full, (key, _) in names.items()}
+        shapes = dict(state.adapter_state(model, info.name))
+        weights: OrderedDict[str, Tensor] = OrderedDict(
+            (full, stored[key].reshape(shapes[full].shape)) for full, (key, _) in names.items()
+        )
+        # This adapter's record: the load hooks then require its tensors only, not the other adapters'.
+        weights._metadata = {"": {state.METADATA_KEY: info.metadata()}}  # type: ignore[attr-defined]
         with state.loading_from(str(weights_file)):
             model.load_state_dict(weights, strict=True)
     return model
