@@ -11,6 +11,12 @@ state, and resuming from them is exact. Methods that declare training hooks (see
 penalty's gradient before each optimizer step, and per-step work after it. At the first optimizer
 step of every fit (a resumed one too) it checks that every trainable tensor got a gradient
 (``on_dead_params``): an adapter on a layer the forward never calls would otherwise never train.
+
+With ``adapter_name`` it trains one named adapter beside others the module already holds (loaded in
+``__init__`` or ``configure_model``, e.g. ``lp.load_adapter(self.model, path, adapter_name="task_a")``):
+only that adapter trains, and checkpoints hold only its tensors::
+
+    trainer = L.Trainer(callbacks=[PEFTCallback("lora", adapter_name="task_b", r=8)])
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import functools
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -32,6 +39,7 @@ from typing_extensions import override
 
 import lightning_peft.api  # noqa: F401  (registers the built-in methods)
 from lightning_peft import registry
+from lightning_peft.api import adapters as api_adapters
 from lightning_peft.api import inject as api_inject
 from lightning_peft.api import training
 from lightning_peft.core import state
@@ -101,11 +109,15 @@ class PEFTCallback(Callback):
             (transformers models; see :func:`lightning_peft.enable_gradient_checkpointing`, which also makes
             checkpointing train adapters under frozen input embeddings). About one more forward per step for
             activation memory that no longer grows with depth.
+        adapter_name: the adapter to train (``"default"`` unless given). Other adapters the module
+            holds stay frozen and out of the checkpoints; one it holds by this name, with the same
+            method and options, is trained on (a second fit), otherwise it is added beside them.
         **options: the method's options when ``method`` is a name (``r=8, alpha=16, ...``).
 
     Raises:
-        ValueError: for an unknown method, invalid options or ``on_dead_params`` (at construction),
-            and at setup for targets that match nothing or an unsupported strategy.
+        ValueError: for an unknown method, invalid options, ``on_dead_params`` or ``adapter_name`` (at
+            construction), and at setup for targets that match nothing, an unsupported strategy, an
+            adapter of this name with other options, or other adapters under a sharded strategy.
         RuntimeError: at the first optimizer step, for tensors without a gradient (``on_dead_params="raise"``).
     """
 
@@ -117,9 +129,21 @@ class PEFTCallback(Callback):
         restore_rng: bool = True,
         on_dead_params: DeadParams = "raise",
         gradient_checkpointing: bool = False,
+        adapter_name: str = state.DEFAULT_ADAPTER,
         **options: Any,
     ) -> None:
         self.method, self.config = registry.to_config(method, options)
+        if (
+            not isinstance(adapter_name, str)
+            or not adapter_name
+            or adapter_name == api_inject.BASE
+            or any(c in adapter_name for c in "./\\")
+        ):
+            raise ValueError(
+                "PEFTCallback.adapter_name must be a non-empty string without '.', '/' or '\\', other than "
+                f"{api_inject.BASE!r} (mixed_batch's name for the bare base model); got {adapter_name!r}."
+            )
+        self.adapter_name = adapter_name
         check_choice("PEFTCallback", "on_dead_params", on_dead_params, DEAD_PARAMS_CHOICES)
         self.verbose = verbose
         self.restore_rng = restore_rng
@@ -135,11 +159,14 @@ class PEFTCallback(Callback):
         self._stepped = 0  # trainer.global_step when the method's on_step last ran
         self._total_steps: int | None = None  # optimizer steps the fit will take, if known
         self._original_configure_optimizers: Any = None
+        self._sharded = False  # the Trainer's strategy is one of the sharded PEFT strategies
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.method.name)
+        if self.adapter_name == state.DEFAULT_ADAPTER:  # the key checkpoints of one adapter were written under
+            return self._generate_state_key(method=self.method.name)
+        return self._generate_state_key(method=self.method.name, adapter_name=self.adapter_name)
 
     # ------------------------------------------------------------------ injection
 
@@ -149,14 +176,37 @@ class PEFTCallback(Callback):
         strategies.check_supported(trainer.strategy, self.method)
 
     def inject(self, pl_module: pl.LightningModule) -> None:
-        """Inject the method into ``pl_module`` unless this same adapter is already there."""
-        info = state.get_info(pl_module)
-        if info is not None:
-            if info.method == self.method.name and info.config == api_inject.resolve(pl_module, self.config):
-                return  # a second stage (validate after fit) or a second fit on the same module
+        """Add adapter ``adapter_name`` to ``pl_module`` (beside the adapters it holds, in the module that
+        holds them: see :func:`~lightning_peft.lightning.strategies.adapter_root`) unless this same
+        adapter is already there, and make it the one that trains."""
+        path, root = strategies.adapter_root(pl_module)
+        others = [name for name in state.adapters(root) if name != self.adapter_name]
+        owner = type(pl_module).__name__
+        if self._sharded and (others or path):
+            held = f"adapters {', '.join(map(repr, others))} beside {self.adapter_name!r}" if others else "adapters"
             raise ValueError(
-                f"{type(pl_module).__name__} already has a {info.method} adapter ({info.config}); "
-                f"this PEFTCallback would add {self.method.name} ({self.config}). Use one PEFTCallback per module."
+                f"{owner}{f'.{path}' if path else ''} holds {held}, and the sharded PEFT strategies checkpoint the "
+                "LightningModule's own single adapter only; train it on one device or with strategy='ddp'."
+            )
+        if path:
+            outside = [key for key in pl_module.state_dict(keep_vars=True) if not key.startswith(f"{path}.")]
+            if outside:  # frozen here, they would be missing from checkpoints the next fit resumes from
+                raise ValueError(
+                    f"{owner}.{path} holds adapters, but {owner} has state outside it ({', '.join(outside[:3])}); "
+                    "load the adapters into the LightningModule itself (lightning_peft.load_adapter(self, path, "
+                    "adapter_name=...))."
+                )
+        info = state.get_info(root, self.adapter_name)
+        if info is not None:
+            if info.method == self.method.name and info.config == api_inject.resolve(root, self.config):
+                # A second stage (validate after fit), a second fit, or an adapter loaded to train on.
+                if state.active_adapters(root) != [self.adapter_name]:
+                    api_adapters.set_adapter(root, self.adapter_name)
+                return
+            raise ValueError(
+                f"{owner} already has a {info.method} adapter {info.name!r} ({info.config}); "
+                f"this PEFTCallback would add {self.method.name} ({self.config}). Use one PEFTCallback per module, "
+                "or another adapter_name."
             )
         if strategies.is_sharded(pl_module):
             raise ValueError(
@@ -164,15 +214,16 @@ class PEFTCallback(Callback):
                 f"{self.method.name}: the adapter must be added before the model is wrapped. Build the model without "
                 "wrapping it in configure_model and let the strategy shard it (strategy='peft_fsdp' or 'peft_fsdp2')."
             )
-        api_inject.inject(pl_module, self.config)
+        api_inject.inject(root, self.config, adapter_name=self.adapter_name)
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(pl_module)
         if self.verbose:
-            rank_zero_info(api_inject.summary(pl_module))
+            rank_zero_info(api_inject.summary(root))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.check_strategy(trainer)
+        self._sharded = isinstance(trainer.strategy, strategies.PEFTStrategy)
         strategies.secure_checkpoints(trainer.strategy)  # before any checkpoint is read
         self._restrict_configure_optimizers(pl_module)
         if not is_overridden("configure_model", pl_module):
@@ -240,7 +291,7 @@ class PEFTCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state.assert_no_grad_leak(pl_module)
-        summary = api_inject.summary_dict(pl_module)
+        summary = api_inject.summary_dict(strategies.adapter_root(pl_module)[1])
         for logger in trainer.loggers:
             logger.log_hyperparams({"peft": summary})
 
@@ -269,6 +320,8 @@ class PEFTCallback(Callback):
         toward the run's metrics.
         """
 
+        _, root = strategies.adapter_root(pl_module)
+
         def loss_of(training_step: Callable[..., Any], batch: Any) -> torch.Tensor:
             with trainer.precision_plugin.train_step_context():
                 output = training_step(trainer.strategy.batch_to_device(batch), 0)
@@ -276,7 +329,7 @@ class PEFTCallback(Callback):
             if not isinstance(loss, torch.Tensor):
                 raise TypeError(
                     f"{type(pl_module).__name__}.training_step must return the loss (a tensor or a dict with "
-                    f"'loss') for {state.require_info(pl_module).method} to calibrate on it; got {type(output)}."
+                    f"'loss') for {state.require_info(root).method} to calibrate on it; got {type(output)}."
                 )
             return loss
 
@@ -287,7 +340,7 @@ class PEFTCallback(Callback):
         try:
             # The strategy says how to call training_step outside the loop (through its wrapper or not).
             with isolate_rng(), strategies.calibration(trainer.strategy) as training_step:
-                training.calibrate(pl_module, trainer.train_dataloader, functools.partial(loss_of, training_step))
+                training.calibrate(root, trainer.train_dataloader, functools.partial(loss_of, training_step))
         finally:
             for name in ("log", "log_dict"):
                 pl_module.__dict__.pop(name, None)
@@ -374,7 +427,7 @@ class PEFTCallback(Callback):
             return
         with strategies.adapter_gradients(trainer.strategy, keep=reads):
             if self.method.regularization is not None:
-                training.add_regularization_grad(pl_module)
+                training.add_regularization_grad(strategies.adapter_root(pl_module)[1])
 
     @override
     def on_train_batch_end(
@@ -387,7 +440,7 @@ class PEFTCallback(Callback):
         self._stepped = trainer.global_step
         uses = self.method.on_step_uses_adapter
         with strategies.stepped_adapter(trainer.strategy) if uses else contextlib.nullcontext():
-            training.on_step(pl_module, trainer.global_step, self._total_steps)
+            training.on_step(strategies.adapter_root(pl_module)[1], trainer.global_step, self._total_steps)
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -396,11 +449,35 @@ class PEFTCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if not isinstance(trainer.strategy, strategies.PEFTStrategy):  # those collected the adapter themselves
-            checkpoint["state_dict"] = state.trainable_state_dict(pl_module)
+            checkpoint["state_dict"] = self.adapter_state_dict(pl_module)
+
+    def adapter_state_dict(self, pl_module: pl.LightningModule) -> OrderedDict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s state only, keyed like ``pl_module.state_dict()``, with its record.
+
+        Where the adapters sit in a submodule (``self.model``), the record is also written at the
+        root with the base path seen from ``pl_module``, so ``lightning_peft.load_adapter`` reads the
+        checkpoint as it reads any other.
+        """
+        path, root = strategies.adapter_root(pl_module)
+        sd = state.trainable_state_dict(root, adapter_name=self.adapter_name)
+        if not path:
+            return sd
+        moved: OrderedDict[str, torch.Tensor] = OrderedDict((f"{path}.{key}", value) for key, value in sd.items())
+        metadata = {f"{path}.{key}" if key else path: entry for key, entry in sd._metadata.items()}  # type: ignore[attr-defined]
+        record = dict(state.read_metadata(sd))
+        record["base_path"] = f"{path}.{record['base_path']}" if record["base_path"] else path
+        metadata[""] = {"version": pl_module._version, state.METADATA_KEY: record}
+        moved._metadata = metadata  # type: ignore[attr-defined]
+        return moved
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method.name, "config": self.config.to_dict(), "rng": _rng_state()}
+        return {
+            "method": self.method.name,
+            "adapter_name": self.adapter_name,
+            "config": self.config.to_dict(),
+            "rng": _rng_state(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -713,16 +713,40 @@ def adapter_state_dict(strategy: Strategy, pl_module: nn.Module) -> OrderedDict[
     return state.trainable_state_dict(pl_module)
 
 
+def adapter_root(pl_module: nn.Module) -> tuple[str, nn.Module]:
+    """The module holding ``pl_module``'s adapter records, with its path: ``pl_module`` itself (where
+    PEFTCallback injects), or the one submodule adapters were loaded into before that
+    (``lightning_peft.load_adapter(self.model, ...)`` in ``__init__`` or ``configure_model``).
+
+    Raises:
+        ValueError: when several submodules hold adapters of their own.
+    """
+    if state.adapters(pl_module):
+        return "", pl_module
+    held = [(name, module) for name, module in pl_module.named_modules() if name and state.adapters(module)]
+    if len(held) > 1:
+        raise ValueError(
+            f"{type(pl_module).__name__} holds adapters in several submodules ({', '.join(n for n, _ in held[:3])}); "
+            "load or inject all of them into one module (the LightningModule itself, or its model)."
+        )
+    return held[0] if held else ("", pl_module)
+
+
 def save_adapter(trainer: pl.Trainer, directory: str | Path) -> Path:
     """``lightning_peft.save_adapter`` for a running Trainer: gathers if sharded, rank 0 writes.
 
+    Writes the active adapter (the one PEFTCallback trains), also where the model holds others.
     Call it on every rank (from a hook or after ``fit`` in the launched script).
     """
     module = trainer.lightning_module
-    tensors = adapter_state_dict(trainer.strategy, module)
     out = Path(trainer.strategy.broadcast(str(directory)))
-    if trainer.is_global_zero:
-        io.write_adapter(state.require_info(module), tensors, out)
+    if isinstance(trainer.strategy, PEFTStrategy):  # PEFTCallback lets these train a model of one adapter only
+        tensors = trainer.strategy.adapter_state_dict()
+        if trainer.is_global_zero:
+            io.write_adapter(state.require_info(module), tensors, out)
+    elif trainer.is_global_zero:
+        _, root = adapter_root(module)
+        io.save_adapter(root, out, adapter_name=state.require_info(root).name)
     trainer.strategy.barrier()
     return out
 
