@@ -76,13 +76,24 @@ def check_listed_modules(model: nn.Module, config: AdapterConfig) -> None:
         targeting.check_listed(model, names, field=field, owner=type(config).__name__, exempt=exempt)
 
 
-def _check_name(model: nn.Module, name: Any, entry: registry.Method) -> None:
-    """Refuse an adapter name that is malformed or taken, and a second input-side adapter."""
+def check_adapter_name(name: Any, field: str = "adapter_name") -> str:
+    """``name`` if it can name an adapter: a non-empty string that is not :data:`BASE` and holds no
+    character a module path or a folder would split (``.``, ``/``, ``\\``).
+
+    Raises:
+        ValueError: naming ``field`` (``PEFTCallback.adapter_name``, ``--adapters``), the value and the rule.
+    """
     if not isinstance(name, str) or not name or name == BASE or any(c in name for c in "./\\"):
         raise ValueError(
-            f"adapter_name must be a non-empty string without '.', '/' or '\\\\', other than {BASE!r} (which "
+            f"{field} must be a non-empty string without '.', '/' or '\\', other than {BASE!r} (which "
             f"mixed_batch reads as the bare base model); got {name!r}."
         )
+    return name
+
+
+def _check_name(model: nn.Module, name: Any, entry: registry.Method) -> None:
+    """Refuse an adapter name that is malformed or taken, and a second input-side adapter."""
+    check_adapter_name(name)
     table = state.adapters(model)
     existing = [n for n, _ in state.adapter_modules(model)]
     if not table and existing:

@@ -11,6 +11,7 @@ through :mod:`lightning_peft.core.files` (plain-tensor loading, atomic writes).
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -170,14 +171,21 @@ def load_adapter(model: M, path: PathLike, adapter_name: str | None = None) -> M
         base_path, _ = find_base_model(model)
         keys = site_keys(model, target, training_state=True)
         stored = rebase(tensors, record["base_path"], base_path)
+        # A checkpoint keys tensors as the model it was written from held them: an adapter that
+        # sat inside other adapters' wrappers there (``q_proj.base_layer.lora_A``) is at its site here.
         ordered: OrderedDict[str, Tensor] = OrderedDict(
-            (keys[key][0] if key in keys else key, value) for key, value in stored.items()
+            (keys[_chain_free(key)][0] if _chain_free(key) in keys else key, value) for key, value in stored.items()
         )
         record = {**record, "adapter": target} if target != state.DEFAULT_ADAPTER else _without_name(record)
         ordered._metadata = {"": {state.METADATA_KEY: record}}  # type: ignore[attr-defined]
         with state.loading_from(str(path)):
             model.load_state_dict(ordered, strict=True)
     return model
+
+
+def _chain_free(key: str) -> str:
+    """``key`` without the ``.base_layer`` steps of a wrapper chain (adapter tensors never lie inside a base layer)."""
+    return re.sub(r"(\.base_layer)+\.", ".", key)
 
 
 def _without_name(record: dict[str, Any]) -> dict[str, Any]:

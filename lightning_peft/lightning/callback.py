@@ -133,17 +133,7 @@ class PEFTCallback(Callback):
         **options: Any,
     ) -> None:
         self.method, self.config = registry.to_config(method, options)
-        if (
-            not isinstance(adapter_name, str)
-            or not adapter_name
-            or adapter_name == api_inject.BASE
-            or any(c in adapter_name for c in "./\\")
-        ):
-            raise ValueError(
-                "PEFTCallback.adapter_name must be a non-empty string without '.', '/' or '\\', other than "
-                f"{api_inject.BASE!r} (mixed_batch's name for the bare base model); got {adapter_name!r}."
-            )
-        self.adapter_name = adapter_name
+        self.adapter_name = api_inject.check_adapter_name(adapter_name, "PEFTCallback.adapter_name")
         check_choice("PEFTCallback", "on_dead_params", on_dead_params, DEAD_PARAMS_CHOICES)
         self.verbose = verbose
         self.restore_rng = restore_rng

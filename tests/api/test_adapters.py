@@ -308,3 +308,14 @@ def test_a_mixed_batch_trains_each_adapter_on_its_own_rows_only() -> None:
     grads_b = [p.grad for _, p in state.adapter_parameters(model, "b")]
     assert all(g is not None for g in grads_a) and any(g.abs().sum() > 0 for g in grads_a)
     assert all(g is None or g.abs().sum() == 0 for g in grads_b)  # b served no row
+
+
+def test_a_checkpoint_of_an_adapter_inside_another_ones_wrappers_loads_at_its_site(tmp_path: Path) -> None:
+    batch = tiny.inputs("llama")
+    model = two_loras()  # b sits inside a's wrapper on q_proj: its keys there are q_proj.base_layer.*
+    sd = lp.trainable_state_dict(model, adapter_name="b")
+    assert any(".base_layer.lora_A" in key for key in sd)
+    torch.save({"state_dict": sd}, tmp_path / "b.ckpt")
+    fresh = lp.load_adapter(tiny.build("llama"), tmp_path / "b.ckpt")
+    assert list(lp.adapters(fresh)) == ["b"]
+    torch.testing.assert_close(tiny.logits(fresh, batch), tiny.logits(alone("b"), batch), rtol=0, atol=1e-5)
