@@ -307,8 +307,12 @@ def summary_dict(model: nn.Module) -> dict[str, Any]:
     info = state.require_info(model)
     trainable, total = state.count_parameters(model)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    several = len(state.adapters(model)) > 1
     for name, module in state.adapter_modules(model):
-        key = f"{name.rsplit('.', 1)[-1]} ({type(module).__name__})"
+        key = f"{state.site_name(model, name).rsplit('.', 1)[-1]} ({type(module).__name__})"
+        if several:  # whose module it is, and whether it trains now
+            active = module.adapter_name in state.active_adapters(model)
+            key += f" [{module.adapter_name}{'' if active else ', inactive'}]"
         groups[key][0] += 1
         groups[key][1] += sum(p.numel() for _, p in module.adapter_parameters())
     return {
