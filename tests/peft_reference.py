@@ -35,3 +35,19 @@ def randomize_adapter(model: nn.Module, seed: int = 0, std: float = 0.2) -> None
     with torch.no_grad():
         for _, tensor in lp.trainable_state_dict(model).items():
             tensor.copy_(torch.randn(tensor.shape, generator=g) * std)
+
+
+def skip_if_peft_scales_svd_twice(combination: str, adapters: int) -> None:
+    """Skip an SVD-combination parity check against a peft that scaled each adapter twice.
+
+    peft before 0.21 weighted each adapter's delta by ``weight * scaling`` and then took a delta
+    that ``get_delta_weight`` had already scaled (fixed in 0.21: ``valid_weights.append(weight)``).
+    lightning_peft follows the fixed formula; the run on the newest peft checks it. One adapter is
+    a linear combination in every peft, so it is still compared.
+    """
+    import peft
+    import pytest
+    from packaging.version import Version
+
+    if combination.endswith("svd") and adapters > 1 and Version(peft.__version__) < Version("0.21"):
+        pytest.skip(f"peft {peft.__version__} scales each adapter twice in {combination!r} (fixed in peft 0.21)")

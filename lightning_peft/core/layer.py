@@ -287,6 +287,24 @@ class TrainableModule(AdapterLayer):
     def peft_key(self, local: str) -> str:
         return local.removeprefix("trained.")  # peft files keep a saved module's own names
 
+    def __getattr__(self, name: str) -> Any:
+        # Attributes come from the copy that answers: the trained one while the adapter is on (as peft's).
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name in ("base_layer", "trained") or "trained" not in self._modules:
+                raise
+            answering = self._modules["trained"] if self._enabled else self._modules["base_layer"]
+            return getattr(answering, name)
+
+    @property
+    def weight(self) -> Tensor:
+        return (self.trained if self._enabled else self.base_layer).weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.trained if self._enabled else self.base_layer, "bias", None)
+
     @property
     def bypassed(self) -> bool:
         return not self._enabled or (self.rows is not None and self.rows.numel() == 0)

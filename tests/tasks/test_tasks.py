@@ -54,7 +54,7 @@ def test_classification_trains_logs_metrics_and_predicts(
     assert module.model.config.id2label == {0: "neg", 1: "pos"}
     # The new head trains in full (modules_to_save) beside the LoRA weights of the backbone.
     trained = {n for n, _ in state.adapter_parameters(module)}
-    assert "model.classifier.base_layer.weight" in trained and any("lora_A" in n for n in trained)
+    assert "model.classifier.trained.weight" in trained and any("lora_A" in n for n in trained)
 
     # val_accuracy etc. match a computation by hand over the validation split.
     metrics = t.validate(module, classification_data, verbose=False)[0]
