@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "PEFTCallback": "lightning_peft.lightning.callback",
+    "ForgettingProbe": "lightning_peft.lightning.forgetting",
     "inject": "lightning_peft.api.inject",
     "merge": "lightning_peft.api.inject",
     "unmerge": "lightning_peft.api.inject",
@@ -50,6 +51,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ForgettingProbe",
     "PEFTCallback",
     "active_adapters",
     "add_weighted_adapter",
@@ -100,6 +102,7 @@ if TYPE_CHECKING:
     from lightning_peft.core.state import get_info, trainable_state_dict
     from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter
     from lightning_peft.lightning.callback import PEFTCallback
+    from lightning_peft.lightning.forgetting import ForgettingProbe
     from lightning_peft.registry import methods  # at run time the callable package, called the same way
 
 
