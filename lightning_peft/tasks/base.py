@@ -31,6 +31,8 @@ ComputeDtype = Literal["float32", "bfloat16", "float16"]
 
 #: Keys of a batch that transformers models take as arguments (others, like raw text, stay out).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+#: The key of a predict batch that names each row's adapter (see ``TextDataModule.adapter_column``).
+ADAPTER_KEY = "adapter"
 #: Heads that are new when a pretrained backbone gets a task head; their absence is expected.
 _NEW_HEADS = ("classifier.", "score.")
 #: The BitsAndBytesConfig that load_model passes while a task module builds a quantized model (set
@@ -251,6 +253,32 @@ class TaskModule(L.LightningModule):
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+    @contextlib.contextmanager
+    def row_adapters(self, batch: dict[str, Any], repeat: int = 1) -> Iterator[list[str] | None]:
+        """Inside the block each example of ``batch`` runs through the adapter its ``batch["adapter"]``
+        entry names (:func:`lightning_peft.mixed_batch`, one forward); yields those names, or
+        ``None`` (and changes nothing) for a batch that names none.
+
+        Args:
+            batch: a predict batch.
+            repeat: model rows per example, consecutive (one per answer choice: (B, C) flattened to B * C).
+        """
+        names = batch.get(ADAPTER_KEY)
+        if names is None:
+            yield None
+            return
+        from lightning_peft.api.adapters import mixed_batch
+
+        with mixed_batch(self, [name for name in names for _ in range(repeat)]):
+            yield list(names)
+
+    @staticmethod
+    def tag_adapters(rows: list[dict[str, Any]], names: list[str] | None) -> list[dict[str, Any]]:
+        """``rows`` (one prediction per example), each headed by the adapter that served it when ``names`` are given."""
+        if names is None:
+            return rows
+        return [{ADAPTER_KEY: name, **row} for name, row in zip(names, rows, strict=True)]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.transformer(**self.model_inputs(batch)).loss

@@ -27,7 +27,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_peft.core.config import check_positive_int, invalid
 from lightning_peft.tasks import datasets
-from lightning_peft.tasks.base import load_tokenizer
+from lightning_peft.tasks.base import ADAPTER_KEY, load_tokenizer
 from lightning_peft.tasks.datasets import Record
 from lightning_peft.tasks.sources import resolve_model
 
@@ -145,6 +145,12 @@ class TextDataModule(L.LightningDataModule):
         test_split: fraction of the training records held out for testing without a file.
         seed: seed of the hold-out split and of the training data's shuffling order.
         num_workers: DataLoader worker processes.
+
+    Attributes:
+        adapter_column: a column of the predict records naming the adapter that serves each row
+            (``None``: none; the CLI's ``--adapter_column`` sets it). Each predict batch then carries
+            the names as ``batch["adapter"]``, a list of strings, which the task modules'
+            ``predict_step`` serves in one forward (:func:`lightning_peft.mixed_batch`).
     """
 
     def __init__(
@@ -188,6 +194,7 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_source = resolve_model(tokenizer, field=f"{owner}.tokenizer") if tokenizer else None
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
         self.val_split, self.test_split, self.seed = val_split, test_split, seed
+        self.adapter_column: str | None = None
         self.records: dict[str, list[Record]] | None = None
         self.encoded: dict[str, list[dict[str, Any]]] = {}
         self._tokenizer: Any = None
@@ -252,7 +259,10 @@ class TextDataModule(L.LightningDataModule):
     def _check_columns(self, records: dict[str, list[Record]]) -> None:
         owner = type(self).__name__
         for split, rows in records.items():
-            for option, column in self.required_columns(split).items():
+            columns = self.required_columns(split)
+            if split == "predict" and self.adapter_column is not None:
+                columns = {**columns, "adapter_column": self.adapter_column}
+            for option, column in columns.items():
                 for number, row in enumerate(rows):
                     if column not in row or row[column] is None:
                         where = f" (record {number + 1})" if number else ""
@@ -297,7 +307,13 @@ class TextDataModule(L.LightningDataModule):
             if split not in self.records:
                 raise ValueError(self._missing_split(split))
             if split not in self.encoded:
-                self.encoded[split] = [self.encode(r, split) for r in self.records[split]]
+                self.encoded[split] = [self._encode(r, split) for r in self.records[split]]
+
+    def _encode(self, record: Record, split: str) -> dict[str, Any]:
+        example = self.encode(record, split)
+        if split == "predict" and self.adapter_column is not None:
+            example[ADAPTER_KEY] = str(record[self.adapter_column])
+        return example
 
     def _missing_split(self, split: str) -> str:
         owner = type(self).__name__

@@ -87,10 +87,12 @@ class _LanguageModel(TaskModule):
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Generate a response for each prompt of the batch."""
-        responses = self.generate(batch["input_ids"], batch["attention_mask"])
+        """Generate a response for each prompt of the batch (each through its own adapter if the batch names them)."""
+        with self.row_adapters(batch) as names:
+            responses = self.generate(batch["input_ids"], batch["attention_mask"])
         prompts = batch.get("text") or [None] * len(responses)
-        return [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+        return self.tag_adapters(rows, names)
 
 
 class CausalLM(_LanguageModel):

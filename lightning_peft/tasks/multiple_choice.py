@@ -179,11 +179,14 @@ class MultipleChoiceLM(TaskModule):
         self._evaluate(batch, self.test_accuracy, "test_")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """The chosen answer per prompt, its index and the length-normalized score of every choice."""
-        scores = length_normalized_scores(*self.choice_logits(batch))  # (B, C)
+        """The chosen answer per prompt, its index and the length-normalized score of every choice
+        (each prompt through its own adapter if the batch names them)."""
+        with self.row_adapters(batch, repeat=batch["labels"].shape[1]) as names:  # the model sees B * C rows
+            scores = length_normalized_scores(*self.choice_logits(batch))  # (B, C)
         prompts = batch.get("text") or [None] * len(scores)
         choices = batch.get("choices") or [[None] * scores.shape[1]] * len(scores)
-        return [
+        rows = [
             {"prompt": p, "answer": c[i], "answer_index": i, "scores": [round(s, 4) for s in row]}
             for p, c, i, row in zip(prompts, choices, scores.argmax(-1).tolist(), scores.tolist(), strict=True)
         ]
+        return self.tag_adapters(rows, names)
