@@ -319,3 +319,27 @@ def test_a_checkpoint_of_an_adapter_inside_another_ones_wrappers_loads_at_its_si
     fresh = lp.load_adapter(tiny.build("llama"), tmp_path / "b.ckpt")
     assert list(lp.adapters(fresh)) == ["b"]
     torch.testing.assert_close(tiny.logits(fresh, batch), tiny.logits(alone("b"), batch), rtol=0, atol=1e-5)
+
+
+def test_hotswap_keeps_a_compiled_models_graph(tmp_path: Path) -> None:
+    """No module changes, so torch.compile's guards still hold: the new weights run without a recompile."""
+    batch = tiny.inputs("llama")
+    source = alone("a")
+    lp.save_adapter(source, tmp_path / "a")
+    model = tiny.build("llama")
+    lp.inject(model, "lora", adapter_name="a", **LORA)
+    compiles: list[int] = []
+
+    def counting(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        compiles.append(1)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting)
+    with torch.no_grad():
+        compiled(**batch)
+        first = len(compiles)
+        lp.hotswap_adapter(model, tmp_path / "a", adapter_name="a")
+        logits = compiled(**batch).logits
+    assert first > 0 and len(compiles) == first  # no new graph
+    torch.testing.assert_close(logits, tiny.logits(source, batch), rtol=0, atol=1e-5)
