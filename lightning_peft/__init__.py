@@ -22,6 +22,7 @@ _EXPORTS = {
     "inject": "lightning_peft.api.inject",
     "merge": "lightning_peft.api.inject",
     "unmerge": "lightning_peft.api.inject",
+    "merge_requantized": "lightning_peft.api.inject",
     "unload": "lightning_peft.api.inject",
     "summary": "lightning_peft.api.inject",
     "delete_adapter": "lightning_peft.api.inject",
@@ -70,6 +71,7 @@ __all__ = [
     "load_adapter",
     "load_peft_adapter",
     "merge",
+    "merge_requantized",
     "methods",
     "on_step",
     "prepare_for_kbit_training",
@@ -94,7 +96,15 @@ if TYPE_CHECKING:
         set_adapter,
     )
     from lightning_peft.api.combine import add_weighted_adapter
-    from lightning_peft.api.inject import delete_adapter, inject, merge, summary, unload, unmerge
+    from lightning_peft.api.inject import (
+        delete_adapter,
+        inject,
+        merge,
+        merge_requantized,
+        summary,
+        unload,
+        unmerge,
+    )
     from lightning_peft.api.io import load_adapter, save_adapter
     from lightning_peft.api.training import calibrate, on_step, regularization
     from lightning_peft.core.checkpointing import enable_gradient_checkpointing

@@ -8,6 +8,7 @@ changed once every check has passed, and a failure takes out whatever was added.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -226,6 +227,51 @@ def unmerge(model: M) -> M:
     for module in modules:
         module.unmerge()
     return model
+
+
+def merge_requantized(model: nn.Module) -> dict[str, float]:
+    """Fold the active LoRA adapters on bitsandbytes layers into them: dequantize, add the update, quantize again.
+
+    Never a silent precision loss: returns, per layer (by its place in the base model), the
+    second quantization's error relative to the update, ``||deq(Q') - (deq(Q) + s B A)|| / ||s B A||``,
+    and warns when a layer lost more than the update itself (an error above 1). A requantized merge
+    cannot be undone; ``lightning_peft.dequantize(model)`` before ``merge`` keeps float weights instead.
+
+    Raises:
+        ValueError: when no active adapter wraps a bitsandbytes layer.
+        TypeError: for an active adapter on a bitsandbytes layer that cannot be merged so (not LoRA, or DoRA).
+    """
+    from lightning_peft.core.quantize import is_quantized
+
+    active = state.active_adapters(model)
+    layers = [
+        (name, m)
+        for name, m in state.adapter_modules(model)
+        if isinstance(m, AdapterLayer) and m.adapter_name in active and is_quantized(m.base)
+    ]
+    if not layers:
+        state.require_info(model)
+        raise ValueError(
+            f"no active adapter of {type(model).__name__} wraps a bitsandbytes layer; lightning_peft.merge merges "
+            "adapters on float layers."
+        )
+    refusing = [f"{name} ({type(m).__name__})" for name, m in layers if not getattr(m, "requantizable", False)]
+    if refusing:
+        raise TypeError(
+            f"merge_requantized folds LoRA updates (not DoRA, not other methods) into quantized layers; these "
+            f"cannot be: {', '.join(refusing[:3])}. Call lightning_peft.dequantize(model), then lightning_peft.merge."
+        )
+    errors = {state.site_name(model, name): m.merge_requantized() for name, m in layers}  # type: ignore[attr-defined]
+    worst = max(errors, key=errors.__getitem__)
+    if errors[worst] > 1.0:
+        warnings.warn(
+            f"requantizing lost more than the update itself on {sum(e > 1.0 for e in errors.values())} of "
+            f"{len(errors)} layers (worst: {worst}, {errors[worst]:.2f}x the update's norm); the merged model is "
+            "further from the adapted one than the base was. Keep the adapter unmerged, or dequantize first.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return errors
 
 
 def _swap(root: nn.Module, module: nn.Module, replacement: nn.Module | None) -> None:

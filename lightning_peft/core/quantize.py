@@ -196,6 +196,39 @@ def _quantized_copy(linear: nn.Linear, kind: str, dtype: torch.dtype, double_qua
     return layer
 
 
+def requantized(layer: nn.Module, delta: Tensor) -> tuple[nn.Module, float]:
+    """A new bitsandbytes layer like ``layer`` (same kind, compute dtype, double quantization)
+    holding ``dequantized(layer) + delta`` quantized again, and the error that cost.
+
+    The error is ``||deq(Q') - (deq(Q) + delta)||_F / ||delta||_F``: how much of the update the
+    second rounding loses, relative to the update (above 1, the merge changed the weights more than
+    the adapter did).
+
+    Args:
+        layer: a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``.
+        delta: the update, ``(out, in)`` like ``dequantized_weight(layer)``.
+    """
+    bnb = require_bitsandbytes("merging into a quantized weight")
+    delta = delta.detach()
+    kind = quant_kind(layer)
+    assert kind is not None, "requantized() takes a bitsandbytes layer"
+    target = dequantized_weight(layer).float() + delta.detach().float()  # (out, in)
+    in_features, out_features = features(layer)
+    bias = layer.bias
+    plain = nn.Linear(in_features, out_features, bias=bias is not None, device=target.device)
+    with torch.no_grad():
+        plain.weight.copy_(target)
+        if bias is not None:
+            plain.bias.copy_(bias.detach().float())
+    double_quant = bool(getattr(layer.weight, "compress_statistics", False))
+    new = _quantized_copy(plain, kind, compute_dtype(layer), double_quant, bnb)
+    new.train(layer.training)
+    if getattr(layer, "support_avx512bf16_for_cpu", True) is False:
+        disable_cpu_repacking(new)  # as the layer it replaces (see the module docstring)
+    lost = torch.linalg.vector_norm(dequantized_weight(new).float() - target)
+    return new, float(lost / torch.linalg.vector_norm(delta.float()).clamp_min(torch.finfo(torch.float32).tiny))
+
+
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
@@ -330,8 +363,9 @@ def merge_refusal(layer: nn.Module, base: nn.Module, method: str) -> TypeError:
     return TypeError(
         f"cannot merge {method} into {describe(base)}: adding the update to its weight means requantizing it, "
         "which changes the weights by more than the update (a silent precision loss). Either call "
-        "lightning_peft.dequantize(model) first (float nn.Linear layers, then lightning_peft.merge works), or "
-        "keep the adapter unmerged (lightning_peft.save_adapter) and merge it into the full-precision base model."
+        "lightning_peft.dequantize(model) first (float nn.Linear layers, then lightning_peft.merge works), "
+        "lightning_peft.merge_requantized(model) (LoRA: quantize again, and get the error that cost), or keep the "
+        "adapter unmerged (lightning_peft.save_adapter) and merge it into the full-precision base model."
     )
 
 

@@ -39,6 +39,7 @@ class DoRALinear(LoRALinear):
     adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude")  # type: ignore[assignment]
     stackable = False  # its norm reads the base weight, which another adapter on the layer would change
     supports_mixed_batch = False  # the norm is per adapter and per weight, not per row
+    requantizable = False  # its merged weight is a rescaled direction, not W plus an update
     peft_names = {**LoRALinear.peft_names, "lora_magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,14 @@ from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, check_choice, check_positive, check_positive_int, check_probability
 from lightning_peft.core.layer import AdapterLayer
-from lightning_peft.core.quantize import adapter_factory, disable_cpu_repacking, is_quantized, merge_refusal
+from lightning_peft.core.quantize import (
+    adapter_factory,
+    describe,
+    disable_cpu_repacking,
+    is_quantized,
+    merge_refusal,
+    requantized,
+)
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.registry import Method, PeftFormat, check_peft_defaults, register
@@ -129,6 +136,12 @@ class LoRALayer(AdapterLayer):
         super().merge()
 
     def unmerge(self) -> None:
+        if self._merged and self.__dict__.get("_requantized"):
+            raise TypeError(
+                f"{type(self).__name__} was merged into {describe(self.base)} by quantizing again "
+                "(lightning_peft.merge_requantized); the original quantized weights are gone, so it cannot be "
+                "unmerged. Load the base model again to get them back."
+            )
         if is_quantized(self.base):
             raise merge_refusal(self, self.base, self.method)
         super().unmerge()
@@ -221,6 +234,32 @@ class LoRALinear(LoRALayer):
     def delta_weight(self) -> Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
+
+    #: Whether :meth:`merge_requantized` can fold the update into a quantized base (DoRA's rescaled
+    #: weight is not an additive update: no).
+    requantizable: ClassVar[bool] = True
+
+    def merge_requantized(self) -> float:
+        """Fold ``scaling * B A`` into a bitsandbytes base layer: dequantize, add, quantize again.
+
+        The base layer is replaced by the requantized one (the adapter then passes its input
+        straight to it). Returns the relative error of the second quantization (see
+        :func:`lightning_peft.core.quantize.requantized`).
+        """
+        base = self.base
+        if not is_quantized(base) or not self.requantizable or self._merged:
+            raise TypeError(
+                f"{type(self).__name__} on {type(base).__name__} cannot be merged by requantizing: it needs an "
+                "unmerged LoRA adapter (not DoRA) on a bitsandbytes layer; lightning_peft.merge merges float layers."
+            )
+        new, error = requantized(base, self.delta_weight())
+        holder: nn.Module = self
+        while holder.base_layer is not base:  # the wrapper, of this adapter or another, right around the base
+            holder = holder.base_layer
+        holder.base_layer = new
+        self._merged = True
+        self.__dict__["_requantized"] = True
+        return error
 
     def update(self, x: Tensor) -> Tensor:
         x = self.dropout(x).to(self.lora_A.dtype)
