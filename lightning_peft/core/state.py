@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.core import quantize
 from lightning_peft.core.config import AdapterConfig
 from lightning_peft.core.layer import AdapterLayer, AdapterModule
 from lightning_peft.core.targeting import find_base_model
@@ -394,11 +395,18 @@ def fingerprint(model: nn.Module) -> BaseFingerprint:
         if id(tensor) not in adapter_ids and name not in computed
     }
     names = sorted(weights)
+    samples = [_sample(weights[name]) for name in names]
+    # A quantized weight is packed integers, which _sample skips: sample the values it computes with.
+    index = {name: i for i, name in enumerate(names)}
+    for owner, module in quantize.quantized_layers(base):
+        key = _strip_wrappers(f"{owner}.weight")
+        if key in index:
+            samples[index[key]] = _sample(quantize.dequantized_weight(module))
     kind = getattr(getattr(base, "config", None), "model_type", None)
     return BaseFingerprint(
         kind if isinstance(kind, str) else None,
         _structure(weights),
-        [_sample(weights[name]) for name in names],
+        samples,
         names=names,
         legacy=(_structure(every), [_checksum(every[name]) for name in sorted(every)]),
     )

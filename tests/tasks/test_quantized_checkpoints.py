@@ -170,13 +170,8 @@ def _with_other_linears(seed: int = 0) -> nn.Module:
     return model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fingerprint samples floating-point tensors only; a packed 4-bit weight (uint8) gives None, "
-    "so a quantized base differing only in its quantized linears is not told apart; sampling "
-    "q.dequantized_weight(layer) for each quantized linear in state.fingerprint would fix it",
-)
 def test_a_base_differing_only_in_its_quantized_linears_is_refused(tmp_path: Path, checkpoint: Path) -> None:
+    """The fingerprint samples the values a packed 4-bit weight computes with (dequantized)."""
     other = QuantizedLM(seed=0)
     other.model = lp.quantize(_with_other_linears(), "nf4").train()
     with pytest.raises(ValueError, match=r"does not fit this base model"):
