@@ -26,7 +26,7 @@ import functools
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -109,6 +109,9 @@ class PEFTCallback(Callback):
             (transformers models; see :func:`lightning_peft.enable_gradient_checkpointing`, which also makes
             checkpointing train adapters under frozen input embeddings). About one more forward per step for
             activation memory that no longer grows with depth.
+        checkpoint_blocks: with ``gradient_checkpointing``, the blocks to checkpoint in a module that is
+            not a transformers model: names (a ``ModuleList``'s name checkpoints each of its children)
+            or module classes, as ``lightning_peft.enable_gradient_checkpointing(blocks=...)`` takes them.
         adapter_name: the adapter to train (``"default"`` unless given). Other adapters the module
             holds stay frozen and out of the checkpoints; one it holds by this name, with the same
             method and options, is trained on (a second fit), otherwise it is added beside them.
@@ -129,6 +132,7 @@ class PEFTCallback(Callback):
         restore_rng: bool = True,
         on_dead_params: DeadParams = "raise",
         gradient_checkpointing: bool = False,
+        checkpoint_blocks: Sequence[str | type[torch.nn.Module]] | None = None,
         adapter_name: str = state.DEFAULT_ADAPTER,
         **options: Any,
     ) -> None:
@@ -142,7 +146,13 @@ class PEFTCallback(Callback):
             raise ValueError(
                 f"PEFTCallback.gradient_checkpointing must be True or False; got {gradient_checkpointing!r}."
             )
+        if checkpoint_blocks is not None and not gradient_checkpointing:
+            raise ValueError(
+                f"PEFTCallback.checkpoint_blocks={checkpoint_blocks!r} names blocks to checkpoint, but "
+                "gradient_checkpointing is False; set gradient_checkpointing=True, or drop checkpoint_blocks."
+            )
         self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_blocks = None if checkpoint_blocks is None else list(checkpoint_blocks)
         self._grads_checked: set[int] = set()  # ids of the optimizers whose first step was checked
         self._backward_ran = False  # a backward pass ran since the last optimizer step
         self._original_configure_model: Any = None
@@ -206,7 +216,7 @@ class PEFTCallback(Callback):
             )
         api_inject.inject(root, self.config, adapter_name=self.adapter_name)
         if self.gradient_checkpointing:
-            enable_gradient_checkpointing(pl_module)
+            enable_gradient_checkpointing(pl_module, blocks=self.checkpoint_blocks)
         if self.verbose:
             rank_zero_info(api_inject.summary(root))
 

@@ -366,3 +366,27 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path: Path) -> None:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"PEFTCallback.gradient_checkpointing must be True or False; got 'yes'"):
         PEFTCallback("lora", gradient_checkpointing="yes")
+
+
+def test_checkpoint_blocks_checkpoint_the_named_blocks_and_train_the_same_adapter(tmp_path: Path) -> None:
+    """PEFTCallback(checkpoint_blocks=[...]): blocks named as for any module (here the LLaMA layers)."""
+    from lightning_peft.core.checkpointing import checkpointed_blocks
+
+    def fit(blocks: list[str] | None) -> tuple[dict[str, torch.Tensor], TinyLM]:
+        L.seed_everything(0)
+        module = TinyLM()
+        callback = PEFTCallback(
+            "lora", r=4, verbose=False, gradient_checkpointing=blocks is not None, checkpoint_blocks=blocks
+        )
+        trainer(tmp_path / str(blocks), max_steps=3, callbacks=[callback]).fit(module, token_loader())
+        return adapter(module), module
+
+    plain, _ = fit(None)
+    checkpointed, module = fit(["model.model.layers"])
+    assert checkpointed_blocks(module) == [f"model.model.layers.{i}" for i in range(len(module.model.model.layers))]
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"checkpoint_blocks=\['layers'\] names blocks .* gradient_checkpointing is False"
+    ):
+        PEFTCallback("lora", checkpoint_blocks=["layers"])
