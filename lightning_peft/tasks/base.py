@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_peft.core.checkpointing import enable_gradient_checkpointing
 from lightning_peft.core.config import check_choice, check_positive, invalid
 from lightning_peft.tasks.sources import ModelSource, resolve_model
 
@@ -148,6 +149,9 @@ class TaskModule(L.LightningModule):
             Needs ``pip install "lightning-peft[quant]"``.
         compute_dtype: the dtype 4-bit layers compute in, and their adapters train in.
         double_quant: quantize the 4-bit block scales too (QLoRA's double quantization).
+        gradient_checkpointing: recompute each layer's activations in backward instead of keeping them
+            (see :func:`lightning_peft.enable_gradient_checkpointing`; the same as
+            ``PEFTCallback(gradient_checkpointing=True)``, set where the model is described).
     """
 
     #: the transformers auto class this task loads (``"AutoModelForCausalLM"``, ...)
@@ -168,6 +172,7 @@ class TaskModule(L.LightningModule):
         quantization: Quantization | None = None,
         compute_dtype: ComputeDtype = "float32",
         double_quant: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -177,6 +182,8 @@ class TaskModule(L.LightningModule):
         check_choice(name, "compute_dtype", compute_dtype, ("float32", "bfloat16", "float16"))
         if not isinstance(double_quant, bool):
             raise invalid(name, "double_quant", double_quant, "True or False")
+        if not isinstance(gradient_checkpointing, bool):
+            raise invalid(name, "gradient_checkpointing", gradient_checkpointing, "True or False")
         if double_quant and quantization not in ("nf4", "fp4"):
             raise invalid(
                 name,
@@ -221,6 +228,8 @@ class TaskModule(L.LightningModule):
                 model = self.build_model()
             finally:
                 _QUANTIZATION.reset(token)
+            if self.hparams.get("gradient_checkpointing", False):  # absent from checkpoints of older versions
+                enable_gradient_checkpointing(model)
             # from_pretrained returns eval mode; Lightning keeps each module's mode as it finds it.
             self.model = model.train()
 

@@ -234,3 +234,22 @@ def test_the_model_is_built_lazily(hub_dir: Path) -> None:
         module.training_step({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, 0)
     module.configure_model()
     assert module.model is not None and module.model.training
+
+
+def test_gradient_checkpointing_as_a_task_module_option(hub_dir: Path, tmp_path: Path) -> None:
+    """CausalLM(gradient_checkpointing=True): the layers recompute in backward; the adapter trains the same."""
+    data = hub.write_jsonl(tmp_path / "qa.jsonl", hub.qa_rows(repeat=2))
+    model_dir = str(save(hub_dir, "llama"))
+    trained = []
+    for checkpointing in (False, True):
+        L.seed_everything(0)
+        module = CausalLM(model_dir, learning_rate=1e-2, gradient_checkpointing=checkpointing)
+        dm = CausalLMData(train_file=str(data), batch_size=4, val_split=0.25)
+        fit(tmp_path / str(checkpointing), module, dm, max_steps=3, max_epochs=None, limit_val_batches=0)
+        assert getattr(module.model.model, "gradient_checkpointing", False) is checkpointing
+        trained.append({n: t.clone() for n, t in lp.trainable_state_dict(module).items()})
+    assert trained[0].keys() == trained[1].keys()
+    for name in trained[0]:
+        torch.testing.assert_close(trained[1][name], trained[0][name], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="CausalLM.gradient_checkpointing"):
+        CausalLM("gpt2", gradient_checkpointing="yes")  # type: ignore[arg-type]
