@@ -172,8 +172,18 @@ class PEFTCallback(Callback):
 
     def check_strategy(self, trainer: pl.Trainer) -> None:
         """Refuse strategies whose checkpointing or optimizer setup this callback does not handle, and
-        sharded strategies the method does not support."""
+        sharded strategies the method does not support; and Lightning's bitsandbytes precision plugin."""
         strategies.check_supported(trainer.strategy, self.method)
+        plugin = trainer.precision_plugin
+        if type(plugin).__name__ == "BitsandbytesPrecision":  # by name: importing it needs bitsandbytes
+            mode = getattr(plugin, "mode", None) or "the chosen mode"
+            raise ValueError(
+                f"PEFTCallback does not train under Lightning's BitsandbytesPrecision ({mode}): it quantizes every "
+                "nn.Linear when the strategy sets up, after the adapter is added, so it would also quantize the heads "
+                "the adapter trains (modules_to_save) and leave the 4-bit layers unprepared for k-bit training. "
+                "Quantize the base instead: the task modules' quantization='nf4' | 'fp4' | 'int8' option, or "
+                "lightning_peft.quantize(model, 'nf4') before training; and drop the precision plugin."
+            )
 
     def inject(self, pl_module: pl.LightningModule) -> None:
         """Add adapter ``adapter_name`` to ``pl_module`` (beside the adapters it holds, in the module that

@@ -390,3 +390,33 @@ def test_checkpoint_blocks_checkpoint_the_named_blocks_and_train_the_same_adapte
         ValueError, match=r"checkpoint_blocks=\['layers'\] names blocks .* gradient_checkpointing is False"
     ):
         PEFTCallback("lora", checkpoint_blocks=["layers"])
+
+
+@pytest.mark.gpu
+def test_lightnings_bitsandbytes_precision_is_refused_with_what_to_use_instead(tmp_path: Path) -> None:
+    """On CUDA, where Lightning runs the plugin: refused before anything is injected, naming the options to use."""
+    pytest.importorskip("bitsandbytes", reason='needs bitsandbytes: pip install "lightning-peft[quant]"')
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    module = TinyLM()
+    t = trainer(
+        tmp_path,
+        accelerator="cuda",
+        max_steps=1,
+        plugins=[BitsandbytesPrecision("nf4")],
+        callbacks=[PEFTCallback("lora")],
+    )
+    with pytest.raises(ValueError, match=r"BitsandbytesPrecision \(nf4\).*quantization='nf4'.*lightning_peft.quantize"):
+        t.fit(module, token_loader())
+    assert not lp.adapters(module)
+
+
+def test_lightnings_bitsandbytes_precision_does_not_run_on_cpu(tmp_path: Path) -> None:
+    """Without CUDA, Lightning itself refuses the plugin, with its own clear message (QLoRA on CPU: quantization=)."""
+    pytest.importorskip("bitsandbytes", reason='needs bitsandbytes: pip install "lightning-peft[quant]"')
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only behaviour")
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    with pytest.raises(RuntimeError, match="only supported on CUDA"):
+        trainer(tmp_path, max_steps=1, plugins=[BitsandbytesPrecision("nf4")], callbacks=[PEFTCallback("lora")])
