@@ -25,6 +25,10 @@ that final pattern is re-applied every step. The loss gets the orthogonality pen
 
     R = orth_reg_weight * mean over the 2n matrices of ||Q Q^T - I||_F and ||P^T P - I||_F
 
+On a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` base (QLoRA) the adapter is created in the
+layer's compute dtype and trains on top of the dequantized weight; merging is refused there (it
+would mean requantizing), as for LoRA.
+
 Where it runs: :func:`lightning_peft.api.training.on_step` and ``regularization`` (PEFTCallback
 calls both). The kept/pruned pattern is the ``rank_mask`` buffer, saved with the adapter, so loading
 restores the pruned ranks; the importance statistics are training state (in checkpoints, not in
@@ -51,6 +55,7 @@ from lightning_peft.core.config import (
     invalid,
 )
 from lightning_peft.core.layer import AdapterLayer
+from lightning_peft.core.quantize import adapter_factory, disable_cpu_repacking, features, is_quantized, merge_refusal
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.registry import ALL_SHARDINGS, Method, register
@@ -169,7 +174,10 @@ def _full(tensor: Tensor) -> Tensor:
 
 
 class SVDLinear(AdapterLayer):
-    """AdaLoRA around ``nn.Linear`` or transformers' ``Conv1D``: ``h = W x + scaling * P diag(lambda) Q x``."""
+    """AdaLoRA around ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt`` (the adapter then in the layer's compute dtype; no merge):
+    ``h = W x + scaling * P diag(lambda) Q x``.
+    """
 
     adapter_names = ("lora_A", "lora_E", "lora_B", "rank_mask")
     training_state_names = tuple(f"{kind}_{m}" for kind in ("sensitivity", "uncertainty") for m in "AEB")
@@ -177,13 +185,18 @@ class SVDLinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, config: AdaLoRAConfig) -> None:
         super().__init__(base_layer)
-        weight = base_layer.weight
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
-        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        base = self.base
+        weight = base.weight
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D: y = x @ W + b
+        if is_quantized(base):  # a packed weight: its shape is not (out, in); bitsandbytes layers are nn.Linear
+            in_features, out_features = features(base)
+            factory = adapter_factory(base)
+        else:
+            in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+            factory = self.adapter_factory(weight)
         self.r = config.init_r
         self.scaling = config.scaling
         self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        factory = self.adapter_factory(weight)
         self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))  # Q (right singular vectors)
         self.lora_E = nn.Parameter(torch.empty(self.r, **factory))  # lambda (singular values)
         self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))  # P (left singular vectors)
@@ -202,6 +215,20 @@ class SVDLinear(AdapterLayer):
     def delta_weight(self) -> Tensor:
         delta = self.lora_B @ (self.lora_A * self.lora_E[:, None]) * self.scaling  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
+
+    @property
+    def mergeable(self) -> bool:
+        return not is_quantized(self.base) and super().mergeable
+
+    def merge(self) -> None:
+        if is_quantized(self.base):  # requantizing W + s P diag(lambda) Q would lose more than the update adds
+            raise merge_refusal(self, self.base, self.method)
+        super().merge()
+
+    def unmerge(self) -> None:
+        if is_quantized(self.base):
+            raise merge_refusal(self, self.base, self.method)
+        super().unmerge()
 
     def _merge(self) -> None:
         weight = self.base_layer.weight
@@ -264,8 +291,15 @@ def wrap(module: nn.Module, config: AdaLoRAConfig) -> SVDLinear:
     if is_linear(module):
         return SVDLinear(module, config)
     raise TypeError(
-        f"it is a {type(module).__name__}, which adalora cannot wrap; adalora wraps nn.Linear and transformers' Conv1D"
+        f"it is a {type(module).__name__}, which adalora cannot wrap; adalora wraps nn.Linear (bitsandbytes' "
+        "Linear4bit and Linear8bitLt too) and transformers' Conv1D"
     )
+
+
+def apply(model: nn.Module, config: AdaLoRAConfig) -> list[str]:
+    """Wrap every target (see :func:`wrap`), after making 4-bit bases keep their input gradient."""
+    disable_cpu_repacking(model)  # see lightning_peft.core.quantize: else an eval forward stops training
+    return inject_layers(model, config, wrap=wrap)
 
 
 def svd_layers(model: nn.Module) -> list[tuple[str, SVDLinear]]:
@@ -331,7 +365,7 @@ register(
         name="adalora",
         config_cls=AdaLoRAConfig,
         kind="layer",
-        apply=partial(inject_layers, wrap=wrap),
+        apply=apply,
         resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS, method="adalora"),
         on_step=on_step,
         on_step_uses_adapter=True,
