@@ -372,3 +372,81 @@ def merge_refusal(layer: nn.Module, base: nn.Module, method: str) -> TypeError:
 def adapter_factory(base_layer: nn.Module) -> dict[str, Any]:
     """Device and dtype for the adapter of a quantized layer: its compute dtype (see :func:`compute_dtype`)."""
     return {"device": base_layer.weight.device, "dtype": compute_dtype(base_layer)}
+
+
+def quantized_like(layer: nn.Module, weight: Tensor) -> nn.Module:
+    """A new bitsandbytes layer like ``layer`` (kind, compute dtype, double quantization, bias,
+    train mode, CPU repacking setting) holding ``weight`` (``(out, in)``) quantized.
+    """
+    bnb = require_bitsandbytes("quantizing a weight")
+    kind = quant_kind(layer)
+    assert kind is not None, "quantized_like() takes a bitsandbytes layer"
+    in_features, out_features = features(layer)
+    bias = layer.bias
+    plain = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device)
+    with torch.no_grad():
+        plain.weight.copy_(weight.detach().float())
+        if bias is not None:
+            plain.bias.copy_(bias.detach().float())
+    double_quant = bool(getattr(layer.weight, "compress_statistics", False))
+    new = _quantized_copy(plain, kind, compute_dtype(layer), double_quant, bnb)
+    new.train(layer.training)
+    if getattr(layer, "support_avx512bf16_for_cpu", True) is False:
+        disable_cpu_repacking(new)  # as the layer it replaces (see the module docstring)
+    return new
+
+
+def loftq_decompose(
+    weight: Tensor, layer: nn.Module, rank: int, scaling: float, iters: int
+) -> tuple[nn.Module, Tensor, Tensor, list[float]]:
+    """LoftQ (Li et al., 2023): a quantized layer ``Q`` and a rank-``rank`` pair ``(A, B)`` with
+    ``deq(Q) + s B A`` close to the full-precision ``weight`` ``W``, by alternating ``iters`` times::
+
+        Q_t        = quantize(W - s B_{t-1} A_{t-1})          (B_0 A_0 = 0, so Q_1 = quantize(W))
+        U S V^T    = SVD(W - deq(Q_t)),  truncated to rank r
+        A_t        = sqrt(S / s) V^T      (r, in)
+        B_t        = U sqrt(S / s)        (out, r),  so  s B_t A_t = U S V^T
+
+    The singular values are split evenly between ``A`` and ``B``, as peft's ``loftq_init`` does;
+    unlike peft (whose ``B A`` equals ``U S V^T``, exact only when ``s = alpha / r = 1``) the scale
+    ``s`` is divided out, so ``s B A`` is the rank-r approximation of the residual for any alpha.
+
+    The alternation is not guaranteed to descend (the 4-bit block scales change with the input), so
+    the iterate with the lowest error ``||W - deq(Q_t) - s B_t A_t||_F`` is kept: the result never
+    gets worse with more iterations, and already one beats ``Q_1 = quantize(W)`` alone.
+
+    Args:
+        weight: the full-precision ``(out, in)`` weight the layer was quantized from.
+        layer: a bitsandbytes 4-bit layer, the template for ``Q`` (its kind, scales, compute dtype).
+        rank: r, the adapter's rank (at most ``min(out, in)`` singular values are kept).
+        scaling: s, the adapter's scale.
+        iters: T, the number of alternations (a positive integer).
+
+    Returns:
+        ``(Q, A, B, errors)``: the new quantized layer, ``A`` and ``B`` in float32 on ``weight``'s
+        device, and ``||W - deq(Q_t) - s B_t A_t||_F / ||W||_F`` for each ``t = 1..T``.
+    """
+    target = weight.detach().float()  # (out, in)
+    norm = torch.linalg.vector_norm(target).clamp_min(torch.finfo(torch.float32).tiny)
+    residual_target = target
+    best: tuple[float, nn.Module, Tensor, Tensor] | None = None
+    errors: list[float] = []
+    with torch.no_grad():
+        for _ in range(iters):
+            quantized = quantized_like(layer, residual_target)
+            residual = target - dequantized_weight(quantized).float().to(target.device)
+            u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+            root = (s[:rank] / scaling).sqrt()
+            lora_A = root[:, None] * vh[:rank]  # (r, in)
+            lora_B = u[:, :rank] * root[None, :]  # (out, r)
+            if root.numel() < rank:  # r above min(out, in): the extra directions stay zero
+                lora_A = torch.cat([lora_A, lora_A.new_zeros(rank - root.numel(), lora_A.shape[1])])
+                lora_B = torch.cat([lora_B, lora_B.new_zeros(lora_B.shape[0], rank - root.numel())], dim=1)
+            low_rank = scaling * (lora_B @ lora_A)
+            error = float(torch.linalg.vector_norm(residual - low_rank) / norm)
+            errors.append(error)
+            if best is None or error < best[0]:
+                best = (error, quantized, lora_A, lora_B)
+            residual_target = target - low_rank
+    assert best is not None, "loftq_decompose() takes iters >= 1"
+    return best[1], best[2], best[3], errors

@@ -12,7 +12,8 @@ so the model starts out unchanged. With ``rslora`` the scale is ``alpha / sqrt(r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Literal
@@ -21,14 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.core.config import LayerConfig, check_choice, check_positive, check_positive_int, check_probability
+from lightning_peft.core.config import (
+    LayerConfig,
+    check_choice,
+    check_positive,
+    check_positive_int,
+    check_probability,
+    invalid,
+)
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.quantize import (
     adapter_factory,
+    dequantized_weight,
     describe,
     disable_cpu_repacking,
     is_quantized,
+    loftq_decompose,
     merge_refusal,
+    quant_kind,
     requantized,
 )
 from lightning_peft.core.targeting import is_linear
@@ -71,8 +82,13 @@ class LoRAConfig(LayerConfig):
         alpha: scale numerator: the update is multiplied by ``alpha / r`` (or ``alpha / sqrt(r)``).
         dropout: dropout on the adapter's input (linear and conv layers), in [0, 1).
         rslora: scale by ``alpha / sqrt(r)``, which keeps the update's size stable as r grows.
-        init: ``"kaiming"`` (uniform A as nn.Linear does, B = 0; peft's default) or
-            ``"gaussian"`` (A ~ N(0, 1/r), B = 0). Embeddings always start with A = 0, B ~ N(0, 1).
+        init: ``"kaiming"`` (uniform A as nn.Linear does, B = 0; peft's default),
+            ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``"loftq"`` (LoftQ, Li et al., 2023: on
+            bitsandbytes 4-bit bases only; the layers start as ``"kaiming"``, then
+            :func:`loftq` sets A, B and the quantized weight from the full-precision weights).
+            Embeddings always start with A = 0, B ~ N(0, 1).
+        loftq_iter: with ``init="loftq"``, the number T of alternations between quantizing
+            ``W - s B A`` and the rank-r SVD of the residual (see :func:`loftq`).
         use_dora: DoRA (Liu et al., 2024): split each weight into a trained magnitude per output
             feature and a direction that LoRA updates (see :mod:`lightning_peft.methods.dora`).
             nn.Linear and Conv1D layers only.
@@ -85,7 +101,8 @@ class LoRAConfig(LayerConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    loftq_iter: int = 1
     use_dora: bool = False
 
     def __post_init__(self) -> None:
@@ -95,9 +112,12 @@ class LoRAConfig(LayerConfig):
         check_probability(self, "dropout", self.dropout)
         if not isinstance(self.rslora, bool):
             raise ValueError(f"LoRAConfig.rslora must be True or False; got {self.rslora!r}.")
-        check_choice(self, "init", self.init, ("kaiming", "gaussian"))
+        check_choice(self, "init", self.init, ("kaiming", "gaussian", "loftq"))
+        check_positive_int(self, "loftq_iter", self.loftq_iter)
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoRAConfig.use_dora must be True or False; got {self.use_dora!r}.")
+        if self.init == "loftq" and self.use_dora:
+            raise invalid(self, "init", self.init, "'kaiming' or 'gaussian' with use_dora=True (LoftQ is plain LoRA)")
 
     @property
     def scaling(self) -> float:
@@ -116,7 +136,15 @@ class LoRALayer(AdapterLayer):
         self.r = config.r
         self.scaling = config.scaling
         self.init = config.init
+        self.loftq_iter = config.loftq_iter
         self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if self.init == "loftq" and quant_kind(self.base) not in ("nf4", "fp4"):
+            raise TypeError(
+                f"LoRAConfig.init='loftq' needs a bitsandbytes 4-bit base layer (lightning_peft.quantize(model, "
+                f"'nf4') first), and this one is a {type(self.base).__name__}"
+                + (f" ({quant_kind(self.base)})" if is_quantized(self.base) else "")
+                + "; use init='kaiming' or 'gaussian', or exclude it from target_modules"
+            )
 
     def delta_weight(self) -> Tensor:
         """``scaling * B A`` laid out like the base layer's weight."""
@@ -227,9 +255,42 @@ class LoRALinear(LoRALayer):
     def reset_adapter_parameters(self) -> None:
         if self.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:
+        else:  # "loftq" too, until loftq_init: B = 0 keeps the quantized model unchanged
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    def loftq_init(self, weight: Tensor) -> tuple[float, float]:
+        """LoftQ: set A, B and the 4-bit base weight from the full-precision ``weight`` ``W``.
+
+        See :func:`lightning_peft.core.quantize.loftq_decompose` for the alternation; after it
+        ``deq(Q_T) + s B A`` approximates ``W`` and the base layer holds ``Q_T``.
+
+        Returns:
+            The relative errors ``||W - (deq(Q) + s B A)||_F / ||W||_F`` before and after.
+        """
+        base = self.base
+        in_features, out_features = base.in_features, base.out_features
+        if tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(
+                f"loftq: the full-precision weight has shape {tuple(weight.shape)}, but the layer is "
+                f"(out, in) = {(out_features, in_features)}"
+            )
+        if self._merged:
+            raise TypeError("loftq: the adapter is merged; it initializes unmerged LoRA adapters")
+        target = weight.detach().float().to(self.lora_A.device)
+        with torch.no_grad():
+            before = float(
+                torch.linalg.vector_norm(target - dequantized_weight(base).float() - self.delta_weight().float())
+                / torch.linalg.vector_norm(target).clamp_min(torch.finfo(torch.float32).tiny)
+            )
+            new, lora_A, lora_B, errors = loftq_decompose(target, base, self.r, self.scaling, self.loftq_iter)
+            self.lora_A.copy_(lora_A.to(self.lora_A.dtype))
+            self.lora_B.copy_(lora_B.to(self.lora_B.dtype))
+        holder: nn.Module = self
+        while holder.base_layer is not base:  # the wrapper, of this adapter or another, right around the base
+            holder = holder.base_layer
+        holder.base_layer = new
+        return before, min(errors)
 
     def delta_weight(self) -> Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
@@ -414,6 +475,85 @@ def apply(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Wrap every target (see :func:`wrap`), after making 4-bit bases keep their input gradient."""
     disable_cpu_repacking(model)  # see lightning_peft.core.quantize: else an eval forward stops training
     return inject_layers(model, config, wrap=wrap)
+
+
+def _weight_key(weights: Mapping[str, Tensor], name: str) -> str:
+    """The key of layer ``name``'s weight: ``name + ".weight"``, or without leading parts (a wrapper's prefix)."""
+    parts = name.replace(".base_layer", "").split(".")
+    keys = [".".join(parts[i:]) + ".weight" for i in range(len(parts))]
+    for key in keys:
+        if key in weights:
+            return key
+    raise KeyError(f"loftq: no full-precision weight for the LoRA layer {name!r} (looked for {keys[0]!r})")
+
+
+def loftq(model: nn.Module, weights: Mapping[str, Tensor] | str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
+    """LoftQ initialization (Li et al., 2023) of every ``init="loftq"`` LoRA layer in ``model``.
+
+    ``model`` is quantized and then injected: ``lp.inject(lp.quantize(model, "nf4"), "lora",
+    init="loftq", loftq_iter=T)``. Quantizing dropped the full-precision weights ``W``, so they come
+    from ``weights`` (the float model's ``state_dict()``, or a safetensors file read one tensor at a
+    time, as peft's ``replace_lora_weights_loftq`` does), by the layer's module name. For each layer
+    the base's 4-bit weight is replaced by ``Q_T`` and ``(A, B)`` are set so that::
+
+        deq(Q_T) + s B A  ~  W,    Q_t = quantize(W - s B_{t-1} A_{t-1}),  s B_t A_t = SVD_r(W - deq(Q_t))
+
+    (details in :func:`lightning_peft.core.quantize.loftq_decompose`). Run it before training.
+
+    Args:
+        model: a model with LoRA injected with ``init="loftq"`` on bitsandbytes 4-bit layers.
+        weights: a mapping from parameter names (``"model.layers.0.self_attn.q_proj.weight"``) to
+            the full-precision weights, or the path of a ``.safetensors`` file holding them.
+
+    Returns:
+        ``{layer name: (error before, error after)}``, each ``||W - (deq(Q) + s B A)||_F / ||W||_F``.
+
+    Raises:
+        ValueError: no ``init="loftq"`` layer in ``model``, or a weight of the wrong shape.
+        KeyError: a layer whose weight ``weights`` does not hold.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.init == "loftq"]
+    if not layers:
+        raise ValueError(
+            "loftq: the model has no LoRA layer injected with init='loftq'; inject with "
+            "lightning_peft.inject(lightning_peft.quantize(model, 'nf4'), 'lora', init='loftq') first"
+        )
+    if isinstance(weights, (str, os.PathLike)):
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(weights), framework="pt") as handle:
+            return _loftq_layers(layers, _Lazy(handle, set(handle.keys())))
+    if not isinstance(weights, Mapping):
+        raise TypeError(
+            f"loftq: weights must be a mapping of tensors or a .safetensors path; got {type(weights).__name__}"
+        )
+    return _loftq_layers(layers, weights)
+
+
+def _loftq_layers(
+    layers: list[tuple[str, LoRALinear]], weights: Mapping[str, Tensor]
+) -> dict[str, tuple[float, float]]:
+    keys = {n: _weight_key(weights, n) for n, _ in layers}  # every key found before any layer changes
+    return {n: m.loftq_init(weights[keys[n]]) for n, m in layers}
+
+
+class _Lazy(Mapping[str, Tensor]):
+    """A safetensors handle as a read-on-access mapping."""
+
+    def __init__(self, handle: Any, names: set[str]) -> None:
+        self.handle, self.names = handle, names
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.handle.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.names
+
+    def __iter__(self) -> Any:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 #: peft LoraConfig fields whose non-default values lightning_peft's LoRA does not implement.
