@@ -43,6 +43,7 @@ _EXPORTS = {
     "save_peft_adapter": "lightning_peft.interop.peft_format",
     "load_peft_adapter": "lightning_peft.interop.peft_format",
     "quantize": "lightning_peft.core.quantize",
+    "loftq": "lightning_peft.methods.lora",
     "dequantize": "lightning_peft.core.quantize",
     "prepare_for_kbit_training": "lightning_peft.core.quantize",
     "enable_gradient_checkpointing": "lightning_peft.core.checkpointing",
@@ -70,6 +71,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "load_peft_adapter",
+    "loftq",
     "merge",
     "merge_requantized",
     "methods",
@@ -112,6 +114,7 @@ if TYPE_CHECKING:
     from lightning_peft.core.state import get_info, trainable_state_dict
     from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter
     from lightning_peft.lightning.callback import PEFTCallback
+    from lightning_peft.methods.lora import loftq
     from lightning_peft.lightning.forgetting import ForgettingProbe
     from lightning_peft.registry import methods  # at run time the callable package, called the same way
 
