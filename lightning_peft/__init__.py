@@ -114,8 +114,8 @@ if TYPE_CHECKING:
     from lightning_peft.core.state import get_info, trainable_state_dict
     from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter
     from lightning_peft.lightning.callback import PEFTCallback
-    from lightning_peft.methods.lora import loftq
     from lightning_peft.lightning.forgetting import ForgettingProbe
+    from lightning_peft.methods.lora import loftq
     from lightning_peft.registry import methods  # at run time the callable package, called the same way
 
 
