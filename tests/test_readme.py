@@ -141,7 +141,8 @@ assert callable(lightning_peft.methods.prefix_tuning.fold_projection)
         "import lightning_peft as lp; lp.methods(); import lightning_peft.methods.lora",
         "import lightning_peft.methods.lora as lora; import lightning_peft as lp",
         "from lightning_peft import methods; methods(); import lightning_peft.methods.ia3",
-        "import lightning_peft.registry as r; import lightning_peft.api; r.get('ia3'); import lightning_peft as lp; lp.inject",
+        "import lightning_peft.registry as r; import lightning_peft.api; r.get('ia3'); "
+        "import lightning_peft as lp; lp.inject",
     ],
 )
 def test_lp_methods_stays_callable_whatever_is_imported_first(first: str) -> None:
