@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_peft as lp
 from lightning_peft import PEFTCallback
 from lightning_peft.core import state
+from tests import tiny
 from tests.lightning.modules import DeferredLM, TinyLM, token_loader, trainer
 
 
@@ -368,22 +371,54 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path: Path) -> None:
         PEFTCallback("lora", gradient_checkpointing="yes")
 
 
+class PlainLM(L.LightningModule):
+    """No transformers model: embeddings, a ModuleList of residual MLP blocks, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(tiny.VOCAB, 32)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(
+                torch.nn.Linear(32, 64), torch.nn.Dropout(0.1), torch.nn.GELU(), torch.nn.Linear(64, 32)
+            )
+            for _ in range(3)
+        )
+        self.head = torch.nn.Linear(32, tiny.VOCAB)
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        hidden = self.embed(ids)
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        return F.cross_entropy(self.head(hidden).flatten(0, 1), ids.flatten())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
 def test_checkpoint_blocks_checkpoint_the_named_blocks_and_train_the_same_adapter(tmp_path: Path) -> None:
-    """PEFTCallback(checkpoint_blocks=[...]): blocks named as for any module (here the LLaMA layers)."""
+    """PEFTCallback(checkpoint_blocks=[...]) on a module that is not a transformers model (dropout replayed)."""
     from lightning_peft.core.checkpointing import checkpointed_blocks
 
-    def fit(blocks: list[str] | None) -> tuple[dict[str, torch.Tensor], TinyLM]:
+    def fit(blocks: list[str] | None) -> tuple[dict[str, torch.Tensor], PlainLM]:
         L.seed_everything(0)
-        module = TinyLM()
+        module = PlainLM()
         callback = PEFTCallback(
-            "lora", r=4, verbose=False, gradient_checkpointing=blocks is not None, checkpoint_blocks=blocks
+            "lora",
+            r=4,
+            target_modules=r"blocks\.\d\.[03]",  # each block's two linear layers
+            verbose=False,
+            gradient_checkpointing=blocks is not None,
+            checkpoint_blocks=blocks,
         )
         trainer(tmp_path / str(blocks), max_steps=3, callbacks=[callback]).fit(module, token_loader())
         return adapter(module), module
 
     plain, _ = fit(None)
-    checkpointed, module = fit(["model.model.layers"])
-    assert checkpointed_blocks(module) == [f"model.model.layers.{i}" for i in range(len(module.model.model.layers))]
+    checkpointed, module = fit(["blocks"])
+    assert checkpointed_blocks(module) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert plain.keys() == checkpointed.keys() and plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6)
     with pytest.raises(
