@@ -19,7 +19,7 @@ from tests import tiny
         ({"alpha": -1.0}, "LoRAConfig.alpha must be a positive number; got -1.0."),
         ({"dropout": 1.0}, "LoRAConfig.dropout must be a number in [0, 1); got 1.0."),
         ({"dropout": -0.1}, "LoRAConfig.dropout must be a number in [0, 1); got -0.1."),
-        ({"init": "xavier"}, "LoRAConfig.init must be one of 'kaiming', 'gaussian'; got 'xavier'."),
+        ({"init": "xavier"}, "LoRAConfig.init must be one of 'kaiming', 'gaussian', 'loftq'; got 'xavier'."),
         ({"rslora": "yes"}, "LoRAConfig.rslora must be True or False; got 'yes'."),
         ({"target_modules": []}, "LoRAConfig.target_modules must be None, a regex string"),
         ({"target_modules": ["q", 3]}, "LoRAConfig.target_modules must be None, a regex string"),

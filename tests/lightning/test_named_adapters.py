@@ -219,6 +219,7 @@ def test_sharded_strategies_refuse_other_adapters(
 ) -> None:
     class FakeTrainer:
         strategy = strategies.PEFTFSDPStrategy.__new__(strategies.PEFTFSDPStrategy)
+        precision_plugin = None
 
     module = TwoTaskLM([("task_a", task_a["folder"])], into_self=into_self)
     callback = PEFTCallback("lora", adapter_name=name, r=4, verbose=False)
