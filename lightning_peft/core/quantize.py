@@ -208,23 +208,9 @@ def requantized(layer: nn.Module, delta: Tensor) -> tuple[nn.Module, float]:
         layer: a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``.
         delta: the update, ``(out, in)`` like ``dequantized_weight(layer)``.
     """
-    bnb = require_bitsandbytes("merging into a quantized weight")
     delta = delta.detach()
-    kind = quant_kind(layer)
-    assert kind is not None, "requantized() takes a bitsandbytes layer"
-    target = dequantized_weight(layer).float() + delta.detach().float()  # (out, in)
-    in_features, out_features = features(layer)
-    bias = layer.bias
-    plain = nn.Linear(in_features, out_features, bias=bias is not None, device=target.device)
-    with torch.no_grad():
-        plain.weight.copy_(target)
-        if bias is not None:
-            plain.bias.copy_(bias.detach().float())
-    double_quant = bool(getattr(layer.weight, "compress_statistics", False))
-    new = _quantized_copy(plain, kind, compute_dtype(layer), double_quant, bnb)
-    new.train(layer.training)
-    if getattr(layer, "support_avx512bf16_for_cpu", True) is False:
-        disable_cpu_repacking(new)  # as the layer it replaces (see the module docstring)
+    target = dequantized_weight(layer).float() + delta.float()  # (out, in)
+    new = quantized_like(layer, target)
     lost = torch.linalg.vector_norm(dequantized_weight(new).float() - target)
     return new, float(lost / torch.linalg.vector_norm(delta.float()).clamp_min(torch.finfo(torch.float32).tiny))
 
