@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.config import invalid
+from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.targeting import ALL_LINEAR, find_base_model, select
 
 QuantType = Literal["nf4", "fp4", "int8"]
@@ -353,6 +354,26 @@ def merge_refusal(layer: nn.Module, base: nn.Module, method: str) -> TypeError:
         "lightning_peft.merge_requantized(model) (LoRA: quantize again, and get the error that cost), or keep the "
         "adapter unmerged (lightning_peft.save_adapter) and merge it into the full-precision base model."
     )
+
+
+class WeightMergingLayer(AdapterLayer):
+    """An adapter layer that merges by changing its base layer's weight, which on a bitsandbytes
+    base means requantizing it: ``merge`` and ``unmerge`` are refused there (:func:`merge_refusal`),
+    once for every such method (LoRA, (IA)^3, AdaLoRA)."""
+
+    @property
+    def mergeable(self) -> bool:
+        return not is_quantized(self.base) and super().mergeable
+
+    def merge(self) -> None:
+        if is_quantized(self.base):  # requantizing W + update would lose more than the update adds
+            raise merge_refusal(self, self.base, self.method)
+        super().merge()
+
+    def unmerge(self) -> None:
+        if is_quantized(self.base):
+            raise merge_refusal(self, self.base, self.method)
+        super().unmerge()
 
 
 def adapter_factory(base_layer: nn.Module) -> dict[str, Any]:

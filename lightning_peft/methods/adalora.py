@@ -54,8 +54,13 @@ from lightning_peft.core.config import (
     check_probability,
     invalid,
 )
-from lightning_peft.core.layer import AdapterLayer
-from lightning_peft.core.quantize import adapter_factory, disable_cpu_repacking, features, is_quantized, merge_refusal
+from lightning_peft.core.quantize import (
+    WeightMergingLayer,
+    adapter_factory,
+    disable_cpu_repacking,
+    features,
+    is_quantized,
+)
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.registry import ALL_SHARDINGS, Method, register
@@ -173,7 +178,7 @@ def _full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-class SVDLinear(AdapterLayer):
+class SVDLinear(WeightMergingLayer):
     """AdaLoRA around ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes ``Linear4bit`` /
     ``Linear8bitLt`` (the adapter then in the layer's compute dtype; no merge):
     ``h = W x + scaling * P diag(lambda) Q x``.
@@ -215,20 +220,6 @@ class SVDLinear(AdapterLayer):
     def delta_weight(self) -> Tensor:
         delta = self.lora_B @ (self.lora_A * self.lora_E[:, None]) * self.scaling  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
-
-    @property
-    def mergeable(self) -> bool:
-        return not is_quantized(self.base) and super().mergeable
-
-    def merge(self) -> None:
-        if is_quantized(self.base):  # requantizing W + s P diag(lambda) Q would lose more than the update adds
-            raise merge_refusal(self, self.base, self.method)
-        super().merge()
-
-    def unmerge(self) -> None:
-        if is_quantized(self.base):
-            raise merge_refusal(self, self.base, self.method)
-        super().unmerge()
 
     def _merge(self) -> None:
         weight = self.base_layer.weight

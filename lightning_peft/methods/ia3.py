@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, check_module_keys, invalid
-from lightning_peft.core.layer import AdapterLayer
-from lightning_peft.core.quantize import adapter_factory, disable_cpu_repacking, is_quantized, merge_refusal
+from lightning_peft.core.quantize import WeightMergingLayer, adapter_factory, disable_cpu_repacking, is_quantized
 from lightning_peft.core.targeting import ALL_LINEAR, architecture_default, is_linear, name_matches, select
 from lightning_peft.core.wrapping import replace_modules
 from lightning_peft.registry import Method, PeftFormat, register
@@ -127,7 +126,7 @@ class IA3Config(LayerConfig):
                 )
 
 
-class IA3Layer(AdapterLayer):
+class IA3Layer(WeightMergingLayer):
     """(IA)^3 around ``nn.Linear`` or transformers' ``Conv1D``: one learned vector ``ia3_l``.
 
     Attention layers: ``y = l * (W x + b)`` (``l`` has ``out`` entries). Feed-forward layers:
@@ -187,20 +186,6 @@ class IA3Layer(AdapterLayer):
         result = self.base_layer(x)
         scaled = (result.index_select(0, rows) * self.ia3_l).to(result.dtype)
         return result.index_copy(0, rows, scaled)
-
-    @property
-    def mergeable(self) -> bool:
-        return not is_quantized(self.base) and super().mergeable
-
-    def merge(self) -> None:
-        if is_quantized(self.base):  # rescaling a quantized weight means requantizing it
-            raise merge_refusal(self, self.base, self.method)
-        super().merge()
-
-    def unmerge(self) -> None:
-        if is_quantized(self.base):
-            raise merge_refusal(self, self.base, self.method)
-        super().unmerge()
 
     def _weight_scale(self, scale: Tensor) -> Tensor:
         """``scale`` shaped to multiply the base weight along the axis it acts on."""

@@ -30,15 +30,14 @@ from lightning_peft.core.config import (
     check_probability,
     invalid,
 )
-from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.quantize import (
+    WeightMergingLayer,
     adapter_factory,
     dequantized_weight,
     describe,
     disable_cpu_repacking,
     is_quantized,
     loftq_decompose,
-    merge_refusal,
     quant_kind,
     requantized,
 )
@@ -124,7 +123,7 @@ class LoRAConfig(LayerConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-class LoRALayer(AdapterLayer):
+class LoRALayer(WeightMergingLayer):
     """What the LoRA wrappers share: the scale, the merge bookkeeping and the declared weights."""
 
     adapter_names = ("lora_A", "lora_B")
@@ -154,15 +153,6 @@ class LoRALayer(AdapterLayer):
         """The adapter's term alone, ``scaling * B A dropout(x)``, for inputs ``x`` (a mixed batch's rows)."""
         raise NotImplementedError
 
-    @property
-    def mergeable(self) -> bool:
-        return not is_quantized(self.base) and super().mergeable
-
-    def merge(self) -> None:
-        if is_quantized(self.base):  # requantizing W + s B A would lose more than the update adds
-            raise merge_refusal(self, self.base, self.method)
-        super().merge()
-
     def unmerge(self) -> None:
         if self._merged and self.__dict__.get("_requantized"):
             raise TypeError(
@@ -170,8 +160,6 @@ class LoRALayer(AdapterLayer):
                 "(lightning_peft.merge_requantized); the original quantized weights are gone, so it cannot be "
                 "unmerged. Load the base model again to get them back."
             )
-        if is_quantized(self.base):
-            raise merge_refusal(self, self.base, self.method)
         super().unmerge()
 
     def _merge(self) -> None:
