@@ -13,9 +13,18 @@ tensor names carry no adapter name; they are keyed by where each module sits in 
 ``load_peft_adapter(model, folder, adapter_name)`` reads one folder, as peft's ``load_adapter`` does.
 
 Loading validates before it changes anything: a field that is not one of peft's (a typo such as
-``lora_rnak``) is refused by name with the closest field suggested, and every tensor is checked
-for presence, shape and finiteness; on any failure the adapter it added is removed again, and the
-tensors of an adapter it loaded into are as they were.
+``lora_rnak``) is refused by name with the closest field suggested, every field the method does
+not implement with the file's value is refused by name (the method's ``from_peft`` holds the
+allowlist), and every tensor is checked for presence, exact shape (in peft's layout, key by key,
+never reshaped to fit) and finiteness; on any failure the adapter it added is removed again, the
+base weights an initialization rewrote (PiSSA, OLoRA) are put back bit for bit, and the tensors of
+an adapter it loaded into are as they were.
+
+PiSSA/OLoRA adapters (``init="pissa"``, ``"pissa_niter_N"``, ``"olora"``) travel both ways as peft
+has them: saved as they are (a loader, peft or this one, computes the residual base weight again
+from the original one) or, with ``convert_to_standard_lora=True``, as the plain rank-2r LoRA
+adapter that peft's ``path_initial_model_for_weight_conversion`` writes, which applies to the
+original base weights (see :mod:`lightning_peft.methods.lora_init`).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from lightning_peft import registry
 from lightning_peft.api.inject import inject, remove_added, resolve
 from lightning_peft.core import files, state
 from lightning_peft.core.targeting import find_base_model
+from lightning_peft.methods import lora_init
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -89,15 +99,15 @@ def _format(method: str) -> registry.PeftFormat:
     return entry.peft
 
 
-def _peft_names(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, Tensor]]:
-    """Our full tensor name -> (peft key, the tensor as peft lays it out), for adapter ``adapter_name``.
+def _peft_tensors(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, Tensor, nn.Module, str]]:
+    """Our full tensor name -> (peft key, the tensor as peft lays it out, its module, its local name).
 
     The key comes from the module's site in the base model (other adapters' wrappers taken out),
     as peft names it: no adapter name in it.
     """
     info = state.adapter_of(model, adapter_name)
     base = f"{info.base_path}." if info.base_path else ""
-    names: dict[str, tuple[str, Tensor]] = {}
+    names: dict[str, tuple[str, Tensor, nn.Module, str]] = {}
     for prefix, module in state.adapter_modules(model, adapter_name):
         site = state.site_name(model, prefix)
         for local, tensor in module.adapter_state():
@@ -108,13 +118,68 @@ def _peft_names(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, Ten
                     f"({info.base_path!r}); peft's format only holds tensors of the base model."
                 )
             inner = site[len(base) :] if site.startswith(base) else site
-            key = module.peft_key(local)
-            names[full] = (PREFIX + (f"{inner}.{key}" if inner else key), module.to_peft_tensor(local, tensor))
+            key = PREFIX + (f"{inner}.{module.peft_key(local)}" if inner else module.peft_key(local))
+            names[full] = (key, module.to_peft_tensor(local, tensor), module, local)
     return names
 
 
+def _peft_names(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, Tensor]]:
+    """Our full tensor name -> (peft key, the tensor as peft lays it out), for adapter ``adapter_name``."""
+    return {full: (key, tensor) for full, (key, tensor, _, _) in _peft_tensors(model, adapter_name).items()}
+
+
+def _from_peft_layout(module: nn.Module, local: str, ours: Tensor, stored: Tensor) -> Tensor:
+    """``stored`` (already checked to have exactly peft's shape) in our layout.
+
+    The inverse of the module's own ``to_peft_tensor``, found by passing it the element indices:
+    each value goes back to the position it was taken from, and nothing is reshaped to fit.
+    """
+    index = torch.arange(ours.numel()).view(ours.shape)
+    laid = module.to_peft_tensor(local, index)  # type: ignore[operator]
+    if laid.shape == ours.shape and torch.equal(laid, index):
+        return stored  # the same layout (LoRA's A and B): the stored tensor as it is
+    if laid.numel() != ours.numel() or not torch.equal(laid.flatten().sort().values, index.flatten()):
+        raise TypeError(f"{type(module).__name__}.to_peft_tensor({local!r}) does not lay out each value once")
+    out = torch.empty(ours.numel(), dtype=stored.dtype)
+    out[laid.flatten()] = stored.flatten()
+    return out.view(ours.shape)
+
+
+def _converted(model: nn.Module, info: state.PEFTInfo, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Rewrite a PiSSA/OLoRA adapter's tensors as peft's converted rank-2r LoRA (in place); its config changes.
+
+    ``A' = [A; A_0]`` and ``B' = [B, -B_0]`` per layer, so ``s' B' A' = s (B A - B_0 A_0)`` with
+    ``s' = s`` (``alpha' = 2 alpha``, or ``sqrt(2) alpha`` with rslora): the update that turns the
+    original base weight ``W = W_res + s B_0 A_0`` into the trained ``W_res + s B A``. A layer
+    without ``A_0, B_0`` (an embedding, whose init leaves ``B_0 A_0 = 0``) gets zeros there.
+    """
+    config = info.config
+    if info.method != "lora":
+        raise ValueError(
+            f"convert_to_standard_lora=True converts LoRA adapters initialized with PiSSA or OLoRA; adapter "
+            f"{info.name!r} is a {info.method} adapter. Save it without the option."
+        )
+    if not lora_init.rewrites_base(config.init):  # type: ignore[attr-defined]
+        return {"init_lora_weights": True}  # already a plain LoRA of the unchanged base: peft's True loads it
+    if config.use_dora:  # type: ignore[attr-defined]
+        raise ValueError(
+            f"convert_to_standard_lora=True cannot convert adapter {info.name!r}: it is DoRA (use_dora=True), whose "
+            "magnitude is not an additive update; save it as it is (peft then initializes the residual again)."
+        )
+    for _, (key, _, module, local) in _peft_tensors(model, info.name).items():
+        initial = getattr(module, f"{local}0", None)
+        if initial is None:
+            initial = torch.zeros_like(tensors[key])
+        if local == "lora_A":
+            tensors[key] = torch.cat([tensors[key], initial.to(tensors[key])], dim=0).contiguous()
+        elif local == "lora_B":
+            tensors[key] = torch.cat([tensors[key], -initial.to(tensors[key])], dim=1).contiguous()
+    alpha = config.alpha * (2**0.5 if config.rslora else 2)  # type: ignore[attr-defined]
+    return {"init_lora_weights": True, "r": 2 * config.r, "lora_alpha": alpha}  # type: ignore[attr-defined]
+
+
 def _peft_folder(
-    model: nn.Module, adapter_name: str, base_model_name_or_path: str | None, out: Path
+    model: nn.Module, adapter_name: str, base_model_name_or_path: str | None, out: Path, convert: bool = False
 ) -> tuple[Path, bytes, dict[str, Tensor]]:
     """(folder, config file bytes, tensors) of adapter ``adapter_name``: everything checked, nothing written."""
     info = state.adapter_of(model, adapter_name)
@@ -132,6 +197,8 @@ def _peft_folder(
         "base_model_name_or_path": base_model_name_or_path,
         **fmt.to_peft(info.config),
     }
+    if convert:
+        config.update(_converted(model, info, tensors))
     return out, files.json_bytes(config, out / CONFIG_NAME), tensors  # a non-finite option is refused here
 
 
@@ -141,6 +208,7 @@ def save_peft_adapter(
     adapter_name: str | None = None,
     *,
     base_model_name_or_path: str | None = None,
+    convert_to_standard_lora: bool = False,
 ) -> Path:
     """Write adapters of ``model`` in Hugging Face peft's format; returns the folder.
 
@@ -156,18 +224,26 @@ def save_peft_adapter(
             reads the first, ``PeftModel.load_adapter(directory/<name>, adapter_name=<name>)`` the others.
         base_model_name_or_path: recorded for peft's ``PeftModel.from_pretrained``; defaults to
             the transformers model's ``config._name_or_path``.
+        convert_to_standard_lora: write LoRA adapters initialized with PiSSA or OLoRA (which
+            rewrote the base weights) as the plain rank-2r LoRA adapter of the original base
+            weights, as peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+            does (``A' = [A; A_0]``, ``B' = [B, -B_0]``, ``alpha' = 2 alpha``). Adapters of other
+            inits are written with ``init_lora_weights=True``; other methods are refused.
 
     Raises:
         ValueError: for a name the model does not hold (listing those it does), an adapter of a
             method without a peft format, or an option peft's config cannot hold.
     """
     state.require_info(model)
+    if not isinstance(convert_to_standard_lora, bool):
+        raise ValueError(f"convert_to_standard_lora must be True or False; got {convert_to_standard_lora!r}.")
     out = Path(directory)
     if base_model_name_or_path is None:
         _, base = find_base_model(model)
         base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     if adapter_name is not None:
-        folders = [_peft_folder(model, state.adapter_of(model, adapter_name).name, base_model_name_or_path, out)]
+        name = state.adapter_of(model, adapter_name).name
+        folders = [_peft_folder(model, name, base_model_name_or_path, out, convert_to_standard_lora)]
     else:
         names = list(state.adapters(model))
         folders = [
@@ -176,6 +252,7 @@ def save_peft_adapter(
                 name,
                 base_model_name_or_path,
                 out if name == state.DEFAULT_ADAPTER or len(names) == 1 else out / name,
+                convert_to_standard_lora,
             )
             for name in names
         ]
@@ -298,6 +375,26 @@ def load_peft_adapter(model: M, directory: str | os.PathLike[str], adapter_name:
     stored = _read_peft_tensors(weights_file)
     current = state.get_info(model)
     target = adapter_name if adapter_name is not None else (current.name if current else state.DEFAULT_ADAPTER)
+    # An init that rewrites base weights (PiSSA, OLoRA) records them first: a failed load puts them back.
+    with lora_init.keeping_originals() as rewritten:
+        try:
+            _load_into(model, folder, weights_file, method, config, stored, target)
+        except BaseException:
+            lora_init.restore(rewritten)
+            raise
+    return model
+
+
+def _load_into(
+    model: nn.Module,
+    folder: Path,
+    weights_file: Path,
+    method: registry.Method,
+    config: Any,
+    stored: dict[str, Tensor],
+    target: str,
+) -> None:
+    """Inject (or find) adapter ``target`` and copy ``stored`` into it, all or nothing."""
     with state.all_or_nothing(model, remove=remove_added):
         info = state.get_info(model, target) if isinstance(target, str) else None
         if info is None:
@@ -309,7 +406,8 @@ def load_peft_adapter(model: M, directory: str | os.PathLike[str], adapter_name:
                 f"differs from the peft adapter in {folder} ({config}); pass another adapter_name to add it beside, "
                 "or load it into a fresh base model."
             )
-        names = _peft_names(model, info.name)
+        tensors = _peft_tensors(model, info.name)
+        names = {full: (key, peft) for full, (key, peft, _, _) in tensors.items()}
         missing = [key for key, _ in names.values() if key not in stored]
         extra = sorted(set(stored) - {key for key, _ in names.values()} - _same_base_weights(model, stored))
         if missing or extra:
@@ -318,14 +416,14 @@ def load_peft_adapter(model: M, directory: str | os.PathLike[str], adapter_name:
                 f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
                 f"{' ...' if len(extra) > 3 else ''} (adapter {info.name!r}). Was it trained on another architecture?"
             )
-        # Every tensor's shape (in peft's layout) and values, before one is reshaped or copied.
+        # Every tensor's exact shape (in peft's layout, key by key) and values, before one is copied.
         state.check_tensors({key: peft.shape for key, peft in names.values()}, stored, str(weights_file))
-        shapes = dict(state.adapter_state(model, info.name))
+        ours = dict(state.adapter_state(model, info.name))
         weights: OrderedDict[str, Tensor] = OrderedDict(
-            (full, stored[key].reshape(shapes[full].shape)) for full, (key, _) in names.items()
+            (full, _from_peft_layout(module, local, ours[full], stored[key]))
+            for full, (key, _, module, local) in tensors.items()
         )
         # This adapter's record: the load hooks then require its tensors only, not the other adapters'.
         weights._metadata = {"": {state.METADATA_KEY: info.metadata()}}  # type: ignore[attr-defined]
         with state.loading_from(str(weights_file)):
             model.load_state_dict(weights, strict=True)
-    return model

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from lightning_peft.core.config import (
     LayerConfig,
-    check_choice,
     check_positive,
     check_positive_int,
     check_probability,
@@ -43,7 +42,8 @@ from lightning_peft.core.quantize import (
 )
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
-from lightning_peft.registry import Method, PeftFormat, check_peft_defaults, register
+from lightning_peft.methods import lora_init
+from lightning_peft.registry import Method, PeftFormat, register
 
 #: What LoRA wraps when no target list is given: the attention query and value projections, as in
 #: the paper's main experiments (and peft's defaults, so configs carry over).
@@ -85,7 +85,12 @@ class LoRAConfig(LayerConfig):
             ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``"loftq"`` (LoftQ, Li et al., 2023: on
             bitsandbytes 4-bit bases only; the layers start as ``"kaiming"``, then
             :func:`loftq` sets A, B and the quantized weight from the full-precision weights).
-            Embeddings always start with A = 0, B ~ N(0, 1).
+            peft's initializations too (formulas in :mod:`lightning_peft.methods.lora_init`):
+            ``"random"`` (peft's ``init_lora_weights=False``: A and B as nn.Linear initializes
+            them, so the model changes at init), ``"pissa"`` / ``"pissa_niter_<N>"`` and ``"olora"``
+            (on float linear layers; they rewrite the base weight to ``W - s B A``) and
+            ``"orthogonal"`` (even r). Embeddings start with A = 0, B ~ N(0, 1) for every init
+            but ``"random"`` (A, B ~ N(0, 1)), as in peft.
         loftq_iter: with ``init="loftq"``, the number T of alternations between quantizing
             ``W - s B A`` and the rank-r SVD of the residual (see :func:`loftq`).
         use_dora: DoRA (Liu et al., 2024): split each weight into a trained magnitude per output
@@ -100,7 +105,7 @@ class LoRAConfig(LayerConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
-    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    init: str = "kaiming"
     loftq_iter: int = 1
     use_dora: bool = False
 
@@ -111,12 +116,14 @@ class LoRAConfig(LayerConfig):
         check_probability(self, "dropout", self.dropout)
         if not isinstance(self.rslora, bool):
             raise ValueError(f"LoRAConfig.rslora must be True or False; got {self.rslora!r}.")
-        check_choice(self, "init", self.init, ("kaiming", "gaussian", "loftq"))
+        lora_init.check(self, self.init)
         check_positive_int(self, "loftq_iter", self.loftq_iter)
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoRAConfig.use_dora must be True or False; got {self.use_dora!r}.")
         if self.init == "loftq" and self.use_dora:
             raise invalid(self, "init", self.init, "'kaiming' or 'gaussian' with use_dora=True (LoftQ is plain LoRA)")
+        if self.init == "orthogonal" and self.r % 2:
+            raise invalid(self, "r", self.r, "an even number with init='orthogonal' (its A and B split r in two)")
 
     @property
     def scaling(self) -> float:
@@ -238,14 +245,64 @@ class LoRALinear(LoRALayer):
             factory = self.adapter_factory(weight)
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
+        # PiSSA's/OLoRA's initial (A_0, B_0), kept to save the adapter converted to plain LoRA (lora_init).
+        self.register_buffer("lora_A0", None, persistent=False)
+        self.register_buffer("lora_B0", None, persistent=False)
+        if lora_init.rewrites_base(self.init) and (is_quantized(base_layer) or not weight.is_floating_point()):
+            raise TypeError(
+                f"LoRAConfig.init={self.init!r} rewrites the base weight from its SVD/QR and needs a float one; this "
+                f"layer is {describe(base_layer)}. Initialize before quantizing, or use init='kaiming'"
+            )
+        if self.init == "olora" and self.fan_in_fan_out:
+            raise TypeError(
+                "LoRAConfig.init='olora' is refused on transformers' Conv1D (its weight is stored in x out, and peft's "
+                "OLoRA factors it untransposed, which gives adapters of the wrong shape); use init='pissa' or 'kaiming'"
+            )
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
         if self.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:  # "loftq" too, until loftq_init: B = 0 keeps the quantized model unchanged
+        elif self.init == "random":  # peft's init_lora_weights=False: both as nn.Linear initializes its weight
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            return
+        elif self.init == "orthogonal":
+            lora_init.draw_like_peft(tuple(self.lora_A.shape), tuple(self.lora_B.shape))
+            lora_A, lora_B = lora_init.orthogonal(self.r, self.lora_A.shape[1], self.lora_B.shape[0])
+            with torch.no_grad():
+                self.lora_A.copy_(lora_A)
+                self.lora_B.copy_(lora_B)
+            return
+        elif lora_init.rewrites_base(self.init):
+            self._residual_init()
+            return
+        else:  # "kaiming", and "loftq" until loftq_init: B = 0 keeps the quantized model unchanged
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    def _residual_init(self) -> None:
+        """PiSSA/OLoRA: ``(A, B) = (A_0, B_0)`` from the base weight, which becomes ``W - s B_0 A_0``.
+
+        Once per layer: a second reset (a strategy materializing the module again) takes the kept
+        ``A_0, B_0`` back, since the base weight already holds the residual.
+        """
+        with torch.no_grad():
+            if self.lora_A0 is None:
+                stored = self.base.weight
+                weight = (stored.t() if self.fan_in_fan_out else stored).to(torch.float32)  # (out, in)
+                lora_init.draw_like_peft(tuple(self.lora_A.shape), tuple(self.lora_B.shape))
+                if self.init == "olora":
+                    lora_A, lora_B, residual = lora_init.olora(weight, self.r, self.scaling)
+                else:
+                    lora_A, lora_B, residual = lora_init.pissa(weight, self.r, self.scaling, self.init)
+                lora_init.remember(stored)
+                residual = residual.to(stored.dtype)
+                stored.copy_(residual.t() if self.fan_in_fan_out else residual)
+                self.lora_A0 = lora_A.to(self.lora_A.dtype)
+                self.lora_B0 = lora_B.to(self.lora_B.dtype)
+            self.lora_A.copy_(self.lora_A0)
+            self.lora_B.copy_(self.lora_B0)
 
     def loftq_init(self, weight: Tensor) -> tuple[float, float]:
         """LoftQ: set A, B and the 4-bit base weight from the full-precision ``weight`` ``W``.
@@ -354,7 +411,15 @@ class LoRALinear(LoRALayer):
 
 
 class LoRAEmbedding(LoRALayer):
-    """LoRA around ``nn.Embedding``: ``A`` is a rank-r embedding table, ``B`` maps it up."""
+    """LoRA around ``nn.Embedding``: ``A`` is a rank-r embedding table, ``B`` maps it up.
+
+    A scaled embedding (Gemma's ``embed_tokens``, BART's with ``scale_embedding=True``) returns
+    ``c * W[x]`` for its ``embed_scale`` ``c``; the update is scaled the same way, as peft does::
+
+        h = c * (W[x] + s * A^T[x] B^T)
+
+    so that merging ``s (B A)^T`` into ``W`` gives exactly the unmerged output.
+    """
 
     peft_names = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 
@@ -366,8 +431,25 @@ class LoRAEmbedding(LoRALayer):
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
-        nn.init.zeros_(self.lora_A)
+        if self.init == "random":  # peft's init_lora_weights=False keeps its randn tables
+            nn.init.normal_(self.lora_A)
+        else:  # every other init, PiSSA/OLoRA too: peft initializes embeddings this way for all of them
+            nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
+
+    def embed_scale(self) -> Tensor | None:
+        """The base layer's ``embed_scale`` (a scalar) or ``None``; anything else is refused."""
+        scale = getattr(self.base, "embed_scale", None)
+        if scale is None:
+            return None
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            return torch.tensor(float(scale), device=self.lora_B.device)
+        if isinstance(scale, Tensor) and scale.numel() == 1:
+            return scale
+        raise TypeError(
+            f"{type(self.base).__name__}.embed_scale is {scale!r}; LoRA on an embedding needs a scalar embed_scale "
+            "(a number or a one-element tensor) to scale its update as the layer scales its output"
+        )
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A).t() * self.scaling  # (num_embeddings, embedding_dim)
@@ -379,7 +461,9 @@ class LoRAEmbedding(LoRALayer):
         )  # (..., r)
 
     def update(self, x: Tensor) -> Tensor:
-        return F.linear(self._hidden(x), self.lora_B) * self.scaling
+        out = F.linear(self._hidden(x), self.lora_B) * self.scaling
+        scale = self.embed_scale()
+        return out if scale is None else out * scale.to(out.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bypassed:
@@ -387,6 +471,8 @@ class LoRAEmbedding(LoRALayer):
         if self.rows is not None:
             return self.mixed_forward(x, self.update)
         result = self.base_layer(x)  # (..., dim)
+        if self.embed_scale() is not None:
+            return result + self.update(x).to(result.dtype)
         return self._add_update(result, self._hidden(x))
 
 
@@ -399,6 +485,11 @@ class LoRAConv2d(LoRALayer):
         super().__init__(base_layer, config)
         if base_layer.groups != 1:
             raise TypeError(f"lora wraps only ungrouped Conv2d layers; this one has groups={base_layer.groups}")
+        if self.init not in ("kaiming", "gaussian", "random"):
+            raise TypeError(
+                f"LoRAConfig.init={self.init!r} is for linear layers (peft refuses it on convolutions too); a Conv2d "
+                "takes init='kaiming', 'gaussian' or 'random'. Exclude the conv layers from target_modules"
+            )
         factory = self.adapter_factory(base_layer.weight)
         self.lora_A = nn.Conv2d(
             base_layer.in_channels,
@@ -414,6 +505,10 @@ class LoRAConv2d(LoRALayer):
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
+        if self.init == "random":  # peft's init_lora_weights=False: both as nn.Conv2d initializes its weight
+            self.lora_A.reset_parameters()
+            self.lora_B.reset_parameters()
+            return
         if self.init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         else:
@@ -544,8 +639,23 @@ class _Lazy(Mapping[str, Tensor]):
         return len(self.names)
 
 
-#: peft LoraConfig fields whose non-default values lightning_peft's LoRA does not implement.
-_PEFT_UNSUPPORTED = {
+#: peft LoraConfig fields that say what the file is, not what the adapter computes.
+_PEFT_METADATA = frozenset(
+    {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+)
+#: peft LoraConfig fields that lightning_peft implements exactly (read by :func:`from_peft`).
+#: ``fan_in_fan_out`` is peft's per-layer layout flag, which peft itself sets from the layer type
+#: (True for Conv1D, False for nn.Linear, whatever the file says), as lightning_peft does.
+_PEFT_READ = frozenset(
+    {
+        "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
+        "exclude_modules", "modules_to_save", "fan_in_fan_out",
+    }
+)  # fmt: skip
+#: Every other field of peft 0.21.2's LoraConfig, with its default: the one value lightning_peft
+#: implements. Any other value is refused by name (BD-LoRA, KaSA, VeLoRA, MonteCLoRA, weight tying,
+#: per-layer patterns, biases, trainable tokens, parameter targets, ...), never dropped.
+_PEFT_DEFAULTS: dict[str, Any] = {
     "bias": "none",
     "lora_bias": False,
     "rank_pattern": {},
@@ -558,7 +668,51 @@ _PEFT_UNSUPPORTED = {
     "target_parameters": None,
     "alora_invocation_tokens": None,
     "megatron_config": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+    "arrow_config": None,
+    "use_bdlora": None,
+    "ensure_weight_tying": False,
+    "runtime_config": {"ephemeral_gpu_offload": False},
 }
+#: Fields that only mean something with another one set; peft ignores them otherwise, and so does
+#: lightning_peft (with the other one at its default, which is checked).
+_PEFT_INERT = {"qalora_group_size": "use_qalora", "megatron_core": "megatron_config"}
+
+
+def _same_default(value: Any, default: Any) -> bool:
+    """Whether a peft field holds its default (None, {} and [] all mean 'unset' in peft's JSON)."""
+    unset = (None, {}, [])
+    return value == default or (value in unset and default in unset)
+
+
+def check_peft_fields(options: Mapping[str, Any]) -> None:
+    """Refuse every peft LoraConfig field that lightning_peft's LoRA does not implement with its value.
+
+    Raises:
+        ValueError: naming the field, its value in the file and the value lightning_peft implements
+            (or that the field is not one of peft's LoraConfig fields at all).
+    """
+    for name, value in options.items():
+        if name in _PEFT_METADATA or name in _PEFT_READ:
+            continue
+        if name in _PEFT_INERT:
+            continue  # checked through the field it depends on, which is in _PEFT_DEFAULTS
+        if name not in _PEFT_DEFAULTS:
+            raise ValueError(
+                f"peft LORA adapter_config.json has field {name!r}={value!r}, which is not a LoraConfig field "
+                "lightning_peft knows; it refuses an option it cannot interpret rather than dropping it."
+            )
+        if not _same_default(value, _PEFT_DEFAULTS[name]):
+            raise ValueError(
+                f"peft LORA adapter_config.json has {name}={value!r}, which lightning_peft's lora does not implement "
+                f"(supported: {name}={_PEFT_DEFAULTS[name]!r})."
+            )
 
 
 def to_peft(config: LoRAConfig) -> dict[str, Any]:
@@ -569,7 +723,7 @@ def to_peft(config: LoRAConfig) -> dict[str, Any]:
         "lora_dropout": config.dropout,
         "use_rslora": config.rslora,
         "use_dora": config.use_dora,
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": lora_init.to_peft(config.init),
         "target_modules": config.target_modules,
         "exclude_modules": config.exclude_modules,
         "modules_to_save": config.modules_to_save or None,
@@ -579,15 +733,21 @@ def to_peft(config: LoRAConfig) -> dict[str, Any]:
 
 
 def from_peft(options: dict[str, Any]) -> LoRAConfig:
-    """peft's ``LoraConfig`` fields as our options; unsupported peft options are refused."""
-    check_peft_defaults("lora", options, _PEFT_UNSUPPORTED)
+    """peft's ``LoraConfig`` fields as our options: each field read exactly, or refused by name.
+
+    ``init_lora_weights`` maps one to one (True: ``"kaiming"``, False: ``"random"``, and peft's
+    ``"gaussian"``, ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"orthogonal"`` by name). A
+    PiSSA/OLoRA adapter saved without conversion then gets its base weights' principal part
+    subtracted on injection, as peft does when it loads one.
+    """
+    check_peft_fields(options)
     return LoRAConfig(
         r=options["r"],
         alpha=options.get("lora_alpha", 8),
         dropout=options.get("lora_dropout", 0.0),
-        rslora=bool(options.get("use_rslora", False)),
-        use_dora=bool(options.get("use_dora", False)),
-        init="gaussian" if options.get("init_lora_weights") == "gaussian" else "kaiming",
+        rslora=options.get("use_rslora", False),
+        use_dora=options.get("use_dora", False),
+        init=lora_init.from_peft(options.get("init_lora_weights", True)),
         target_modules=options.get("target_modules"),
         exclude_modules=options.get("exclude_modules"),
         modules_to_save=list(options.get("modules_to_save") or []),
