@@ -9,21 +9,26 @@ launcher differs.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_peft as lp
+from lightning_peft import PEFTCallback
 from lightning_peft.core import state
 from lightning_peft.lightning import strategies
+from tests.lightning.modules import TinyLM, token_loader
+from tests.methods.cases import CASES
 
 
 class _ForkLauncher(_MultiProcessingLauncher):
@@ -207,3 +212,77 @@ def cpu_deepspeed(stage: int) -> Strategy:
     # ZeRO-3 otherwise keeps every tensor under 100k elements (all of a tiny model) whole on each rank.
     strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return forked(strategy)
+
+
+def fit_lora(
+    root: Path,
+    strategy: Strategy | str,
+    *,
+    devices: int = 2,
+    num_nodes: int = 1,
+    epochs: int = 2,
+    ckpt_path: Path | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> L.LightningModule:
+    """A 2-epoch LoRA fit of the tiny LLaMA over 16 sequences, seed 0, on ``num_nodes x devices`` CPU
+    ranks; checkpoints (``last.ckpt`` and the epoch's) in ``root / "ckpt"``, :class:`RankProbe` in
+    ``root / "probe"``. The same run whatever launches the ranks (forked, torchrun, one node or two):
+    with the global batch fixed (4 per rank), only the topology differs between two calls.
+    """
+    L.seed_everything(0)
+    module = TinyLM(arch="llama")
+    trainer = L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[
+            PEFTCallback("lora", **CASES["lora"].options("llama"), verbose=False),
+            ModelCheckpoint(dirpath=root / "ckpt", save_last=True),
+            RankProbe(root / "probe"),
+            *callbacks,
+        ],
+    )
+    trainer.fit(module, token_loader(n=16, batch_size=4), ckpt_path=ckpt_path)
+    return module
+
+
+class FileWrites:
+    """Records every file this process creates, replaces or removes under ``folder`` (audit hooks).
+
+    Python raises an audit event for each ``open`` for writing, ``os.rename``/``os.replace``,
+    ``os.link`` and ``os.remove``, whoever calls it (Lightning, torch, lightning_peft), so the record
+    shows which ranks write a checkpoint without changing the code that writes it. A hook cannot be
+    removed once added: use it in a launched worker process, not in the test process.
+    """
+
+    _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(Path(folder).resolve())
+        self.events: list[tuple[str, str]] = []  # (event, path relative to folder)
+        sys.addaudithook(self._hook)
+
+    def _note(self, event: str, path: Any) -> None:
+        if isinstance(path, (str, os.PathLike)):
+            full = os.path.abspath(os.fspath(path))
+            if full == self.folder or full.startswith(self.folder + os.sep):
+                self.events.append((event, os.path.relpath(full, self.folder)))
+
+    def _hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if event == "open":
+            path, mode, flags = args
+            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & self._WRITE_FLAGS
+            ):
+                self._note("write", path)
+        elif event in ("os.rename", "os.link"):
+            self._note(event.removeprefix("os."), args[1])
+        elif event == "os.remove":
+            self._note("remove", args[0])
