@@ -30,11 +30,19 @@ _EXPORTS = {
     "CausalLMData": "lightning_peft.tasks.data",
     "Seq2SeqData": "lightning_peft.tasks.data",
     "MultipleChoiceData": "lightning_peft.tasks.data",
+    "ImageClassification": "lightning_peft.tasks.vision",
+    "ImageClassificationData": "lightning_peft.tasks.vision",
+    "AudioClassification": "lightning_peft.tasks.audio",
+    "AudioClassificationData": "lightning_peft.tasks.audio",
 }
 
 __all__ = [
+    "AudioClassification",
+    "AudioClassificationData",
     "CausalLM",
     "CausalLMData",
+    "ImageClassification",
+    "ImageClassificationData",
     "MultipleChoiceData",
     "MultipleChoiceLM",
     "Seq2SeqData",
@@ -46,6 +54,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from lightning_peft.tasks.audio import AudioClassification, AudioClassificationData
     from lightning_peft.tasks.base import TaskModule
     from lightning_peft.tasks.classification import SequenceClassification
     from lightning_peft.tasks.data import (
@@ -57,6 +66,7 @@ if TYPE_CHECKING:
     )
     from lightning_peft.tasks.language_modeling import CausalLM, Seq2SeqLM
     from lightning_peft.tasks.multiple_choice import MultipleChoiceLM
+    from lightning_peft.tasks.vision import ImageClassification, ImageClassificationData
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,12 @@ data), and ``test_every_task_module_has_a_case`` fails until it has one. Each ta
 models of :mod:`tests.tasks.hub` it lists, one per architecture family it supports, with and
 without bias terms. A method whose case (``tests/methods/cases.py``) leaves out an architecture
 cannot work there by design; that cell asserts the method's refusal, from :data:`REFUSALS`.
+
+The image and audio tasks run on architectures outside those cases (ViT, ResNet, a plain CNN;
+Whisper, wav2vec2, AST): their :class:`TaskCase` gives each method's options there (targets where
+the method has no default, the new head in ``modules_to_save``) and the cells where a method
+cannot apply, with the message it refuses with. Input-side methods (registry kind ``"input"``)
+are refused on all of them: there are no token embeddings to put virtual tokens before.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from lightning_peft.tasks.base import TaskModule
 from lightning_peft.tasks.data import TextDataModule
 from tests.lightning.modules import trainer
 from tests.methods.cases import CASES, Case
-from tests.tasks import hub
+from tests.tasks import hub, media_hub
 
 Record = dict[str, Any]
 Prediction = dict[str, Any]
@@ -50,13 +56,19 @@ class TaskCase:
         metrics: the validation metrics it must log (every logged one must be finite).
         check_prediction: asserts one prediction is of the expected form, given its record.
         check_metrics: further checks of the validation metrics (over a single batch).
+        options: ``(method, arch) -> PEFT options`` for architectures outside ``tests/methods/cases.py``
+            (``None``: the method's case options, and its case's archs decide support).
+        refusals: with ``options``, ``{(method, arch): (error, message regex)}`` for the cells where the
+            method cannot apply.
     """
 
     archs: tuple[str, ...]
-    build: Callable[[Path, Path], tuple[TaskModule, TextDataModule]]
+    build: Callable[[Path, Path], tuple[TaskModule, Any]]
     metrics: frozenset[str]
     check_prediction: Callable[[Prediction, Record], None]
     check_metrics: Callable[[dict[str, float]], None] = field(default=lambda metrics: None)
+    options: Callable[[str, str], dict[str, Any]] | None = None
+    refusals: dict[tuple[str, str], tuple[type[Exception], str]] = field(default_factory=dict)
 
 
 def _classification(model: Path, data: Path) -> tuple[TaskModule, TextDataModule]:
@@ -118,6 +130,71 @@ def _between(value: float, low: float, high: float) -> None:
     assert low <= value <= high
 
 
+def _image(model: Path, data: Path) -> tuple[TaskModule, Any]:
+    images = media_hub.write_image_folder(data / "images", per_class=6)
+    name = "class:tests.tasks.media_hub.TinyCNN" if model.name == "cnn" else str(model)
+    return tasks.ImageClassification(name), tasks.ImageClassificationData(train=str(images), batch_size=4, val_split=0.25)
+
+
+def _audio(model: Path, data: Path) -> tuple[TaskModule, Any]:
+    clips = media_hub.write_audio_folder(data / "clips", per_class=6)
+    data_module = tasks.AudioClassificationData(train=str(clips), batch_size=4, val_split=0.25)
+    return tasks.AudioClassification(str(model)), data_module
+
+
+def _check_media(item: str, classes: tuple[str, ...]) -> Callable[[Prediction, Record], None]:
+    def check(prediction: Prediction, record: Record) -> None:
+        assert prediction[item] == record["source"] and prediction["label"] in classes
+        assert 1 / len(classes) <= prediction["score"] <= 1
+
+    return check
+
+
+_QV = {"target_modules": ["q_proj", "v_proj"]}
+_CONVS = {"target_modules": r".*layer\.\d+\.convolution"}  # ResNet's Conv2d layers (LoRA wraps convs)
+#: Options beyond the method's case where its defaults do not reach an architecture: {method: {arch: options}}.
+_MEDIA_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "lora": {"resnet": _CONVS, "cnn": {"target_modules": ["conv1", "conv2", "fc"]}, "wav2vec2": _QV, "ast": _QV},
+    "adalora": {"vit": _QV, "whisper": _QV, "wav2vec2": _QV, "ast": _QV, "cnn": {"target_modules": ["fc"]}, "resnet": _CONVS},
+    "ia3": {
+        "cnn": {"target_modules": ["fc"], "feedforward_modules": ["fc"]},
+        "resnet": {**_CONVS, "feedforward_modules": []},
+        "wav2vec2": {"target_modules": ["k_proj", "v_proj", "output_dense"], "feedforward_modules": ["output_dense"]},
+        "ast": {"target_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]},
+    },
+    "bottleneck": {
+        "cnn": {"target_modules": ["fc"]},
+        "resnet": _CONVS,
+        "wav2vec2": {"target_modules": ["output_dense"]},
+        "ast": {"target_modules": ["fc2"]},
+    },
+}
+#: The new head modules a task model adds on its backbone, trained in full beside every layer adapter.
+_HEADS = {"whisper": ["projector", "classifier"], "wav2vec2": ["projector", "classifier"]}
+_CONV_ONLY = r"it is a Conv2d.*which {} cannot wrap"
+
+
+def _media_options(method: str, arch: str) -> dict[str, Any]:
+    options = {**_case(method).options(arch), **_MEDIA_OPTIONS.get(method, {}).get(arch, {})}
+    if registry.get(method).kind == "layer":
+        options["modules_to_save"] = _HEADS.get(arch, ["classifier"])
+    return options
+
+
+def _media_refusals(
+    archs: tuple[str, ...], extra: dict[tuple[str, str], tuple[type[Exception], str]]
+) -> dict[tuple[str, str], tuple[type[Exception], str]]:
+    """Input-side methods on every arch (no token embeddings), and ``extra``."""
+    embeddings = "{} needs a transformers model with token input embeddings"
+    refusals = {
+        (m.name, arch): (ValueError, embeddings.format(m.name))
+        for m in registry.all_methods()
+        if m.kind == "input"
+        for arch in archs
+    }
+    return {**refusals, **extra}
+
+
 TASK_CASES: dict[str, TaskCase] = {
     "SequenceClassification": TaskCase(
         archs=("bert", "llama"),  # an encoder's pooler and a decoder's last-token score head
@@ -145,6 +222,33 @@ TASK_CASES: dict[str, TaskCase] = {
         metrics=frozenset({"val_loss", "val_accuracy"}),
         check_prediction=_check_choice,
         check_metrics=lambda metrics: _between(metrics["val_accuracy"], 0, 1),
+    ),
+    "ImageClassification": TaskCase(
+        archs=("vit", "resnet", "cnn"),  # Linear layers, Conv2d layers, a plain torch CNN (class: path)
+        build=_image,
+        metrics=frozenset({"val_loss", "val_accuracy", "val_f1", "val_precision", "val_recall"}),
+        check_prediction=_check_media("image", media_hub.IMAGE_CLASSES),
+        options=_media_options,
+        refusals=_media_refusals(
+            ("vit", "resnet", "cnn"),
+            {
+                **{(m, "resnet"): (TypeError, _CONV_ONLY.format(m)) for m in ("ia3", "bottleneck", "adalora")},
+                ("topk", "resnet"): (ValueError, r"TopKConfig.target_modules='all-linear' matched no module"),
+                ("last_k", "cnn"): (ValueError, r"last_k found no list of repeated blocks in ImageClassification"),
+            },
+        ),
+    ),
+    "AudioClassification": TaskCase(
+        archs=("whisper", "wav2vec2", "ast"),
+        build=_audio,
+        metrics=frozenset({"val_loss", "val_accuracy", "val_f1", "val_precision", "val_recall"}),
+        check_prediction=_check_media("audio", tuple(media_hub.TONES)),
+        options=_media_options,
+        refusals=_media_refusals(
+            ("whisper", "wav2vec2", "ast"),
+            # wav2vec2's positional conv is weight-normed (a parametrized module): BitFit cannot wrap its bias.
+            {("bitfit", "wav2vec2"): (TypeError, r"bitfit wraps the modules that hold bias terms, but .*pos_conv")},
+        ),
     ),
 }
 
@@ -184,24 +288,38 @@ def test_every_task_module_has_a_case() -> None:
     assert set(TASK_CASES) <= set(TASKS), "a TaskCase for a task module that lightning_peft.tasks does not export"
 
 
-def _trainer(root: Path, method: str, arch: str) -> L.Trainer:
-    callback = PEFTCallback(method, verbose=False, **_case(method).options(arch))
+def _trainer(root: Path, method: str, arch: str, case: TaskCase) -> L.Trainer:
+    options = case.options(method, arch) if case.options is not None else _case(method).options(arch)
+    callback = PEFTCallback(method, verbose=False, **options)
     return trainer(
         root, callbacks=[callback], limit_train_batches=2, limit_val_batches=1, max_epochs=1, enable_checkpointing=False
     )
+
+
+def _save_model(root: Path, arch: str) -> Path:
+    if arch == "cnn":  # a class: path, built by the task module; the folder only names it
+        return root / "cnn"
+    if arch in ("vit", "resnet"):
+        return media_hub.save_vision_model(root, arch)
+    if arch in ("whisper", "wav2vec2", "ast"):
+        return media_hub.save_audio_model(root, arch)
+    return hub.save_model(root, arch)
 
 
 @pytest.mark.parametrize(("method", "task", "arch"), GRID)
 def test_fit_validate_predict(method: str, task: str, arch: str, hub_dir: Path, tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     case = TASK_CASES[task]
-    module, data = case.build(hub.save_model(hub_dir, arch), tmp_path)
-    run = _trainer(tmp_path, method, arch)
-    if arch not in _case(method).archs:
+    module, data = case.build(_save_model(hub_dir, arch), tmp_path)
+    run = _trainer(tmp_path, method, arch, case)
+    refusal = case.refusals.get((method, arch)) if case.options is not None else None
+    if case.options is None and arch not in _case(method).archs:
         assert method in REFUSALS, (
             f"{method} does not support {arch} (tests/methods/cases.py): add its message to REFUSALS"
         )
-        error, message = REFUSALS[method]
+        refusal = REFUSALS[method]
+    if refusal is not None:
+        error, message = refusal
         with pytest.raises(error, match=message.format(task=task)):
             run.fit(module, data)
         return

@@ -1,0 +1,134 @@
+"""Image classification: transformers image models or plain torch CNNs, on labelled image files.
+
+``ImageClassification("folder/of/a/vit")`` loads ``AutoModelForImageClassification`` (ViT, ConvNeXt,
+ResNet, ...) with a new head for the data's classes, and
+``ImageClassification("class:lightning_peft.tasks.efficientnet_lite.EfficientNetLite0")`` builds a
+plain CNN (any ``nn.Module`` taking ``num_classes``). The data module resizes and normalizes with
+the model's transformers image processor, or with explicit ``image_size`` / ``mean`` / ``std``
+(a ``class:`` model's class attributes of those names are the defaults).
+
+The new head trains under :class:`~lightning_peft.PEFTCallback` only when the method's
+``modules_to_save`` names it (``["classifier"]`` for ViT, ConvNeXt, ResNet and EfficientNetLite0);
+fitting with a frozen new head is refused, since it would train an adapter against random outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_peft.core.config import invalid
+from lightning_peft.tasks.images import IMAGE_EXTENSIONS, Augment, check_stats, open_image, to_tensor
+from lightning_peft.tasks.media import Item, MediaClassification, MediaData
+
+
+class ImageClassification(MediaClassification):
+    """Classify images; logs accuracy and macro F1, precision and recall on validation and test.
+
+    ``predict`` returns ``{"image": file (or dataset row), "label": class, "score": probability}`` per
+    image. See :class:`~lightning_peft.tasks.media.MediaClassification` for the arguments.
+    """
+
+    auto_class = "AutoModelForImageClassification"
+    input_keys = ("pixel_values",)
+    data_class = "ImageClassificationData"
+    item = "image"
+
+    @property
+    def processor(self) -> Any:
+        """The transformers image processor of the model, or ``None`` for a ``class:`` model."""
+        if self.model_class is not None:
+            return None
+        if getattr(self, "_processor", None) is None:
+            from transformers import AutoImageProcessor
+
+            from lightning_peft.tasks.base import _load_error, _quiet_transformers
+
+            try:
+                with _quiet_transformers():
+                    self._processor = AutoImageProcessor.from_pretrained(self.source.path)
+            except OSError as err:
+                raise _load_error(self.source, "image processor", err) from err
+        return self._processor
+
+
+class ImageClassificationData(MediaData):
+    """Labelled images for :class:`ImageClassification` (see :class:`~lightning_peft.tasks.media.MediaData`).
+
+    Items are image files (PNG, JPEG, ...; grayscale ones become RGB), or a ``datasets`` column of
+    images (``file_column``, default ``"image"``). Training images are augmented first, then
+    resized and normalized by the model's image processor or the explicit transforms.
+
+    Args:
+        image_size: resize every image to ``image_size x image_size`` with the explicit transforms
+            (``x = (pixel / 255 - mean) / std``) instead of the model's processor; default: the
+            processor's, or a ``class:`` model's ``image_size`` attribute.
+        mean: per-channel mean of the explicit transforms (default: the model class's, else ImageNet's).
+        std: per-channel standard deviation of the explicit transforms.
+        hflip: training augmentation: random left-right flips.
+        crop_scale: training augmentation: random square crops of at least this fraction of the area.
+        rotation: training augmentation: random rotations up to this many degrees.
+        color_jitter: training augmentation: random brightness and contrast factors in ``1 +- j``.
+        **kwargs: the data options of :class:`~lightning_peft.tasks.media.MediaData` (``train``,
+            ``validation``, ``test``, ``predict``, ``dataset``, ``batch_size``, ...).
+    """
+
+    extensions = IMAGE_EXTENSIONS
+    default_column = "image"
+
+    def __init__(
+        self,
+        *,
+        image_size: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        hflip: bool = False,
+        crop_scale: float = 1.0,
+        rotation: float = 0.0,
+        color_jitter: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
+            raise invalid(owner, "image_size", image_size, "None or an integer of at least 8 (pixels)")
+        self.image_size = image_size
+        self.mean = check_stats(owner, "mean", mean) if mean is not None else None
+        self.std = check_stats(owner, "std", std) if std is not None else None
+        self.augment = Augment(hflip=hflip, crop_scale=crop_scale, rotation=rotation, color_jitter=color_jitter)
+
+    def load(self, item: Item) -> Any:
+        return open_image(item.value)
+
+    def _transforms(self) -> tuple[Any, int | None, list[float], list[float]]:
+        """(processor or None, size, mean, std): explicit transforms win over the model's processor."""
+        module = self.module()
+        model_class = getattr(module, "model_class", None)
+        processor = None
+        if self.image_size is None and self.mean is None and self.std is None and module is not None:
+            processor = getattr(module, "processor", None)
+        size = self.image_size or getattr(model_class, "image_size", None)
+        mean = self.mean or list(getattr(model_class, "mean", (0.485, 0.456, 0.406)))
+        std = self.std or list(getattr(model_class, "std", (0.229, 0.224, 0.225)))
+        if processor is None and size is None:
+            raise ValueError(
+                f"{type(self).__name__}.image_size is None and the model has no image processor: set image_size "
+                "(and mean/std), or use a transformers model folder that has preprocessor_config.json."
+            )
+        return processor, size, mean, std
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        processor, size, mean, std = self._transforms()
+        images = [self.augment(e["item"]) if e["split"] == "train" and self.augment.active else e["item"] for e in examples]
+        if processor is not None:
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+        else:
+            assert size is not None
+            pixels = torch.stack([to_tensor(img, size, mean, std) for img in images])  # (B, 3, H, W)
+        batch: dict[str, Any] = {
+            "pixel_values": pixels,
+            "labels": torch.tensor([self.label_id(e["label"]) for e in examples]),
+            "source": [e["source"] for e in examples],
+        }
+        return batch
