@@ -259,8 +259,35 @@ def to_peft(config: IA3Config) -> dict[str, Any]:
     }
 
 
+#: peft IA3Config fields that say what the file is, or that lightning_peft reads exactly below.
+#: ``fan_in_fan_out`` is peft's per-layer layout flag, which peft sets from the layer type itself
+#: (True for Conv1D, False for nn.Linear), as lightning_peft does.
+_PEFT_READ = frozenset(
+    {
+        "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+        "inference_mode", "target_modules", "feedforward_modules", "exclude_modules", "modules_to_save",
+        "fan_in_fan_out",
+    }
+)  # fmt: skip
+
+
 def from_peft(options: dict[str, Any]) -> IA3Config:
-    """peft's ``IA3Config`` fields as our options."""
+    """peft's ``IA3Config`` fields as our options: each read exactly, or refused by name.
+
+    ``init_ia3_weights=False`` (peft's random vectors instead of ones) is refused: lightning_peft's
+    (IA)^3 always starts at the identity.
+    """
+    for name, value in options.items():
+        if name == "init_ia3_weights" and value is not True:
+            raise ValueError(
+                f"peft IA3 adapter_config.json has init_ia3_weights={value!r}, which lightning_peft's ia3 does not "
+                "implement (supported: init_ia3_weights=True, vectors of ones at init)."
+            )
+        if name not in _PEFT_READ and name != "init_ia3_weights":
+            raise ValueError(
+                f"peft IA3 adapter_config.json has field {name!r}={value!r}, which is not an IA3Config field "
+                "lightning_peft knows; it refuses an option it cannot interpret rather than dropping it."
+            )
     return IA3Config(
         target_modules=options.get("target_modules"),
         feedforward_modules=options.get("feedforward_modules") or [],

@@ -40,6 +40,7 @@ from lightning_peft.core.quantize import (
     quant_kind,
     requantized,
 )
+from lightning_peft.core.shared_input import SharedInputs, attach
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.methods import lora_init
@@ -226,6 +227,34 @@ class _FusedLoRALinear(torch.autograd.Function):
         return grad_x, None, None, grad_A, grad_B, None
 
 
+class _LoRAFromHidden(torch.autograd.Function):
+    """``y = x W + b + s h B^T`` for a frozen ``W`` and a given ``h = x A^T``, keeping only ``h`` for backward.
+
+    The layer's share of a projection that :class:`~lightning_peft.core.shared_input.SharedInputs`
+    computed once for the layers reading ``x``: ``x`` itself is kept by that one product (for
+    ``dA``), not here (the frozen ``W`` needs no input for its gradient).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, h: Tensor, lora_B: Tensor, scaling: float
+    ) -> Tensor:
+        out = torch.addmm(bias, x, w) if bias is not None else x @ w  # (N, out)
+        out.addmm_(h, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(h, w, lora_B)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        h, w, lora_B = ctx.saved_tensors
+        grad_x = grad @ w.t() if ctx.needs_input_grad[0] else None  # (N, in)
+        grad_h = (grad @ lora_B).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None  # (N, r)
+        grad_B = (grad.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None  # (out, r)
+        return grad_x, None, None, grad_h, grad_B, None
+
+
 class LoRALinear(LoRALayer):
     """LoRA around ``nn.Linear``, transformers' ``Conv1D`` (whose weight is stored in x out) or a
     bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (QLoRA: the adapter in the layer's compute dtype).
@@ -248,6 +277,8 @@ class LoRALinear(LoRALayer):
         # PiSSA's/OLoRA's initial (A_0, B_0), kept to save the adapter converted to plain LoRA (lora_init).
         self.register_buffer("lora_A0", None, persistent=False)
         self.register_buffer("lora_B0", None, persistent=False)
+        #: Set by injection: where layers reading the same input share one ``x [A_1; A_2; ...]^T``.
+        self.shared_inputs: SharedInputs | None = None
         if lora_init.rewrites_base(self.init) and (is_quantized(base_layer) or not weight.is_floating_point()):
             raise TypeError(
                 f"LoRAConfig.init={self.init!r} rewrites the base weight from its SVD/QR and needs a float one; this "
@@ -390,11 +421,28 @@ class LoRALinear(LoRALayer):
             or not x.dtype == weight.dtype == self.lora_A.dtype
         )
 
+    def shared_weight(self) -> Tensor:
+        """The down-projection that :class:`SharedInputs` concatenates with its peers' (r x in)."""
+        return self.lora_A
+
     def forward(self, x: Tensor) -> Tensor:
         if self.bypassed:
             return self.base_layer(x)
         if self.rows is not None:
             return self.mixed_forward(x, self.update)
+        shared = self.shared_inputs
+        hidden = None
+        if shared is not None and isinstance(self.dropout, nn.Identity) and x.dtype == self.lora_A.dtype:
+            hidden = shared.project(self, x)  # (..., r), or None: no layer known to share x
+        if hidden is not None:
+            if not self._can_fuse(x):
+                return self._add_update(self.base_layer(x), hidden)
+            base = self.base_layer
+            w = base.weight if self.fan_in_fan_out else base.weight.t()  # (in, out)
+            out = _LoRAFromHidden.apply(
+                x.reshape(-1, x.shape[-1]), w, base.bias, hidden.reshape(-1, self.r), self.lora_B, self.scaling
+            )
+            return out.view(*x.shape[:-1], out.shape[-1])
         if self._can_fuse(x):
             base = self.base_layer
             w = base.weight if self.fan_in_fan_out else base.weight.t()  # (in, out)
@@ -557,7 +605,16 @@ def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
 def apply(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Wrap every target (see :func:`wrap`), after making 4-bit bases keep their input gradient."""
     disable_cpu_repacking(model)  # see lightning_peft.core.quantize: else an eval forward stops training
-    return inject_layers(model, config, wrap=wrap)
+    built: list[LoRALayer] = []
+
+    def build(module: nn.Module, config: LoRAConfig) -> LoRALayer:
+        built.append(wrap(module, config))
+        return built[-1]
+
+    names = inject_layers(model, config, wrap=build)
+    # Layers that read one input (q/k/v, gate/up) then project it once (see core.shared_input).
+    attach([layer for layer in built if type(layer) is LoRALinear])
+    return names
 
 
 def _weight_key(weights: Mapping[str, Tensor], name: str) -> str:
@@ -740,6 +797,7 @@ def from_peft(options: dict[str, Any]) -> LoRAConfig:
     PiSSA/OLoRA adapter saved without conversion then gets its base weights' principal part
     subtracted on injection, as peft does when it loads one.
     """
+    init = lora_init.from_peft(options.get("init_lora_weights", True))  # first: it names eva_config's reason
     check_peft_fields(options)
     return LoRAConfig(
         r=options["r"],
@@ -747,7 +805,7 @@ def from_peft(options: dict[str, Any]) -> LoRAConfig:
         dropout=options.get("lora_dropout", 0.0),
         rslora=options.get("use_rslora", False),
         use_dora=options.get("use_dora", False),
-        init=lora_init.from_peft(options.get("init_lora_weights", True)),
+        init=init,
         target_modules=options.get("target_modules"),
         exclude_modules=options.get("exclude_modules"),
         modules_to_save=list(options.get("modules_to_save") or []),

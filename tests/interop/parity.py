@@ -1,0 +1,529 @@
+"""The shared peft parity tester: one table of (tiny model, peft config) cases, each run both ways.
+
+A row is a model name (:data:`MODELS`), a peft config class and its keyword options, as peft's
+own tests write them. :func:`run` takes a row through:
+
+1. peft saves -> we load: ``get_peft_model`` (seeded), non-zero adapter weights, ``save_pretrained``;
+   ``load_peft_adapter`` into a fresh copy of the base must give peft's outputs, before and after
+   ``lp.merge``.
+2. we save -> peft loads: new adapter weights on our model, ``save_peft_adapter`` (converted to
+   plain LoRA when the row says so); ``PeftModel.from_pretrained`` must give our outputs, before
+   and after peft's merge.
+
+Equal means ``|ours - ref| <= 1e-5 * max(1, |ref|)`` elementwise. A row with ``refused`` instead
+expects ``load_peft_adapter`` to refuse peft's adapter with a message matching it (the field or
+layer it does not implement) and the model to be left exactly as it was.
+
+Rows come from peft's ``tests/test_custom_models.py`` TEST_CASES (LoRA, IA3, AdaLoRA), its
+``tests/test_initialization.py`` init variants, and peft's default configs on tiny transformers
+models. A new option joins by adding one row to :data:`CASES`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+from torch import nn
+
+import lightning_peft as lp
+from lightning_peft.interop import load_peft_adapter, save_peft_adapter
+
+SEED = 11
+VOCAB = 96
+
+
+# --------------------------------------------------------------------------- models and inputs
+# Shapes as in peft's custom-model tests (MLP, EmbConv1D, Conv2d, ...), so its rows apply as written.
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.relu, self.lin1 = nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.lin1(self.relu(self.lin0(x))), dim=-1)
+
+
+class EmbConv1D(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 5)
+        self.conv1d = tf.pytorch_utils.Conv1D(1, 5)
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1d(self.emb(x))).flatten(1)  # (N, 10, 1) -> (N, 10)
+        return torch.log_softmax(self.lin0(h), dim=-1)
+
+
+class Conv(nn.Module):
+    """A conv layer (``conv1d``/``conv2d``/``conv3d``, grouped or not) feeding ``lin0``."""
+
+    def __init__(self, dims: int, groups: int = 1) -> None:
+        super().__init__()
+        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.dims, self.channels = dims, 16 if groups > 1 else 5
+        setattr(self, f"conv{dims}d", cls(self.channels, 16 if groups > 1 else 10, 3, groups=groups))
+        self.lin0 = nn.Linear(16 if groups > 1 else 10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = getattr(self, f"conv{self.dims}d")
+        h = conv(x.reshape(x.shape[0], self.channels, *([3] * self.dims)))  # (N, C', 1, ...)
+        return torch.log_softmax(self.lin0(torch.relu(h).flatten(1)), dim=-1)
+
+
+class MHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha, self.lin0 = nn.MultiheadAttention(10, 2), nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin0(self.mha(x, x, x)[0])
+
+
+class InitModule(nn.Module):
+    """peft's initialization tests' module (smaller): a linear layer, an embedding and a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.embed = nn.Linear(40, 40), nn.Embedding(40, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x[:, :4].abs() * 10).long().clamp_max(39)  # (N, 4)
+        return torch.cat([self.linear(x), self.embed(ids).flatten(1)], dim=-1)  # (N, 40 + 160)
+
+
+def _llama(**extra: Any) -> nn.Module:
+    config = tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **extra,
+    )  # fmt: skip
+    return tf.LlamaForCausalLM(config)
+
+
+def _mistral() -> nn.Module:
+    config = tf.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, sliding_window=None,
+    )  # fmt: skip
+    return tf.MistralForCausalLM(config)
+
+
+def _gemma() -> nn.Module:
+    config = tf.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    return tf.GemmaForCausalLM(config)
+
+
+def _gpt2() -> nn.Module:
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+def _bert(cls: type = tf.BertForMaskedLM, config_cls: type = tf.BertConfig, **extra: Any) -> nn.Module:
+    config = config_cls(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=72, **extra,
+    )  # fmt: skip
+    return cls(config)
+
+
+def _t5() -> nn.Module:
+    config = tf.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        pad_token_id=0,
+    )  # fmt: skip
+    return tf.T5ForConditionalGeneration(config)
+
+
+def _bart(**extra: Any) -> nn.Module:
+    config = tf.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, **extra,
+    )  # fmt: skip
+    return tf.BartForConditionalGeneration(config)
+
+
+def _vit() -> nn.Module:
+    config = tf.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    return tf.ViTForImageClassification(config)
+
+
+def _whisper() -> nn.Module:
+    config = tf.WhisperConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+        max_source_positions=8, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1,
+    )  # fmt: skip
+    return tf.WhisperForConditionalGeneration(config)
+
+
+#: name -> builder of the base model (random weights, seeded by :func:`build`).
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "MLP": MLP,
+    "EmbConv1D": EmbConv1D,
+    "Conv1d": lambda: Conv(1),
+    "Conv2d": lambda: Conv(2),
+    "Conv2dGroups": lambda: Conv(2, groups=8),
+    "Conv3d": lambda: Conv(3),
+    "MHA": MHA,
+    "Init": InitModule,
+    "llama": _llama,
+    "llama-tied": lambda: _llama(tie_word_embeddings=True),
+    "mistral": _mistral,
+    "gemma": _gemma,
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "roberta": lambda: _bert(tf.RobertaForMaskedLM, tf.RobertaConfig, pad_token_id=1),
+    "t5": _t5,
+    "bart": _bart,
+    "bart-scaled": lambda: _bart(scale_embedding=True, tie_word_embeddings=False),  # untied: see the README
+    "vit": _vit,
+    "whisper": _whisper,
+}
+_SEQ2SEQ = {"t5", "bart", "bart-scaled"}
+
+
+def build(model: str) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[model]().eval()
+
+
+def inputs(model: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if model in ("MLP",):
+        return {"x": torch.randn(4, 10, generator=g)}
+    if model == "EmbConv1D":
+        return {"x": torch.randint(0, 100, (4, 10), generator=g)}
+    if model in ("Conv1d", "Conv2d", "Conv3d", "Conv2dGroups"):
+        size = {"Conv1d": 15, "Conv2d": 45, "Conv3d": 135, "Conv2dGroups": 144}[model]
+        return {"x": torch.randn(4, size, generator=g)}
+    if model == "MHA":
+        return {"x": torch.randn(3, 4, 10, generator=g)}
+    if model == "Init":
+        return {"x": torch.rand(4, 40, generator=g) * 3}
+    if model == "vit":
+        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
+    if model == "whisper":
+        return {
+            "input_features": torch.randn(2, 8, 16, generator=g),
+            "decoder_input_ids": torch.randint(3, VOCAB, (2, 4), generator=g),
+        }
+    ids = torch.randint(3, VOCAB, (2, 8), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model in _SEQ2SEQ:
+        batch["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 4), generator=g)
+    return batch
+
+
+def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        if "x" in batch:
+            return model(batch["x"])
+        return model(**batch).logits
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Obj:
+    """A peft config object inside a row's options (``KasaConfig()``), built when the row runs."""
+
+    cls: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity row.
+
+    Args:
+        id: the row's name (peft's own where it comes from peft's table).
+        model: a key of :data:`MODELS`.
+        config: peft's config class name (``"LoraConfig"``).
+        options: its keyword options, as peft's tests write them.
+        refused: a regex the refusal must match (the field or layer named), or None when it must match.
+        why: for a refused row, why (the README's and the report's count groups by it).
+        convert: save ours in peft's converted form (``convert_to_standard_lora=True``).
+        edit: fields written into peft's saved ``adapter_config.json`` before loading it (for a
+            config peft cannot build without data, such as CorDA's).
+        source: where the row comes from.
+        slow: mark the row slow.
+    """
+
+    id: str
+    model: str
+    config: str
+    options: dict[str, Any]
+    refused: str | None = None
+    why: str = ""
+    convert: bool = False
+    edit: dict[str, Any] = field(default_factory=dict)
+    source: str = "custom_models"
+    slow: bool = False
+
+    def peft_config(self) -> Any:
+        import peft
+
+        def make(value: Any) -> Any:
+            return getattr(peft, value.cls)(**value.kwargs) if isinstance(value, Obj) else value
+
+        return getattr(peft, self.config)(**{k: make(v) for k, v in self.options.items()})
+
+
+LAYER = "layer types lightning_peft's method does not wrap (issue 16 point 5)"
+OPTION = "peft options not implemented yet (issue 16 point 5/6)"
+VARIANT = "LoRA variants lightning_peft does not have"
+ADALORA = "no peft format for AdaLoRA yet (issue 16 point 4)"
+INIT = "data-driven or other inits not implemented"
+
+_L, _I, _A = "LoraConfig", "IA3Config", "AdaLoraConfig"
+_NOT_WRAPPED = r"which lora (with use_dora=True )?cannot wrap|lora wraps only ungrouped Conv2d"
+
+# fmt: off
+CASES: list[Case] = [
+    # ---- peft tests/test_custom_models.py TEST_CASES: LoRA
+    Case("Vanilla MLP 1 LoRA", "MLP", _L, {"target_modules": "lin0"}),
+    Case("Vanilla MLP 2 LoRA", "MLP", _L, {"target_modules": ["lin0"]}),
+    Case("Vanilla MLP 3 LoRA", "MLP", _L, {"target_modules": ["lin1"]}),
+    Case("Vanilla MLP 4 LoRA", "MLP", _L, {"target_modules": ["lin0", "lin1"]}),
+    Case("Vanilla MLP 5 LoRA", "MLP", _L, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
+    Case("Vanilla MLP 6 LoRA", "MLP", _L, {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1}),
+    Case("Vanilla MLP 7 LoRA with DoRA", "MLP", _L, {"target_modules": ["lin0"], "use_dora": True}),
+    Case("Vanilla MLP 8 LoRA with DoRA", "MLP", _L, {"target_modules": ["lin0", "lin1"], "use_dora": True}),
+    Case("Vanilla MLP 9 LoRA with DoRA", "MLP", _L, {"target_modules": "lin1", "use_dora": True, "lora_alpha": 32}),
+    Case("Vanilla MLP 1 LoRA with KaSA", "MLP", _L, {"target_modules": ["lin0"], "kasa_config": Obj("KasaConfig"), "r": 4},
+         refused=r"kasa_config=", why=VARIANT),
+    Case("Vanilla MLP 1 LoRA with MiCA", "MLP", _L, {"target_modules": ["lin0"], "init_lora_weights": "mica", "r": 4},
+         refused=r"init_lora_weights='mica' is refused: MiCA", why=INIT),
+    Case("Vanilla MLP 10 LoRA with VeLoRA random", "MLP", _L,
+         {"target_modules": ["lin0"], "velora_config": Obj("VeloraConfig", {"num_groups": 2, "init_type": "random"})},
+         refused=r"velora_config=", why=VARIANT),
+    Case("Vanilla MLP 11 LoRA with VeLoRA batch_average", "MLP", _L,
+         {"target_modules": ["lin0", "lin1"],
+          "velora_config": Obj("VeloraConfig", {"num_groups": 2, "init_type": "batch_average"})},
+         refused=r"velora_config=", why=VARIANT),
+    Case("Embedding + transformers Conv1D 1 LoRA", "EmbConv1D", _L, {"target_modules": ["conv1d"]}),
+    Case("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", _L, {"target_modules": ["emb"]}),
+    Case("Embedding + transformers Conv1D 3 LoRA", "EmbConv1D", _L, {"target_modules": ["emb", "conv1d"]}),
+    Case("Embedding + transformers Conv1D 1 DoRA", "EmbConv1D", _L, {"target_modules": ["conv1d"], "use_dora": True}),
+    Case("Embedding + transformers Conv1D 2 DoRA", "EmbConv1D", _L, {"target_modules": ["emb"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
+    Case("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D", _L,
+         {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}},
+         refused=r"trainable_token_indices=", why=OPTION),
+    Case("Conv1d LoRA", "Conv1d", _L, {"target_modules": ["conv1d"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv1d LoRA with DoRA", "Conv1d", _L, {"target_modules": ["conv1d"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv2d 1 LoRA", "Conv2d", _L, {"target_modules": ["conv2d"]}),
+    Case("Conv2d 2 LoRA", "Conv2d", _L, {"target_modules": ["conv2d", "lin0"]}),
+    Case("Conv2d 1 LoRA with DoRA", "Conv2d", _L, {"target_modules": ["conv2d"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv2d Groups LoRA", "Conv2dGroups", _L, {"target_modules": ["conv2d"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv3d 1 LoRA", "Conv3d", _L, {"target_modules": ["conv3d"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv3d 2 LoRA", "Conv3d", _L, {"target_modules": ["conv3d", "lin0"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("Vanilla MLP 1 LoRA with lora_b bias", "MLP", _L,
+         {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}, refused=r"lora_bias=True", why=OPTION),
+    Case("Conv2d 1 LoRA with lora_b bias", "Conv2d", _L, {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32},
+         refused=r"lora_bias=True", why=OPTION),
+    Case("MHA 1 LoRA", "MHA", _L, {"target_modules": ["mha"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("MHA 2 LoRA", "MHA", _L, {"target_modules": ["mha", "lin0"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("MLP 2 using nn.Parameter LoRA", "MLP", _L, {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]},
+         refused=r"target_parameters=", why=OPTION),
+    Case("Vanilla MLP 1 LoRA with Monteclora", "MLP", _L,
+         {"target_modules": ["lin0"], "monteclora_config": Obj("MontecloraConfig", {"num_samples": 2})},
+         refused=r"monteclora_config=", why=VARIANT),
+    # ---- the same table: IA3
+    Case("Vanilla MLP 1 IA3", "MLP", _I, {"target_modules": "lin0", "feedforward_modules": []}),
+    Case("Vanilla MLP 2 IA3", "MLP", _I, {"target_modules": "lin0", "feedforward_modules": "lin0"}),
+    Case("Vanilla MLP 3 IA3", "MLP", _I, {"target_modules": ["lin0"], "feedforward_modules": []}),
+    Case("Vanilla MLP 4 IA3", "MLP", _I, {"target_modules": ["lin0"], "feedforward_modules": ["lin0"]}),
+    Case("Vanilla MLP 5 IA3", "MLP", _I, {"target_modules": ["lin1"], "feedforward_modules": []}),
+    Case("Vanilla MLP 6 IA3", "MLP", _I, {"target_modules": ["lin1"], "feedforward_modules": ["lin1"]}),
+    Case("Vanilla MLP 7 IA3", "MLP", _I, {"target_modules": ["lin0", "lin1"], "feedforward_modules": []}),
+    Case("Vanilla MLP 8 IA3", "MLP", _I, {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin0", "lin1"]}),
+    Case("Vanilla MLP 9 IA3", "MLP", _I,
+         {"target_modules": ["lin0"], "modules_to_save": ["lin1"], "feedforward_modules": ["lin0"]}),
+    Case("transformers Conv1D 1 IA3", "EmbConv1D", _I, {"target_modules": ["conv1d"], "feedforward_modules": ["conv1d"]}),
+    Case("transformers Conv1D 2 IA3", "EmbConv1D", _I,
+         {"target_modules": ["conv1d", "lin0"], "feedforward_modules": ["conv1d", "lin0"]}),
+    Case("transformers Conv1D 3 IA3", "EmbConv1D", _I,
+         {"target_modules": ["conv1d"], "feedforward_modules": ["conv1d"], "modules_to_save": ["lin0"]}),
+    Case("Conv2d 1 IA3", "Conv2d", _I, {"target_modules": ["conv2d"], "feedforward_modules": []},
+         refused=r"Conv2d", why=LAYER),
+    Case("Conv3d 1 IA3", "Conv3d", _I, {"target_modules": ["conv3d"], "feedforward_modules": []},
+         refused=r"Conv3d", why=LAYER),
+    # ---- the same table: AdaLoRA
+    Case("Vanilla MLP 1 AdaLoRA", "MLP", _A,
+         {"target_modules": ["lin0"], "init_lora_weights": False, "total_step": 1, "orth_reg_weight": 0},
+         refused=r"peft_type='ADALORA' has no lightning_peft equivalent", why=ADALORA),
+    Case("Vanilla MLP 2 AdaLoRA", "MLP", _A, {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "total_step": 1},
+         refused=r"peft_type='ADALORA'", why=ADALORA),
+    # ---- peft tests/test_initialization.py: LoRA init variants (and what peft saves for each)
+    Case("init False", "Init", _L, {"target_modules": ["linear", "embed"], "init_lora_weights": False}, source="init"),
+    Case("init gaussian", "Init", _L, {"target_modules": ["linear", "embed"], "init_lora_weights": "gaussian"},
+         source="init"),
+    Case("init orthogonal", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "orthogonal"}, source="init"),
+    Case("init pissa", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8}, source="init"),
+    Case("init pissa converted", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8},
+         convert=True, source="init"),
+    Case("init pissa rslora converted", "Init", _L,
+         {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8, "use_rslora": True}, convert=True,
+         source="init"),
+    Case("init pissa with embedding converted", "Init", _L,
+         {"target_modules": ["linear", "embed"], "init_lora_weights": "pissa", "r": 8}, convert=True, source="init"),
+    Case("init pissa_niter_16", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "pissa_niter_16", "r": 8},
+         source="init"),
+    Case("init pissa_niter_4 converted", "Init", _L,
+         {"target_modules": ["linear"], "init_lora_weights": "pissa_niter_4", "r": 8}, convert=True, source="init"),
+    Case("init olora", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "olora", "r": 8}, source="init"),
+    Case("init olora converted", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "olora", "r": 8},
+         convert=True, source="init"),
+    Case("init olora rslora converted", "Init", _L,
+         {"target_modules": ["linear"], "init_lora_weights": "olora", "r": 8, "use_rslora": True}, convert=True,
+         source="init"),
+    Case("init pissa DoRA", "Init", _L,
+         {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8, "use_dora": True}, source="init"),
+    Case("init pissa llama", "llama", _L, {"init_lora_weights": "pissa", "r": 4}, source="init"),
+    Case("init pissa gpt2 Conv1D", "gpt2", _L, {"init_lora_weights": "pissa", "r": 4}, source="init"),
+    Case("init olora llama converted", "llama", _L, {"init_lora_weights": "olora", "r": 4}, convert=True, source="init"),
+    Case("init pissa rank_pattern", "Init", _L,
+         {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8, "rank_pattern": {"linear": 4}},
+         refused=r"rank_pattern=\{'linear': 4\}", why=OPTION, source="init"),
+    Case("init pissa alpha_pattern", "Init", _L,
+         {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8, "alpha_pattern": {"linear": 4}},
+         refused=r"alpha_pattern=\{'linear': 4\}", why=OPTION, source="init"),
+    Case("init eva", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "eva"},
+         refused=r"init_lora_weights='eva' is refused: EVA", why=INIT, source="init"),
+    Case("init corda", "Init", _L, {"target_modules": ["linear"]},
+         edit={"init_lora_weights": "corda", "corda_config": {"corda_method": "ipm"}},
+         refused=r"init_lora_weights='corda' is refused: CorDA", why=INIT, source="init"),
+    Case("init lora_ga", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "lora_ga"},
+         refused=r"init_lora_weights='lora_ga' is refused", why=INIT, source="init"),
+    # ---- options peft has that refuse by field (issue 16)
+    Case("BD-LoRA nblocks=2", "llama", _L,
+         {"target_modules": ["q_proj", "o_proj"],
+          "use_bdlora": Obj("BdLoraConfig", {"target_modules_bd_a": ["q_proj"], "target_modules_bd_b": ["o_proj"],
+                                             "nblocks": 2})},
+         refused=r"use_bdlora=", why=VARIANT, source="issue"),
+    Case("ensure_weight_tying", "llama-tied", _L,
+         {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True},
+         refused=r"ensure_weight_tying=True", why=OPTION, source="issue"),
+    Case("layers_to_transform", "llama", _L, {"target_modules": ["q_proj"], "layers_to_transform": [0]},
+         refused=r"layers_to_transform=\[0\]", why=OPTION, source="issue"),
+    Case("bias all", "llama", _L, {"target_modules": ["q_proj"], "bias": "all"}, refused=r"bias='all'", why=OPTION,
+         source="issue"),
+    # ---- scaled embeddings (embed_scale): Gemma's embed_tokens, BART with scale_embedding=True
+    Case("gemma embed_tokens", "gemma", _L, {"target_modules": ["embed_tokens", "q_proj"], "r": 4}, source="embed_scale"),
+    Case("bart scaled embed_tokens", "bart-scaled", _L,
+         {"target_modules": ["embed_tokens", "q_proj"], "r": 4}, source="embed_scale", slow=True),
+    # ---- peft's default configs on tiny transformers models
+    *[Case(f"{arch} default LoRA", arch, _L, {}, source="defaults", slow=arch in ("llama", "mistral", "t5", "bart"))
+      for arch in ("llama", "mistral", "gpt2", "bert", "roberta", "t5", "bart")],
+    *[Case(f"{arch} default IA3", arch, _I, {}, source="defaults", slow=arch in ("t5", "bart"))
+      for arch in ("llama", "mistral", "gpt2", "bert", "roberta", "t5", "bart")],
+    # peft has no default targets for ViT and Whisper: the attention projections, as its examples do
+    Case("vit LoRA", "vit", _L, {"target_modules": ["q_proj", "v_proj"]}, source="defaults"),
+    Case("vit IA3", "vit", _I, {"target_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]},
+         source="defaults"),
+    Case("whisper LoRA", "whisper", _L, {"target_modules": ["q_proj", "v_proj"]}, source="defaults", slow=True),
+    Case("whisper IA3", "whisper", _I, {"target_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]},
+         source="defaults", slow=True),
+    Case("llama all LoRA options", "llama", _L,
+         {"target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"], "r": 4, "lora_alpha": 12,
+          "use_rslora": True, "lora_dropout": 0.1, "modules_to_save": ["lm_head"]}, source="defaults"),
+]
+# fmt: on
+
+
+# --------------------------------------------------------------------------- running a row
+
+
+def assert_parity(actual: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """``|actual - ref| <= 1e-5 * max(1, |ref|)`` elementwise."""
+    bound = 1e-5 * ref.abs().clamp_min(1)
+    excess = (actual - ref).abs() - bound
+    assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    assert bool((excess <= 0).all()), f"{what}: differs by {float((actual - ref).abs().max()):.3g}"
+
+
+def _randomize(model: nn.Module, seed: int, names: list[str] | None = None) -> None:
+    """Add noise to every trainable tensor (or those named), so both sides compare real updates."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)]
+        assert params, "nothing to randomize"
+        for _, param in params:
+            param.add_(torch.randn(param.shape, generator=g) * 0.3)
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+    }
+
+
+def run(case: Case, tmp_path: Path) -> str:
+    """Run one row both ways; returns ``"pass"`` or ``"refused"`` (any mismatch fails an assert)."""
+    import peft
+
+    base = build(case.model)
+    batch = inputs(case.model)
+    torch.manual_seed(SEED)
+    theirs = peft.get_peft_model(copy.deepcopy(base), case.peft_config())
+    _randomize(theirs, seed=1)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    if case.edit:
+        config_file = tmp_path / "peft" / "adapter_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **case.edit}))
+    fresh = copy.deepcopy(base)
+    if case.refused is not None:
+        before = _snapshot(fresh)
+        try:
+            load_peft_adapter(fresh, tmp_path / "peft")
+        except (ValueError, TypeError) as error:
+            assert re.search(case.refused, str(error)), f"refused for another reason: {error}"
+        else:
+            raise AssertionError(f"{case.id}: loaded, but the row expects a refusal matching {case.refused!r}")
+        after = _snapshot(fresh)
+        assert lp.get_info(fresh) is None and after["modules"] == before["modules"]
+        for name, tensor in before["tensors"].items():
+            assert torch.equal(after["tensors"][name], tensor), f"a refused load changed {name}"
+        return "refused"
+    ref = outputs(theirs, batch)
+    assert not torch.allclose(ref, outputs(base, batch), atol=1e-4), "the adapter changes nothing: a vacuous row"
+    # 1. peft saves -> we load (the same seed: a randomized init draws what peft's load draws)
+    torch.manual_seed(SEED)
+    ours = load_peft_adapter(fresh, tmp_path / "peft").eval()
+    assert_parity(outputs(ours, batch), ref, f"{case.id}: peft's adapter loaded here")
+    lp.merge(ours)
+    assert_parity(outputs(ours, batch), ref, f"{case.id}: peft's adapter loaded here, merged")
+    lp.unmerge(ours)
+    # 2. we save -> peft loads
+    _randomize(ours, seed=2)
+    mine = outputs(ours, batch)
+    save_peft_adapter(ours, tmp_path / "ours", convert_to_standard_lora=case.convert)
+    torch.manual_seed(SEED)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert_parity(outputs(back, batch), mine, f"{case.id}: our adapter loaded by peft")
+    back.merge_adapter()
+    assert_parity(outputs(back, batch), mine, f"{case.id}: our adapter loaded by peft, merged by peft")
+    return "pass"
