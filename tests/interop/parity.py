@@ -265,6 +265,7 @@ class Case:
             config peft cannot build without data, such as CorDA's).
         source: where the row comes from.
         slow: mark the row slow.
+        needs_peft: the oldest peft that has the row's option (older ones skip the row).
     """
 
     id: str
@@ -277,6 +278,7 @@ class Case:
     edit: dict[str, Any] = field(default_factory=dict)
     source: str = "custom_models"
     slow: bool = False
+    needs_peft: str | None = None
 
     def peft_config(self) -> Any:
         import peft
@@ -309,16 +311,16 @@ CASES: list[Case] = [
     Case("Vanilla MLP 8 LoRA with DoRA", "MLP", _L, {"target_modules": ["lin0", "lin1"], "use_dora": True}),
     Case("Vanilla MLP 9 LoRA with DoRA", "MLP", _L, {"target_modules": "lin1", "use_dora": True, "lora_alpha": 32}),
     Case("Vanilla MLP 1 LoRA with KaSA", "MLP", _L, {"target_modules": ["lin0"], "kasa_config": Obj("KasaConfig"), "r": 4},
-         refused=r"kasa_config=", why=VARIANT),
+         refused=r"kasa_config=", why=VARIANT, needs_peft="0.21"),
     Case("Vanilla MLP 1 LoRA with MiCA", "MLP", _L, {"target_modules": ["lin0"], "init_lora_weights": "mica", "r": 4},
-         refused=r"init_lora_weights='mica' is refused: MiCA", why=INIT),
+         refused=r"init_lora_weights='mica' is refused: MiCA", why=INIT, needs_peft="0.21"),
     Case("Vanilla MLP 10 LoRA with VeLoRA random", "MLP", _L,
          {"target_modules": ["lin0"], "velora_config": Obj("VeloraConfig", {"num_groups": 2, "init_type": "random"})},
-         refused=r"velora_config=", why=VARIANT),
+         refused=r"velora_config=", why=VARIANT, needs_peft="0.21"),
     Case("Vanilla MLP 11 LoRA with VeLoRA batch_average", "MLP", _L,
          {"target_modules": ["lin0", "lin1"],
           "velora_config": Obj("VeloraConfig", {"num_groups": 2, "init_type": "batch_average"})},
-         refused=r"velora_config=", why=VARIANT),
+         refused=r"velora_config=", why=VARIANT, needs_peft="0.21"),
     Case("Embedding + transformers Conv1D 1 LoRA", "EmbConv1D", _L, {"target_modules": ["conv1d"]}),
     Case("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", _L, {"target_modules": ["emb"]}),
     Case("Embedding + transformers Conv1D 3 LoRA", "EmbConv1D", _L, {"target_modules": ["emb", "conv1d"]}),
@@ -348,7 +350,7 @@ CASES: list[Case] = [
          refused=r"target_parameters=", why=OPTION),
     Case("Vanilla MLP 1 LoRA with Monteclora", "MLP", _L,
          {"target_modules": ["lin0"], "monteclora_config": Obj("MontecloraConfig", {"num_samples": 2})},
-         refused=r"monteclora_config=", why=VARIANT),
+         refused=r"monteclora_config=", why=VARIANT, needs_peft="0.21"),
     # ---- the same table: IA3
     Case("Vanilla MLP 1 IA3", "MLP", _I, {"target_modules": "lin0", "feedforward_modules": []}),
     Case("Vanilla MLP 2 IA3", "MLP", _I, {"target_modules": "lin0", "feedforward_modules": "lin0"}),
@@ -483,7 +485,11 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
 def run(case: Case, tmp_path: Path) -> str:
     """Run one row both ways; returns ``"pass"`` or ``"refused"`` (any mismatch fails an assert)."""
     import peft
+    import pytest
+    from packaging.version import Version
 
+    if case.needs_peft and Version(peft.__version__) < Version(case.needs_peft):
+        pytest.skip(f"peft {peft.__version__} has no {case.id!r} (peft {case.needs_peft} has)")
     base = build(case.model)
     batch = inputs(case.model)
     torch.manual_seed(SEED)
