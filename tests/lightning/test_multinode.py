@@ -79,13 +79,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _loopback() -> str:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((name for name in ("lo", "lo0") if name in names), names[0])
+
+
 def _torchrun_two_nodes(out: Path, timeout: float = 240) -> float:
     """Launch the two nodes as a user would on two machines (here both on localhost); returns seconds."""
     port = _free_port()
     env = os.environ | {
         "PYTHONPATH": str(REPO),
         "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",  # the loopback interface: what 127.0.0.1 resolves to
+        "GLOO_SOCKET_IFNAME": _loopback(),  # gloo otherwise binds to the interface the host name resolves to
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
         "PYTHONWARNINGS": "ignore",
@@ -112,9 +118,15 @@ def _torchrun_two_nodes(out: Path, timeout: float = 240) -> float:
     try:
         for node in nodes:
             logs.append(node.communicate(timeout=timeout)[0])
-    finally:
+    finally:  # a node that hangs: SIGTERM lets torchrun stop its worker (a session of its own) first
         for node in nodes:
-            node.kill()
+            if node.poll() is None:
+                node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.kill()
     for index, (node, log) in enumerate(zip(nodes, logs, strict=True)):
         assert node.returncode == 0, f"node {index} failed ({node.returncode}):\n{log[-6000:]}"
     return time.perf_counter() - start
