@@ -744,7 +744,7 @@ _PEFT_INERT = {"qalora_group_size": "use_qalora", "megatron_core": "megatron_con
 
 def _same_default(value: Any, default: Any) -> bool:
     """Whether a peft field holds its default (None, {} and [] all mean 'unset' in peft's JSON)."""
-    unset = (None, {}, [])
+    unset: tuple[Any, ...] = (None, {}, [])
     return value == default or (value in unset and default in unset)
 
 

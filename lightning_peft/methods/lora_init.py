@@ -145,7 +145,7 @@ def orthogonal(r: int, in_features: int, out_features: int) -> tuple[Tensor, Ten
     return lora_A.contiguous(), lora_B.contiguous()
 
 
-def draw_like_peft(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> None:
+def draw_like_peft(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
     """Consume the generator as peft does when it builds ``lora_A``/``lora_B`` (``nn.Linear`` default init).
 
     Only the draws matter (their values are replaced): they keep the random stream of a

@@ -81,6 +81,18 @@ class Conv(nn.Module):
         return torch.log_softmax(self.lin0(torch.relu(h).flatten(1)), dim=-1)
 
 
+class MlpUsingParameters(nn.Module):
+    """peft's MLP whose layers are bare parameters (``x @ W + b``): only ``target_parameters`` reaches them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        weights = {"weight": nn.Parameter(torch.randn(10, 20)), "bias": nn.Parameter(torch.ones(20))}
+        self.lin0 = nn.ParameterDict(weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.lin0["weight"] + self.lin0["bias"]
+
+
 class MHA(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -180,6 +192,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "Conv1d": lambda: Conv(1),
     "Conv2d": lambda: Conv(2),
     "Conv2dGroups": lambda: Conv(2, groups=8),
+    "Conv2dGroups2": lambda: Conv(2, groups=2),
+    "MlpUsingParameters": MlpUsingParameters,
     "Conv3d": lambda: Conv(3),
     "MHA": MHA,
     "Init": InitModule,
@@ -310,7 +324,8 @@ CASES: list[Case] = [
     Case("Vanilla MLP 7 LoRA with DoRA", "MLP", _L, {"target_modules": ["lin0"], "use_dora": True}),
     Case("Vanilla MLP 8 LoRA with DoRA", "MLP", _L, {"target_modules": ["lin0", "lin1"], "use_dora": True}),
     Case("Vanilla MLP 9 LoRA with DoRA", "MLP", _L, {"target_modules": "lin1", "use_dora": True, "lora_alpha": 32}),
-    Case("Vanilla MLP 1 LoRA with KaSA", "MLP", _L, {"target_modules": ["lin0"], "kasa_config": Obj("KasaConfig"), "r": 4},
+    Case("Vanilla MLP 1 LoRA with KaSA", "MLP", _L,
+         {"target_modules": ["lin0"], "kasa_config": Obj("KasaConfig"), "r": 4},
          refused=r"kasa_config=", why=VARIANT, needs_peft="0.21"),
     Case("Vanilla MLP 1 LoRA with MiCA", "MLP", _L, {"target_modules": ["lin0"], "init_lora_weights": "mica", "r": 4},
          refused=r"init_lora_weights='mica' is refused: MiCA", why=INIT, needs_peft="0.21"),
@@ -321,11 +336,18 @@ CASES: list[Case] = [
          {"target_modules": ["lin0", "lin1"],
           "velora_config": Obj("VeloraConfig", {"num_groups": 2, "init_type": "batch_average"})},
          refused=r"velora_config=", why=VARIANT, needs_peft="0.21"),
+    Case("Vanilla MLP 12 LoRA with VeLoRA batch_average_once", "MLP", _L,
+         {"target_modules": ["lin0"],
+          "velora_config": Obj("VeloraConfig", {"num_groups": 2, "init_type": "batch_average_once"})},
+         refused=r"velora_config=", why=VARIANT, needs_peft="0.21"),
     Case("Embedding + transformers Conv1D 1 LoRA", "EmbConv1D", _L, {"target_modules": ["conv1d"]}),
     Case("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", _L, {"target_modules": ["emb"]}),
     Case("Embedding + transformers Conv1D 3 LoRA", "EmbConv1D", _L, {"target_modules": ["emb", "conv1d"]}),
     Case("Embedding + transformers Conv1D 1 DoRA", "EmbConv1D", _L, {"target_modules": ["conv1d"], "use_dora": True}),
     Case("Embedding + transformers Conv1D 2 DoRA", "EmbConv1D", _L, {"target_modules": ["emb"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
+    Case("Embedding + transformers Conv1D 3 DoRA", "EmbConv1D", _L,
+         {"target_modules": ["emb", "conv1d"], "use_dora": True},
          refused=_NOT_WRAPPED, why=LAYER),
     Case("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D", _L,
          {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}},
@@ -337,15 +359,32 @@ CASES: list[Case] = [
     Case("Conv2d 2 LoRA", "Conv2d", _L, {"target_modules": ["conv2d", "lin0"]}),
     Case("Conv2d 1 LoRA with DoRA", "Conv2d", _L, {"target_modules": ["conv2d"], "use_dora": True},
          refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv2d 2 LoRA with DoRA", "Conv2d", _L, {"target_modules": ["conv2d", "lin0"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
     Case("Conv2d Groups LoRA", "Conv2dGroups", _L, {"target_modules": ["conv2d"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv2d Groups2 LoRA", "Conv2dGroups2", _L, {"target_modules": ["conv2d"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv2d Groups LoRA with DoRA", "Conv2dGroups", _L, {"target_modules": ["conv2d"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", _L, {"target_modules": ["conv2d"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
     Case("Conv3d 1 LoRA", "Conv3d", _L, {"target_modules": ["conv3d"]}, refused=_NOT_WRAPPED, why=LAYER),
     Case("Conv3d 2 LoRA", "Conv3d", _L, {"target_modules": ["conv3d", "lin0"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv3d 1 LoRA with DoRA", "Conv3d", _L, {"target_modules": ["conv3d"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv3d 2 LoRA with DoRA", "Conv3d", _L, {"target_modules": ["conv3d", "lin0"], "use_dora": True},
+         refused=_NOT_WRAPPED, why=LAYER),
     Case("Vanilla MLP 1 LoRA with lora_b bias", "MLP", _L,
-         {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}, refused=r"lora_bias=True", why=OPTION),
-    Case("Conv2d 1 LoRA with lora_b bias", "Conv2d", _L, {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32},
+         {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32},
          refused=r"lora_bias=True", why=OPTION),
+    Case("Conv2d 1 LoRA with lora_b bias", "Conv2d", _L,
+         {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32},
+         refused=r"lora_bias=True", why=OPTION),
+    Case("Conv3d 1 LoRA with lora_b bias", "Conv3d", _L,
+         {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}, refused=r"lora_bias=True", why=OPTION),
     Case("MHA 1 LoRA", "MHA", _L, {"target_modules": ["mha"]}, refused=_NOT_WRAPPED, why=LAYER),
     Case("MHA 2 LoRA", "MHA", _L, {"target_modules": ["mha", "lin0"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", _L, {"target_parameters": ["lin0.weight"]},
+         refused=r"target_parameters=", why=OPTION),
     Case("MLP 2 using nn.Parameter LoRA", "MLP", _L, {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]},
          refused=r"target_parameters=", why=OPTION),
     Case("Vanilla MLP 1 LoRA with Monteclora", "MLP", _L,
@@ -362,26 +401,37 @@ CASES: list[Case] = [
     Case("Vanilla MLP 8 IA3", "MLP", _I, {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin0", "lin1"]}),
     Case("Vanilla MLP 9 IA3", "MLP", _I,
          {"target_modules": ["lin0"], "modules_to_save": ["lin1"], "feedforward_modules": ["lin0"]}),
-    Case("transformers Conv1D 1 IA3", "EmbConv1D", _I, {"target_modules": ["conv1d"], "feedforward_modules": ["conv1d"]}),
+    Case("transformers Conv1D 1 IA3", "EmbConv1D", _I,
+         {"target_modules": ["conv1d"], "feedforward_modules": ["conv1d"]}),
     Case("transformers Conv1D 2 IA3", "EmbConv1D", _I,
          {"target_modules": ["conv1d", "lin0"], "feedforward_modules": ["conv1d", "lin0"]}),
     Case("transformers Conv1D 3 IA3", "EmbConv1D", _I,
          {"target_modules": ["conv1d"], "feedforward_modules": ["conv1d"], "modules_to_save": ["lin0"]}),
-    Case("Conv2d 1 IA3", "Conv2d", _I, {"target_modules": ["conv2d"], "feedforward_modules": []},
-         refused=r"Conv2d", why=LAYER),
-    Case("Conv3d 1 IA3", "Conv3d", _I, {"target_modules": ["conv3d"], "feedforward_modules": []},
-         refused=r"Conv3d", why=LAYER),
+    *[Case(f"Conv{d}d {i} IA3", f"Conv{d}d", _I, {"target_modules": targets, "feedforward_modules": ff},
+           refused=rf"Conv{d}d", why=LAYER)
+      for d in (2, 3)
+      for i, (targets, ff) in enumerate([
+          ([f"conv{d}d"], []), ([f"conv{d}d"], [f"conv{d}d"]), ([f"conv{d}d", "lin0"], []),
+          ([f"conv{d}d", "lin0"], [f"conv{d}d"]), ([f"conv{d}d", "lin0"], [f"conv{d}d", "lin0"]),
+      ], start=1)],
     # ---- the same table: AdaLoRA
     Case("Vanilla MLP 1 AdaLoRA", "MLP", _A,
          {"target_modules": ["lin0"], "init_lora_weights": False, "total_step": 1, "orth_reg_weight": 0},
          refused=r"peft_type='ADALORA' has no lightning_peft equivalent", why=ADALORA),
-    Case("Vanilla MLP 2 AdaLoRA", "MLP", _A, {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "total_step": 1},
+    Case("Vanilla MLP 2 AdaLoRA", "MLP", _A,
+         {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "total_step": 1},
+         refused=r"peft_type='ADALORA'", why=ADALORA),
+    Case("Conv2d 1 AdaLoRA", "Conv2d", _A, {"target_modules": ["conv2d"], "init_lora_weights": False, "total_step": 1},
+         refused=r"peft_type='ADALORA'", why=ADALORA),
+    Case("Conv2d 2 AdaLoRA", "Conv2d", _A,
+         {"target_modules": ["conv2d", "lin0"], "init_lora_weights": False, "total_step": 1},
          refused=r"peft_type='ADALORA'", why=ADALORA),
     # ---- peft tests/test_initialization.py: LoRA init variants (and what peft saves for each)
     Case("init False", "Init", _L, {"target_modules": ["linear", "embed"], "init_lora_weights": False}, source="init"),
     Case("init gaussian", "Init", _L, {"target_modules": ["linear", "embed"], "init_lora_weights": "gaussian"},
          source="init"),
-    Case("init orthogonal", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "orthogonal"}, source="init"),
+    Case("init orthogonal", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "orthogonal"},
+         source="init"),
     Case("init pissa", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8}, source="init"),
     Case("init pissa converted", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8},
          convert=True, source="init"),
@@ -390,7 +440,8 @@ CASES: list[Case] = [
          source="init"),
     Case("init pissa with embedding converted", "Init", _L,
          {"target_modules": ["linear", "embed"], "init_lora_weights": "pissa", "r": 8}, convert=True, source="init"),
-    Case("init pissa_niter_16", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "pissa_niter_16", "r": 8},
+    Case("init pissa_niter_16", "Init", _L,
+         {"target_modules": ["linear"], "init_lora_weights": "pissa_niter_16", "r": 8},
          source="init"),
     Case("init pissa_niter_4 converted", "Init", _L,
          {"target_modules": ["linear"], "init_lora_weights": "pissa_niter_4", "r": 8}, convert=True, source="init"),
@@ -402,9 +453,10 @@ CASES: list[Case] = [
          source="init"),
     Case("init pissa DoRA", "Init", _L,
          {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8, "use_dora": True}, source="init"),
-    Case("init pissa llama", "llama", _L, {"init_lora_weights": "pissa", "r": 4}, source="init"),
+    Case("init pissa llama", "llama", _L, {"init_lora_weights": "pissa", "r": 4}, source="init", slow=True),
     Case("init pissa gpt2 Conv1D", "gpt2", _L, {"init_lora_weights": "pissa", "r": 4}, source="init"),
-    Case("init olora llama converted", "llama", _L, {"init_lora_weights": "olora", "r": 4}, convert=True, source="init"),
+    Case("init olora llama converted", "llama", _L, {"init_lora_weights": "olora", "r": 4}, convert=True,
+         source="init", slow=True),
     Case("init pissa rank_pattern", "Init", _L,
          {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8, "rank_pattern": {"linear": 4}},
          refused=r"rank_pattern=\{'linear': 4\}", why=OPTION, source="init"),
@@ -432,7 +484,8 @@ CASES: list[Case] = [
     Case("bias all", "llama", _L, {"target_modules": ["q_proj"], "bias": "all"}, refused=r"bias='all'", why=OPTION,
          source="issue"),
     # ---- scaled embeddings (embed_scale): Gemma's embed_tokens, BART with scale_embedding=True
-    Case("gemma embed_tokens", "gemma", _L, {"target_modules": ["embed_tokens", "q_proj"], "r": 4}, source="embed_scale"),
+    Case("gemma embed_tokens", "gemma", _L, {"target_modules": ["embed_tokens", "q_proj"], "r": 4},
+         source="embed_scale"),
     Case("bart scaled embed_tokens", "bart-scaled", _L,
          {"target_modules": ["embed_tokens", "q_proj"], "r": 4}, source="embed_scale", slow=True),
     # ---- peft's default configs on tiny transformers models

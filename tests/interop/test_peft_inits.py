@@ -16,7 +16,6 @@ from torch import nn
 
 import lightning_peft as lp
 from lightning_peft.interop import load_peft_adapter, save_peft_adapter
-from lightning_peft.methods import lora_init
 from lightning_peft.methods.lora import LoRAConfig, LoRAEmbedding, from_peft
 from tests import tiny
 from tests.interop import parity
@@ -32,7 +31,9 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
 def test_an_init_gives_peft_s_adapter_and_base_weights_for_the_same_seed(init: str) -> None:
     base = tiny.build("llama")
     torch.manual_seed(5)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=PEFT_INIT.get(init, init))
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=PEFT_INIT.get(init, init)
+    )
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     torch.manual_seed(5)
     ours = lp.inject(copy.deepcopy(base), "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"], init=init)
@@ -95,7 +96,10 @@ def test_pissa_on_gpt2_conv1d_factors_the_transposed_weight() -> None:
         ({"init": "corda"}, r"LoRAConfig\.init='corda' is refused: CorDA"),
         ({"init": "pissa_niter_0"}, r"init='pissa_niter_0' is refused: the iteration count must be a positive"),
         ({"init": "svd"}, r"init must be one of 'kaiming', 'gaussian', 'loftq'; got 'svd'\. peft's initializations"),
-        ({"init": "orthogonal", "r": 3}, r"LoRAConfig\.r must be an even number with init='orthogonal' \(its A and B split r in two\); got 3"),
+        (
+            {"init": "orthogonal", "r": 3},
+            r"LoRAConfig\.r must be an even number with init='orthogonal' \(its A and B split r in two\); got 3",
+        ),
     ],
 )
 def test_bad_inits_are_refused_by_field(options: dict, message: str) -> None:
@@ -210,7 +214,9 @@ def _options(**fields: object) -> dict:
     ],
 )
 def test_every_field_not_implemented_is_refused_with_its_value(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=re.escape(f"has {field}={value!r}, which lightning_peft's lora does not implement")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"has {field}={value!r}, which lightning_peft's lora does not implement")
+    ):
         from_peft(_options(**{field: value}))
 
 
@@ -270,7 +276,9 @@ def test_converted_pissa_is_the_plain_rank_2r_lora_of_the_original_base(tmp_path
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
     batch = tiny.inputs("llama")
     torch.testing.assert_close(tiny.logits(back, batch), tiny.logits(ours, batch), rtol=0, atol=1e-5)
-    with_rslora = lp.inject(copy.deepcopy(base), "lora", r=4, alpha=8, rslora=True, target_modules=["q_proj"], init="olora")
+    with_rslora = lp.inject(
+        copy.deepcopy(base), "lora", r=4, alpha=8, rslora=True, target_modules=["q_proj"], init="olora"
+    )
     config = json.loads((save_peft_adapter(with_rslora, tmp_path / "r", convert_to_standard_lora=True)
                          / "adapter_config.json").read_text())  # fmt: skip
     assert config["r"] == 8 and math.isclose(config["lora_alpha"], 8 * 2**0.5)  # alpha / sqrt(r) kept
@@ -322,4 +330,6 @@ def test_lora_on_a_scaled_embedding_is_the_formula_and_merges_exactly() -> None:
     batch = {"input_ids": ids}
     before = model(**batch).logits
     lp.merge(model)
-    torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-5 * before.abs().max().clamp_min(1).item())
+    torch.testing.assert_close(
+        model(**batch).logits, before, rtol=0, atol=1e-5 * before.abs().max().clamp_min(1).item()
+    )
