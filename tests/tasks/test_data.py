@@ -10,8 +10,18 @@ import pytest
 from lightning_peft.tasks import CausalLMData, Seq2SeqData, TextClassificationData
 from lightning_peft.tasks import datasets as named
 from lightning_peft.tasks.data import IGNORE_INDEX, pad_collate
+from lightning_peft.tasks.reading import open_file
 from tests import optional
 from tests.tasks import hub
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """datasets' cache in the test's folder: nothing of a test run is left in ~/.cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return tmp_path / "hf-cache"
 
 
 @pytest.fixture
@@ -34,15 +44,23 @@ def classification(tokenizer_dir: Path, **kwargs: object) -> TextClassificationD
 
 
 def test_every_file_format_reads_the_same_records(tmp_path: Path) -> None:
+    import datasets
+
     rows = [{"text": "good day", "label": "pos"}, {"text": "bad day", "label": "neg"}]
     hub.write_csv(tmp_path / "a.csv", rows)
     (tmp_path / "a.tsv").write_text("text\tlabel\ngood day\tpos\nbad day\tneg\n")
     hub.write_jsonl(tmp_path / "a.jsonl", rows)
     (tmp_path / "a.json").write_text('[{"text": "good day", "label": "pos"}, {"text": "bad day", "label": "neg"}]')
-    for suffix in ("csv", "tsv", "jsonl", "json"):
-        assert named.read_file(tmp_path / f"a.{suffix}") == rows, suffix
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    for suffix in ("csv", "tsv", "jsonl", "json", "parquet"):
+        assert list(open_file(tmp_path / f"a.{suffix}", field="f")) == rows, suffix
     (tmp_path / "a.txt").write_text("good day\n\nbad day\n")
-    assert named.read_file(tmp_path / "a.txt") == [{"text": "good day"}, {"text": "bad day"}]
+    assert list(open_file(tmp_path / "a.txt", field="f")) == [{"text": "good day"}, {"text": "bad day"}]
+
+
+def test_csv_cells_stay_the_strings_they_are(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("text,label,code\nNA,007,\n")
+    assert list(open_file(tmp_path / "a.csv", field="f")) == [{"text": "NA", "label": "007", "code": ""}]
 
 
 def test_splits_are_held_out_deterministically(tokenizer_dir: Path, csv_file: Path) -> None:
@@ -198,13 +216,19 @@ def test_missing_package_names_what_to_install(monkeypatch: pytest.MonkeyPatch) 
         TextClassificationData(dataset="bbc_news")
 
 
-def test_unknown_dataset_name() -> None:
+def test_unknown_dataset_name_while_the_hub_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(
         ValueError,
-        match=r"TextClassificationData.dataset must be one of 'bbc_news', 'sms_spam', "
-        r"'chatterbot', 'bbc_news_choices' or None; got 'imdb'",
+        match=r"TextClassificationData.dataset='imdb' is neither a named offline dataset \('bbc_news', 'sms_spam', "
+        r"'chatterbot', 'bbc_news_choices'\) nor an existing local path, and the Hugging Face Hub is switched off",
     ):
         TextClassificationData(dataset="imdb")
+
+
+def test_a_dataset_path_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"CausalLMData.dataset='.*nope.jsonl' does not exist; give a named"):
+        CausalLMData(dataset=str(tmp_path / "nope.jsonl"))
 
 
 def test_no_data_at_all() -> None:
@@ -290,10 +314,10 @@ def test_bad_numbers() -> None:
         CausalLMData(train_file=__file__, batch_size=0)
 
 
-def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
+def test_malformed_jsonl_names_the_file_and_the_parse_error(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(ValueError, match=r"train_file='.*bad.jsonl' line 2 is not valid JSON"):
-        named.read_file(tmp_path / "bad.jsonl", field="train_file")
+    with pytest.raises(ValueError, match=r"train_file='.*bad.jsonl' could not be read as JSON lines: .*JSON parse"):
+        open_file(tmp_path / "bad.jsonl", field="train_file")
 
 
 def test_a_stage_without_its_split(tokenizer_dir: Path, csv_file: Path) -> None:
@@ -305,4 +329,184 @@ def test_a_stage_without_its_split(tokenizer_dir: Path, csv_file: Path) -> None:
 def test_no_tokenizer_anywhere(csv_file: Path) -> None:
     dm = TextClassificationData(train_file=str(csv_file))
     with pytest.raises(ValueError, match=r"TextClassificationData needs a tokenizer: set tokenizer="):
+        dm.setup("fit")
+
+
+# --------------------------------------------------------------------------- through Hugging Face datasets
+
+
+def _saved(tmp_path: Path) -> Path:
+    import datasets
+
+    splits = {
+        "train": datasets.Dataset.from_list(hub.classification_rows(20)),
+        "validation": datasets.Dataset.from_list(hub.classification_rows(6, seed=1)),
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    return tmp_path / "saved"
+
+
+def test_a_saved_dataset_gives_its_own_validation_split(tokenizer_dir: Path, tmp_path: Path) -> None:
+    dm = classification(tokenizer_dir, dataset=str(_saved(tmp_path)), val_split=0.25)
+    dm.setup("fit")
+    assert dm.records is not None
+    assert {k: len(v) for k, v in dm.records.items()} == {"train": 20, "validation": 6, "predict": 6}  # none held out
+    assert [r["text"] for r in dm.records["validation"]] == [r["text"] for r in hub.classification_rows(6, seed=1)]
+    assert dm.labels == ["neg", "pos"] and len(dm.encoded["train"]) == 20
+
+
+def test_a_folder_of_data_files_and_a_data_file_as_dataset(tokenizer_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    hub.write_csv(tmp_path / "folder" / "train.csv", hub.classification_rows(10))
+    hub.write_csv(tmp_path / "folder" / "test.csv", hub.classification_rows(4, seed=1))
+    dm = classification(tokenizer_dir, dataset=str(tmp_path / "folder"), val_split=0.2)
+    dm.setup("test")
+    assert dm.records is not None
+    assert {k: len(v) for k, v in dm.records.items()} == {"train": 8, "validation": 2, "test": 4, "predict": 2}
+    file = hub.write_jsonl(tmp_path / "rows.jsonl", hub.classification_rows(10))
+    dm = classification(tokenizer_dir, dataset=str(file), val_split=0.0)
+    dm.setup("fit")
+    assert [r["text"] for r in dm.records["train"]] == [r["text"] for r in _held_order(hub.classification_rows(10))]
+
+
+def _held_order(rows: list[dict[str, str]], seed: int = 42) -> list[dict[str, str]]:
+    import torch
+
+    return [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()]
+
+
+def test_tokenizing_is_cached_by_map_in_the_datasets_cache_not_the_cwd(
+    tokenizer_dir: Path, tmp_path: Path, datasets_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    train = hub.write_csv(tmp_path / "train.csv", hub.classification_rows(20))
+
+    def encoded(**kwargs: object) -> str:
+        dm = classification(tokenizer_dir, train_file=str(train), **kwargs)  # type: ignore[arg-type]
+        dm.setup("fit")
+        (cache,) = dm.encoded["train"].cache_files
+        return cache["filename"]
+
+    first = encoded()
+    assert Path(first).is_relative_to(datasets_cache) and Path(first).is_file()
+    modified = Path(first).stat().st_mtime_ns
+    assert encoded() == first and Path(first).stat().st_mtime_ns == modified  # read back, not written again
+    assert encoded(max_length=4) != first  # another option: another cache entry
+    assert encoded(seed=1) != first  # other records held out
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_streaming_yields_batches_without_reading_the_whole_file(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """A 16 MB JSON-lines file whose last line is broken: streamed, its first batches arrive all the same.
+
+    ``datasets`` parses JSON lines in blocks of 10 MB, so the broken line is only reached by
+    reading past the first block; without streaming the file is read whole and fails to parse.
+    """
+    path = tmp_path / "corpus.jsonl"
+    line = '{"text": "the day was good and the day was bad and what is ai %s"}\n'
+    with path.open("w") as handle:
+        handle.writelines(line % ("x" * (n % 50)) for n in range(220_000))
+        handle.write('{"text": \n')
+    assert path.stat().st_size > 16 * 2**20
+    dm = CausalLMData(
+        train_file=str(path),
+        text_column="text",
+        tokenizer=str(tokenizer_dir),
+        streaming=True,
+        val_split=0.0,
+        batch_size=4,
+        shuffle_buffer=64,
+    )
+    dm.setup("fit")
+    assert dm.records is not None and type(dm.records["train"]).__name__ == "IterableDataset"
+    loader = dm.train_dataloader()
+    batches = [batch for _, batch in zip(range(3), loader, strict=False)]
+    assert [tuple(b["input_ids"].shape[:1]) for b in batches] == [(4,)] * 3
+    assert all(torch_equal(b["labels"], b["input_ids"], b["attention_mask"]) for b in batches)
+    with pytest.raises(ValueError, match=r"could not be read as JSON lines"):
+        CausalLMData(train_file=str(path), text_column="text", tokenizer=str(tokenizer_dir)).setup("fit")
+
+
+def torch_equal(labels: object, ids: object, mask: object) -> bool:
+    """Plain-text examples learn every real token: labels are the ids where the mask is 1."""
+    import torch
+
+    assert isinstance(labels, torch.Tensor) and isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)
+    return bool(torch.equal(labels[mask == 1], ids[mask == 1]))
+
+
+@pytest.mark.slow
+def test_a_streamed_causal_lm_fits_in_a_trainer(hub_dir: Path, tmp_path: Path) -> None:
+    import lightning as L
+
+    from lightning_peft import PEFTCallback
+    from lightning_peft.tasks import CausalLM
+    from tests.lightning.modules import trainer
+
+    rows = [{"prompt": q, "response": a} for q, a in hub.QUESTIONS] * 8
+    train = hub.write_jsonl(tmp_path / "train.jsonl", rows)
+    val = hub.write_jsonl(tmp_path / "val.jsonl", rows[:4])
+    L.seed_everything(0)
+    dm = CausalLMData(train_file=str(train), validation_file=str(val), streaming=True, batch_size=4)
+    module = CausalLM(str(hub.save_model(hub_dir, "llama")), learning_rate=1e-2)
+    t = trainer(tmp_path, max_steps=3, callbacks=[PEFTCallback("lora", r=4, verbose=False)], num_sanity_val_steps=0)
+    t.fit(module, dm)
+    assert t.global_step == 3  # a stream has no length: max_steps ends the run
+    (batch,) = list(dm.val_dataloader())  # 4 records, one batch, in file order
+    assert batch["input_ids"].shape[0] == 4 and (batch["labels"] != IGNORE_INDEX).any()
+
+
+def test_streaming_refuses_what_needs_the_whole_stream(tokenizer_dir: Path, csv_file: Path) -> None:
+    with pytest.raises(ValueError, match=r"CausalLMData.val_split=0.1: a stream \(streaming: true\) cannot be split"):
+        CausalLMData(train_file=str(csv_file), tokenizer=str(tokenizer_dir), streaming=True).setup("fit")
+    with pytest.raises(ValueError, match=r"TextClassificationData.labels is None with streaming: true"):
+        TextClassificationData(train_file=str(csv_file), streaming=True, val_split=0.0)
+    with pytest.raises(ValueError, match=r"CausalLMData.streaming must be true or false; got 'yes'"):
+        CausalLMData(train_file=str(csv_file), streaming="yes")  # type: ignore[arg-type]
+
+
+def test_a_streamed_record_without_its_column_is_named_when_read(tokenizer_dir: Path, tmp_path: Path) -> None:
+    rows = [{"prompt": "hi", "response": "hello"}] * 3 + [{"prompt": "what"}]
+    dm = CausalLMData(
+        train_file=str(hub.write_jsonl(tmp_path / "q.jsonl", rows)),
+        tokenizer=str(tokenizer_dir),
+        streaming=True,
+        val_split=0.0,
+        batch_size=2,
+    )
+    dm.setup("fit")
+    loader = iter(dm.train_dataloader())
+    with pytest.raises(ValueError, match=r"CausalLMData.response_column='response': train_file=.* \(record 4\)"):
+        for _ in range(2):
+            next(loader)
+
+
+# --------------------------------------------------------------------------- predict-time messages (issue 19)
+
+
+def test_predicting_without_labels_points_at_the_fix(tokenizer_dir: Path, tmp_path: Path) -> None:
+    path = hub.write_csv(tmp_path / "new.csv", [{"text": "good day"}, {"text": "bad day"}])
+    dm = classification(tokenizer_dir, predict_file=str(path))
+    with pytest.raises(
+        ValueError,
+        match=r"TextClassificationData.labels is not set and there are no labelled records to read the classes "
+        r"from \(only predict_file='.*new.csv'.*--data.labels '\[\"neg\", \"pos\"\]'.*hyper_parameters.labels",
+    ):
+        dm.setup("predict")
+    dm = classification(tokenizer_dir, predict_file=str(path), labels=["neg", "pos"])
+    dm.setup("predict")
+    assert next(iter(dm.predict_dataloader()))["text"] == ["good day", "bad day"]
+
+
+def test_a_txt_file_has_only_the_text_column_and_says_so(tokenizer_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("good day\nbad day\n")
+    dm = classification(tokenizer_dir, train_file=str(tmp_path / "t.txt"))
+    with pytest.raises(
+        ValueError,
+        match=r"label_column='label': train_file='.*t.txt' has no column 'label'; its columns are: text "
+        r"\(a .txt file has one column, 'text': one example per non-empty line",
+    ):
         dm.setup("fit")
