@@ -1,6 +1,6 @@
-"""``python -m lightning_peft {fit,validate,test,predict} --config ...`` (see lightning_peft.lightning.cli)."""
+"""``python -m lightning_peft {fit,validate,test,predict} --config ...`` (see :mod:`lightning_peft.cli`)."""
 
-from lightning_peft.lightning.cli import main
+from lightning_peft.cli import main
 
 if __name__ == "__main__":
     main()

@@ -12,14 +12,28 @@ The PEFT method is a Trainer callback in the config, given by name or as a confi
 
 and on the command line as ``--trainer.callbacks.method.r 16`` (the last callback in the list).
 Beyond Lightning's own CLI this adds: method configs accepted as ``class_path`` objects, the
-registered methods and their options in ``--help``, a model summary with trainable vs frozen
-parameters, and ``predict`` printing its predictions as JSON lines.
+registered methods and their options in ``--help`` (plain text, cached: see
+:mod:`~lightning_peft.lightning.cli_help`), a model summary with trainable vs frozen parameters,
+and ``--print_config`` with every ``class_path`` first in its object.
+
+What goes where (:mod:`~lightning_peft.lightning.cli_output`): ``predict`` writes one JSON line
+per input on stdout (or ``--output FILE``) and nothing else does, the progress bar and log lines
+go to stderr, third-party adverts and warnings not about the run are dropped, and ``--quiet``
+leaves only results, warnings and errors.
+
+``validate``, ``test`` and ``predict`` with ``--ckpt_path`` reuse what the checkpoint knows: the
+labels (in the model's recorded hyperparameters), the run folder it was saved in (metrics go to
+``<run>/<subcommand>/``, not a new ``lightning_logs/version_N``), and how the fit split its data
+(each evaluation says which records it scores and whether the fit validated on them; ``test``
+without a test split scores the validation split and says so). See
+:mod:`~lightning_peft.lightning.cli_runs`.
 
 Mistakes in the input fail early and as one message: ``--ckpt_path``, the data files and their
 columns, and the folders to write in are checked before a model is built, and :func:`main` prints
 what is wrong, the bad value, what would be valid and where it was set (a ``--config`` file or a
 flag, with the key), then exits with 2. ``--debug`` (or ``LIGHTNING_PEFT_DEBUG=1``) shows the
-Python traceback instead; exceptions that are bugs rather than bad input always keep theirs.
+Python traceback instead; exceptions that are bugs rather than bad input always keep theirs. See
+:mod:`~lightning_peft.lightning.cli_errors`.
 
 Serving several adapters from one base model: ``validate`` and ``predict`` take ``--adapters
 '{"topic": "topic.ckpt", "spam": "spam_adapter/"}'`` (PEFTCallback checkpoints or adapter folders),
@@ -39,400 +53,117 @@ directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import importlib
-import itertools
-import json
-import linecache
+import io
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonargparse
 import yaml
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import lightning_peft.api  # noqa: F401  (registers the built-in methods)
 from lightning_peft import registry
-from lightning_peft.api import io
+from lightning_peft.api import io as api_io
 from lightning_peft.api.inject import BASE, check_adapter_name
+from lightning_peft.core import files
 from lightning_peft.core.config import AdapterConfig
+from lightning_peft.lightning import cli_help
 from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.lightning.cli_errors import (
+    CLIError,
+    check_checkpoint,
+    check_writable,
+    clean_parse_error,
+    locate_key,
+    user_error,
+    value_source,
+)
+from lightning_peft.lightning.cli_help import METHOD_HELP, methods_help
+from lightning_peft.lightning.cli_output import (
+    JSONLinesWriter,
+    StderrProgressBar,
+    set_quiet,
+    silence_third_party_noise,
+)
+from lightning_peft.lightning.cli_runs import (
+    SAVED_HEADER,
+    SPLIT_OPTIONS,
+    DataSplitRecorder,
+    LogConfigCallback,
+    checkpoint_run,
+    describe_split,
+    evaluation_logger,
+    recorded_split,
+    run_log_dir,
+    split_options,
+)
 from lightning_peft.lightning.serving import AdapterLoader, recorded_hyperparameters
 from lightning_peft.lightning.summary import PEFTModelSummary
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: The subcommands that take ``--adapters`` and ``--adapter`` (``predict`` also ``--adapter_column``).
 SERVING = ("validate", "predict")
+#: The subcommands that evaluate or use a trained model (``--ckpt_path``) rather than train one.
+EVALUATION = ("validate", "test", "predict")
 #: The flag and the environment variable that show the traceback of a mistake in the input.
 DEBUG_FLAG, DEBUG_ENV = "--debug", "LIGHTNING_PEFT_DEBUG"
-#: The first line of every config this CLI saves in a log folder: only such a file is ever rewritten.
-SAVED_HEADER = "lightning_peft: resolved config (a rerun into the same folder rewrites it: copy it before editing)"
-#: The command that prints one method's options in full (type, default and description).
-METHOD_HELP = "python -m lightning_peft fit --trainer.callbacks+=PEFTCallback --trainer.callbacks.method.help {cls}"
-
-
-def _format_default(field: dataclasses.Field) -> str:
-    if field.default is not dataclasses.MISSING:
-        return json.dumps(field.default)
-    if field.default_factory is not dataclasses.MISSING:
-        return json.dumps(field.default_factory())
-    return "required"
-
-
-def methods_help() -> str:
-    """Every registered method with its options (name: type = default), for ``--help``."""
-    lines = ["PEFT methods (set in trainer.callbacks as PEFTCallback's method: a name or a class_path config):"]
-    for method in registry.all_methods():
-        cls = method.config_cls
-        lines.append(f"  {method.name}: {method.summary}")
-        lines.append(f"    class_path: {cls.__module__}.{cls.__qualname__}")
-        for field in dataclasses.fields(cls):
-            lines.append(f"    {field.name}: {field.type} = {_format_default(field)}")
-        lines.append(f"    all about each option: {METHOD_HELP.format(cls=cls.__name__)}")
-    return "\n".join(lines)
-
-
-class _HelpFormatter(jsonargparse.DefaultHelpFormatter):
-    """Keeps the line breaks of the description and the methods list."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "".join(indent + line for line in text.splitlines(keepends=True))
-
-
-# --------------------------------------------------------------------------- mistakes in the input
-
-
-class CLIError(ValueError):
-    """A mistake in the CLI's input (a config value, a flag, a file), raised from the failed check.
-
-    :func:`main` prints it as one message without a traceback. ``message`` says what is wrong, with
-    the bad value and what would be valid; ``where`` the config key and where it was set.
-    """
-
-    def __init__(self, message: str, where: str | None = None, hint: str | None = None) -> None:
-        super().__init__(message if where is None else f"{message}\n  where: {where}")
-        self.message, self.where, self.hint = message, where, hint
-
-
-#: Exception types that lightning_peft raises on purpose when it validates input.
-_VALIDATION_ERRORS = (ValueError, TypeError, OSError, ImportError)
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: Lines of jsonargparse's parse errors that name no problem (the union's other branches).
-_NOISE = re.compile(
-    r"((- )?Does not validate against any of the Union subtypes|Subtypes: .*|Errors:|"
-    r"- Expected a <class 'NoneType'>|Given value type: .*)$"
+#: The flag that leaves only results, warnings and errors.
+QUIET_FLAG = "--quiet"
+#: What a missing column in a ``.txt`` file needs to be told.
+TXT_HINT = (
+    "a .txt file gives one record per line, in one column named 'text'; for other columns use .csv, .tsv, "
+    ".jsonl or .json"
 )
 
 
-def _raised_by_lightning_peft(error: BaseException) -> bool:
-    """Whether a ``raise`` statement in lightning_peft's own code raised ``error`` (a check, not a bug)."""
-    tb = error.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
-    if not filename.startswith(_PACKAGE_DIR + os.sep):
-        return False
-    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+@contextlib.contextmanager
+def _evaluation_warnings() -> Iterator[None]:
+    """During validate / test / predict: ModelCheckpoint's "dirpath has changed" (it saves nothing then)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from", category=UserWarning)
+        yield
 
 
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """``error``, then what caused it, breadth first: ``__cause__`` and every branch of jsonargparse's unions.
-
-    A union's error is raised from its first branch's only; the others (where a method config's
-    own check failed, say) are the ``exceptions`` of the frame that raised it.
-    """
-    seen: set[int] = set()
-    queue: list[BaseException] = [error]
-    while queue:
-        current = queue.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        queue += [current.__cause__] if current.__cause__ is not None else []
-        tb = current.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_name == "raise_union_unexpected_value":
-                branches = tb.tb_frame.f_locals.get("exceptions") or []
-                queue += [b for b in branches if isinstance(b, BaseException)]
-            tb = tb.tb_next
-
-
-def user_error(error: BaseException) -> BaseException | None:
-    """The exception to show when ``error`` comes from a mistake in the input; None for a bug.
-
-    Mistakes are: lightning_peft's own validation errors (a ``raise`` of ValueError, TypeError,
-    OSError or ImportError in its code), Lightning's MisconfigurationException, and jsonargparse's
-    parse errors. jsonargparse wraps errors raised while it builds a class in its own, so the
-    outermost such link among the causes (see :func:`_causes`) is the one shown.
-    """
-    for link in _causes(error):
-        if isinstance(link, MisconfigurationException):
-            return link
-        if isinstance(link, _VALIDATION_ERRORS) and _raised_by_lightning_peft(link):
-            return link
-    return error if isinstance(error, argparse.ArgumentError) else None
-
-
-def clean_parse_error(text: str) -> str:
-    """jsonargparse's parse error without the lines that name no problem.
-
-    A union's ``- Expected a <class 'NoneType'>`` and, when a class was recognised but its options
-    were not, the ``- Not a valid subclass of ...`` block (the class is valid; its options are not).
-    """
-    drop_subclass = "Problem with given class_path" in text
-    kept: list[str] = []
-    skip_deeper: int | None = None
-    for line in text.splitlines():
-        indent, body = len(line) - len(line.lstrip()), line.strip()
-        if skip_deeper is not None and indent > skip_deeper:
-            continue
-        skip_deeper = None
-        if drop_subclass and body.startswith("- Not a valid subclass of "):
-            skip_deeper = indent
-        elif body and not _NOISE.match(body):
-            kept.append(line)
-    return re.sub(r"NestedArg\(key='([^']*)', val='([^']*)'\)", r"\1=\2", "\n".join(kept))
-
-
-def _segments(key: str) -> tuple[str, ...]:
-    """``trainer.callbacks[1].init_args.method`` -> ``("trainer", "callbacks", "method")``: what a flag names."""
-    parts = (p.rstrip("+") for p in re.split(r"[.\[\]=]+", key.lstrip("-")))
-    return tuple(p for p in parts if p and not p.isdigit() and p not in ("init_args", "dict_kwargs", "class_path"))
-
-
-def _leaves(node: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """The key paths a config file sets (list items share their list's path, as flags do)."""
-    items = list(node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else [])
-    if not items:
-        yield prefix
-        return
-    for key, value in items:
-        yield from _leaves(value, prefix + _segments(str(key)))
-
-
-def _config_keys(value: str, subcommand: str | None) -> list[tuple[str, ...]]:
-    """The key paths a ``--config`` value (a file, or YAML text) sets."""
-    path = Path(value).expanduser()
-    try:
-        data = yaml.safe_load(path.read_text() if path.is_file() else value)
-    except (OSError, yaml.YAMLError):
-        return []
-    if not isinstance(data, dict):
-        return []
-    if subcommand is not None and isinstance(data.get(subcommand), dict):  # a config given before the subcommand
-        data = data[subcommand]
-    return list(_leaves(data))
-
-
-def _setters(argv: Sequence[str], subcommand: str | None) -> Iterator[tuple[tuple[str, ...], str]]:
-    """(key path, where) for every value the command line sets, in the order they apply."""
-    tokens = iter(argv)
-    for token in tokens:
-        if not token.startswith("-") or token == "-":
-            continue  # the subcommand
-        flag, equals, value = token.partition("=")
-        if not equals:
-            value = next(tokens, "") if flag not in ("--print_config", "--help", "-h") else ""
-        if flag in ("-c", "--config"):
-            yield ("config",), f"set by {flag} {value} on the command line"
-            shown = value if Path(value).expanduser().is_file() else "a --config string"
-            yield from ((keys, f"set in {shown}") for keys in _config_keys(value, subcommand))
-        elif _segments(flag):
-            given = token if equals else f"{flag} {value}".rstrip()
-            yield _segments(flag), f"set by {given} on the command line"
-
-
-def value_source(argv: Sequence[str], key: str, subcommand: str | None = None) -> str:
-    """Where the command line ``argv`` sets config ``key``: the last ``--config`` file or flag that does.
-
-    A flag or file that sets the key (or a part of it) wins over one that only sets an enclosing
-    object (``--model SequenceClassification`` for ``model.init_args.learning_rate``).
-    """
-    wanted = _segments(key)
-    exact = enclosing = None
-    for keys, where in _setters(argv, subcommand):
-        if keys[: len(wanted)] == wanted:
-            exact = where
-        elif wanted[: len(keys)] == keys:
-            enclosing = where
-    return exact or enclosing or "not set by any --config file or flag: the default"
-
-
-def _items(node: Any) -> Iterator[tuple[str | int, Any]]:
-    if isinstance(node, jsonargparse.Namespace):
-        node = vars(node)
+def _class_path_first(node: Any) -> Any:
+    """``node`` with ``class_path`` as the first key of every object that has one (then ``init_args``)."""
     if isinstance(node, dict):
-        yield from ((k, v) for k, v in node.items() if not str(k).startswith("__"))
-    elif isinstance(node, list):
-        yield from enumerate(node)
+        order = sorted(node, key=lambda k: {"class_path": 0, "init_args": 1}.get(k, 2))
+        return {k: _class_path_first(node[k]) for k in order}
+    if isinstance(node, list):
+        return [_class_path_first(v) for v in node]
+    return node
 
 
-def _walk(node: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any]]:
-    for key, value in _items(node):
-        yield path + (key,), value
-        yield from _walk(value, path + (key,))
+class PEFTArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose YAML dumps (``--print_config``, the saved ``config.yaml``) put ``class_path`` first.
 
-
-def _format_key(path: Sequence[str | int]) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
-
-
-#: The subject of a validation message: ``Owner.field``, ``Owner``, ``field`` or ```field```.
-_SUBJECT = re.compile(r"`?(?:(?P<owner>[A-Z]\w*)(?:\.(?P<ofield>[a-z_][\w.]*))?|(?P<field>[a-z_][\w.]*))`?(?=[=:` ]|$)")
-
-
-def locate_key(message: str, config: Any) -> str | None:
-    """The config key a validation message is about, found in the parsed ``config``; None if unclear.
-
-    ``SequenceClassification.learning_rate must be ...`` is the ``learning_rate`` of the object whose
-    class is SequenceClassification (``model.init_args.learning_rate``); ```max_epochs` must be ...``
-    and ``method must be ...`` are the one key of that name.
+    jsonargparse writes an object's ``init_args`` before its ``class_path`` once an option in it
+    was set on the command line (``--trainer.callbacks.method.r 16``), so the class a reader looks
+    for comes last; the content is unchanged.
     """
-    subject = _SUBJECT.match(message)
-    if subject is None or config is None:
-        return None
-    owner, field = subject["owner"], subject["ofield"] or subject["field"]
-    nodes = dict(_walk(config))
-    found = []
-    for path, value in nodes.items():
-        if field is None:  # the object of class `owner`
-            if path[-1] == "class_path" and str(value).rsplit(".", 1)[-1] == owner:
-                found.append(path[:-1])
-            continue
-        dotted = tuple(field.split("."))
-        if tuple(str(p) for p in path[-len(dotted) :]) != dotted:
-            continue
-        if owner is not None:
-            parent = path[: -len(dotted)]
-            if not parent or parent[-1] != "init_args":
-                continue
-            if str(nodes.get(parent[:-1] + ("class_path",), "")).rsplit(".", 1)[-1] != owner:
-                continue
-        found.append(path)
-    return _format_key(found[0]) if len(found) == 1 else None
-
-
-# --------------------------------------------------------------------------- where the run writes
-
-
-def run_log_dir(trainer: Trainer) -> str:
-    """The run's own folder: the one ModelCheckpoint's ``checkpoints/`` lives in (call it on every rank).
-
-    Lightning's ``trainer.log_dir`` is that folder for TensorBoard and CSV loggers and without a
-    logger (``default_root_dir``); for other loggers (W&B, MLflow, ...) it is their ``save_dir``,
-    shared by every run, so the run's folder is ``save_dir/name/version`` as for checkpoints.
-    """
-    loggers = trainer.loggers
-    if not loggers or isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
-        path = trainer.log_dir
-        assert path is not None
-        return path
-    logger = loggers[0]
-    save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return trainer.strategy.broadcast(os.path.join(save_dir, str(logger.name), version))
-
-
-def check_writable(field: str, path: str | os.PathLike[str]) -> None:
-    """Raise if a run could not create or write folder ``path`` (given as option ``field``); creates nothing."""
-    if "://" in str(path):
-        return  # a remote filesystem: it answers for itself
-    target = Path(path).expanduser().absolute()
-    existing = target
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "is a file" if existing == target else f"is inside {str(existing)!r}, which is a file"
-        raise NotADirectoryError(f"{field}={str(path)!r} {what}, not a folder; give a folder to write in.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"{field}={str(path)!r} is not writable: no permission to write in {str(existing)!r}; "
-            "give a folder you can write to."
-        )
-
-
-class LogConfigCallback(SaveConfigCallback):
-    """Saves ``config.yaml`` in the run's own folder and also logs the whole run config to every logger.
-
-    So a W&B run (or ``hparams.yaml``) records exactly what was run, under the key ``cli``: model,
-    data, trainer and the PEFT method with its options, as plain JSON.
-
-    The folder is :func:`run_log_dir` (for W&B the run's folder beside its checkpoints, not the
-    ``save_dir`` every run shares). A file already there is rewritten only when this CLI wrote it
-    (its first line is :data:`SAVED_HEADER`), ``overwrite`` is on and it is not one of ``keep``;
-    otherwise the config goes to the first free ``config-<n>.yaml``.
-
-    Args:
-        keep: files never to write over (the CLI passes every file named on its command line).
-        *args, **kwargs: :class:`~lightning.pytorch.cli.SaveConfigCallback`'s.
-    """
-
-    def __init__(self, *args: Any, keep: Sequence[str | os.PathLike[str]] = (), **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.keep = {os.path.realpath(path) for path in keep}
-        self.saved_path: str | None = None
-
-    def _may_write(self, fs: Any, path: str) -> bool:
-        if not fs.exists(path):
-            return True
-        if not self.overwrite or ("://" not in path and os.path.realpath(path) in self.keep):
-            return False
-        with fs.open(path, "r") as file:
-            return file.readline().strip() == f"# {SAVED_HEADER}"
-
-    def target(self, fs: Any, log_dir: str) -> str:
-        """Where to save in ``log_dir``: ``config.yaml``, else the first ``config-<n>.yaml`` that may be written."""
-        stem, ext = os.path.splitext(self.config_filename)
-        names = itertools.chain([self.config_filename], (f"{stem}-{n}{ext}" for n in itertools.count(2)))
-        return next(path for path in (os.path.join(log_dir, name) for name in names) if self._may_write(fs, path))
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.already_saved:
-            return
-        if self.save_to_log_dir:
-            log_dir = run_log_dir(trainer)
-            fs = get_filesystem(log_dir)
-            path = trainer.strategy.broadcast(self.target(fs, log_dir) if trainer.is_global_zero else None)
-            if trainer.is_global_zero:
-                fs.makedirs(log_dir, exist_ok=True)
-                if self.multifile:
-                    self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=True)
-                else:  # marked as saved by this CLI, which lets a rerun rewrite it
-                    with fs.open(path, "w") as file:
-                        file.write(f"# {SAVED_HEADER}\n{self.parser.dump(self.config, skip_none=False)}")
-                self.saved_path = path
-                if os.path.basename(path) != self.config_filename:
-                    rank_zero_info(
-                        f"{os.path.join(log_dir, self.config_filename)} is not a config this CLI saved (or was given "
-                        f"on the command line): the resolved config is in {path}"
-                    )
-        if trainer.is_global_zero:
-            self.save_config(trainer, pl_module, stage)
-            self.already_saved = True
-        self.already_saved = trainer.strategy.broadcast(self.already_saved)
-
-    @override
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
-        config.pop("config", None)  # the paths of the config files given
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"cli": config})
+    def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
+        text = super().dump(cfg, *args, **kwargs)
+        if args or kwargs.get("format", "parser_mode") not in ("parser_mode", "yaml"):
+            return text
+        if getattr(self, "parser_mode", "yaml") != "yaml":
+            return text
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            return text
+        return yaml.safe_dump(_class_path_first(data), default_flow_style=False, allow_unicode=True, sort_keys=False)
 
 
 class PEFTLightningCLI(LightningCLI):
@@ -450,6 +181,7 @@ class PEFTLightningCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        silence_third_party_noise()
         # Method configs are dataclasses, which jsonargparse would otherwise only take as plain
         # nested options of the declared (base) class; this lets `class_path: ...LoRAConfig` through.
         jsonargparse.set_parsing_settings(subclasses_enabled=[AdapterConfig])
@@ -465,9 +197,10 @@ class PEFTLightningCLI(LightningCLI):
         self.argv: list[str] = (
             [] if isinstance(given, dict) else [str(a) for a in (sys.argv[1:] if given is None else given)]
         )
-        help_kwargs = {"epilog": methods_help(), "formatter_class": _HelpFormatter}
+        help_kwargs = cli_help.help_kwargs()
         extra = kwargs.pop("parser_kwargs", None) or {}
         parser_kwargs: dict[str, Any] = {
+            "prog": cli_help.program_name(),
             "description": (
                 "lightning_peft: parameter-efficient fine-tuning with PyTorch Lightning.\n"
                 f"A mistake in the input prints one message; {DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback."
@@ -481,6 +214,10 @@ class PEFTLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LogConfigCallback)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_class", PEFTArgumentParser)
+        #: What ``validate`` / ``test`` / ``predict`` learn from ``--ckpt_path`` (set before the classes are built).
+        self.run_folder: Path | None = None
+        self.recorded_split: dict[str, Any] | None = None
         try:
             super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
         except Exception as error:
@@ -493,6 +230,18 @@ class PEFTLightningCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         # LightningCLI builds one parser per subcommand here; the serving options exist only for those that serve.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.add_argument(
+            QUIET_FLAG,
+            action="store_true",
+            help="Only results, warnings and errors: no progress bar, model summary or info lines (for scripts).",
+        )
+        if subcommand == "predict":
+            parser.add_argument(
+                "--output",
+                type=str | None,
+                default=None,
+                help="Write the predictions (one JSON line per input) to this file instead of stdout.",
+            )
         if subcommand in SERVING:
             parser.add_argument(
                 "--adapters",
@@ -547,6 +296,39 @@ class PEFTLightningCLI(LightningCLI):
             and not ckpt_path.startswith("registry")
         ):
             check_checkpoint(ckpt_path)
+            if self.subcommand in EVALUATION and "://" not in ckpt_path:
+                self._read_checkpoint(ckpt_path)
+
+    @override
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        set_quiet(self.quiet)  # before LightningCLI's first line ("Seed set to ...")
+
+    @property
+    def quiet(self) -> bool:
+        """``--quiet`` was given (read from the parsed config, whichever subcommand runs)."""
+        config = getattr(self, "config", None)
+        if config is None:
+            return False
+        subcommand = config.get("subcommand")
+        node = config.get(subcommand, config) if subcommand else config
+        return bool(node.get("quiet"))
+
+    def _note(self, message: str) -> None:
+        """An info line on stderr (global rank 0, not under ``--quiet``)."""
+        trainer = getattr(self, "trainer", None)
+        if not self.quiet and (trainer is None or trainer.is_global_zero):
+            print(message, file=sys.stderr, flush=True)
+
+    def _read_checkpoint(self, ckpt_path: str) -> None:
+        """What an evaluation reuses from its checkpoint: the run it came from and how its data was split.
+
+        (Its labels come with the model's recorded hyperparameters, which LightningCLI reads into
+        the model's options; :meth:`_check_ready` hands them to the datamodule.)
+        """
+        self.run_folder = checkpoint_run(ckpt_path)
+        checkpoint = files.load_torch(Path(ckpt_path).expanduser())
+        self.recorded_split = recorded_split(checkpoint) if isinstance(checkpoint, dict) else None
 
     @staticmethod
     def _place_logger_files(trainer: jsonargparse.Namespace) -> None:
@@ -589,8 +371,22 @@ class PEFTLightningCLI(LightningCLI):
                     check_writable(f"{type(callback).__name__}.dirpath", callback.dirpath)
         from lightning_peft.tasks.data import TextDataModule, load_records
 
-        if isinstance(self.datamodule, TextDataModule):
-            load_records(self.datamodule)  # files, columns and the task's checks; setup reuses them
+        data = self.datamodule
+        if isinstance(data, TextDataModule):
+            model_labels = getattr(self.model, "labels", None)
+            if model_labels and hasattr(data, "labels") and data.labels is None:
+                # From the checkpoint (LightningCLI reads its hyperparameters into the model's options) or
+                # the config: the label order the head was trained with, which the data must encode with.
+                data.labels = [str(label) for label in model_labels]
+            try:
+                load_records(data)  # files, columns and the task's checks; setup reuses them
+            except ValueError as error:
+                texts = [p for p in (getattr(data, "files", None) or {}).values() if p and str(p).endswith(".txt")]
+                if not texts or "has no column" not in str(error):
+                    raise
+                explained = self._explain(error)
+                explained.hint = TXT_HINT
+                raise explained from error
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in trainer.loggers:
@@ -621,7 +417,7 @@ class PEFTLightningCLI(LightningCLI):
             except ValueError as error:
                 raise CLIError(str(error), self._where("adapters")) from error
             try:
-                io.read_adapter(path)  # the record and the tensors: a lightning_peft adapter that loads
+                api_io.read_adapter(path)  # the record and the tensors: a lightning_peft adapter that loads
             except (OSError, ValueError) as error:
                 raise CLIError(f"--adapters {name}={path!r}: {error}", self._where("adapters")) from error
         if active is not None and active not in adapters:
@@ -726,33 +522,134 @@ class PEFTLightningCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._serve()
+        self._say_what_is_evaluated("validation")
 
     def before_test(self) -> None:
         self._check_ready()
+        data = self.datamodule
+        records = getattr(data, "records", None)
+        fallback = (
+            isinstance(records, dict)
+            and "test" not in records
+            and "validation" in records
+            and self._get(self.config, "ckpt_path") is not None
+        )
+        if fallback:
+            assert isinstance(records, dict)
+            records["test"] = records["validation"]
+        self._say_what_is_evaluated("test", fallback=fallback)
+
+    def _say_what_is_evaluated(self, split: str, fallback: bool = False) -> None:
+        """A line on stderr: the records ``validate`` / ``test`` score, and whether the fit validated on them."""
+        data = self.datamodule
+        records = getattr(data, "records", None)
+        if not isinstance(records, dict) or split not in records or not hasattr(data, "files"):
+            return
+        source = "validation" if fallback else split
+        try:
+            count = f"{len(records[split]):,} records"
+        except TypeError:  # a stream
+            count = "the records"
+        what = f"{self.subcommand}: {count}, the {source} split ({describe_split(data, source)})"
+        if fallback:
+            what = (
+                f"{self.subcommand}: the data has no test split (no test_file, test_split=0), so this tests the "
+                f"checkpoint on the validation split: {count}, {describe_split(data, 'validation')}"
+            )
+        recorded = self.recorded_split
+        if recorded is not None and source == "validation":
+            current = split_options(data)
+            changed = [f"{k}={recorded.get(k)!r}" for k in SPLIT_OPTIONS if recorded.get(k) != current.get(k)]
+            if changed:
+                what += (
+                    f"; not the split the checkpoint's fit validated on (it had {', '.join(changed)}): some of these "
+                    "records may have trained it"
+                )
+            else:
+                what += "; the records the checkpoint's fit validated on, none of which trained it"
+        if fallback:
+            what += ". For a test set of its own, fit with --data.test_split or give --data.test_file."
+        self._note(what)
 
     def before_predict(self) -> None:
         self._serve()
+        output = self._get(self.config, "output")
+        if output is not None:
+            self._check_output(output)
+
+    def _check_output(self, output: str) -> None:
+        """``--output`` names a file that may be written: not a folder, not one of the run's inputs."""
+        where = self._where("output")
+        path = Path(output).expanduser()
+        if path.is_dir():
+            raise CLIError(f"--output {output!r} is a folder; give the path of a .jsonl file to write.", where)
+        inputs = [a.partition("=")[2] or a for a in self.argv]
+        inputs += [str(p) for p in (getattr(self.datamodule, "files", None) or {}).values() if p]
+        if any(os.path.isfile(i) and os.path.samefile(i, path) for i in inputs if path.exists()):
+            raise CLIError(f"--output {output!r} is one of this run's inputs; give a new file to write.", where)
+        try:
+            check_writable("--output's folder", path.absolute().parent)
+        except OSError as error:
+            raise CLIError(str(error), where) from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, with a rich progress bar and :class:`PEFTModelSummary` unless configured otherwise."""
+        """The Trainer, with what this CLI adds unless configured otherwise.
+
+        A progress bar on stderr (:class:`StderrProgressBar`) and :class:`PEFTModelSummary`, both
+        off under ``--quiet``; for ``fit`` a :class:`DataSplitRecorder`; for ``predict`` the
+        :class:`JSONLinesWriter`. ``validate`` / ``test`` from a checkpoint inside a run folder
+        log into ``<run>/<subcommand>/`` and ``predict`` into no logger, unless a logger is
+        configured.
+        """
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         added: list[Any] = []
         for flag, kind, default in (
-            ("enable_progress_bar", ProgressBar, RichProgressBar),
+            ("enable_progress_bar", ProgressBar, StderrProgressBar),
             ("enable_model_summary", ModelSummary, PEFTModelSummary),
         ):
+            configured = any(isinstance(c, kind) for c in callbacks)
             wanted = config.get(flag) is not False and not config.get("barebones")
-            if wanted and not any(isinstance(c, kind) for c in callbacks):
+            if self.quiet and not configured and config.get(flag) is None:
+                kwargs.setdefault(flag, False)
+            elif wanted and not configured:
                 added.append(default())
+        if self.subcommand == "fit":
+            added.append(DataSplitRecorder())
+        if self.subcommand == "predict":
+            self.writer = JSONLinesWriter(self._get(self.config, "output"))
+            added.append(self.writer)
+        if self.subcommand in EVALUATION:
+            self._evaluation_trainer(config, kwargs)
         if added and "callbacks" not in kwargs:
             kwargs["callbacks"] = [*callbacks, *added]
         if isinstance(self.save_config_callback, type) and issubclass(self.save_config_callback, LogConfigCallback):
             named = [a.partition("=")[2] or a for a in self.argv]
             files = [a for a in named if a and not a.startswith("-") and os.path.isfile(a)]
             self.save_config_kwargs = {"keep": files, **self.save_config_kwargs}
+            if self.subcommand in EVALUATION:  # beside the fit's config.yaml, never over it
+                where = {"log_dir": str(self.run_folder)} if self.run_folder is not None else {"save_to_log_dir": False}
+                self.save_config_kwargs.update(config_filename=f"config-{self.subcommand}.yaml", **where)
         return super().instantiate_trainer(**kwargs)
+
+    def _evaluation_trainer(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """``validate`` / ``test`` / ``predict``: the logger (see :meth:`instantiate_trainer`)."""
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            logger = evaluation_logger(self.run_folder, self.subcommand) if self.subcommand != "predict" else None
+            kwargs["logger"] = logger if logger is not None else False
+            if logger is not None:
+                self._note(f"{self.subcommand}: logging into {logger.log_dir}, in the run the checkpoint came from")
+
+    def validate(self, **kwargs: Any) -> Any:
+        """``Trainer.validate``; a ModelCheckpoint restored from the checkpoint may not warn that its folder changed."""
+        with _evaluation_warnings():
+            return self.trainer.validate(**kwargs)
+
+    def test(self, **kwargs: Any) -> Any:
+        """``Trainer.test``, as :meth:`validate`."""
+        with _evaluation_warnings():
+            return self.trainer.test(**kwargs)
 
     def before_fit(self) -> None:
         self._check_ready()
@@ -773,29 +670,13 @@ class PEFTLightningCLI(LightningCLI):
             print(f"checkpoint ({'adapter only, ' if peft else ''}{os.path.getsize(path) / 1e3:,.0f} kB): {path}")
 
     def predict(self, **kwargs: Any) -> Any:
-        """Run ``Trainer.predict`` and print each prediction as one JSON line on stdout."""
-        predictions = self.trainer.predict(**kwargs)
-        for batch in predictions or []:
-            for item in batch if isinstance(batch, list) else [batch]:
-                print(json.dumps(item, default=str), file=sys.stdout)
+        """``Trainer.predict``; :class:`JSONLinesWriter` writes each prediction as one JSON line as batches end."""
+        with _evaluation_warnings():
+            predictions = self.trainer.predict(**kwargs)
+        output = self._get(self.config, "output")
+        if output is not None:
+            self._note(f"predict: {self.writer.count:,} predictions written to {output}")
         return predictions
-
-
-def check_checkpoint(ckpt_path: str) -> None:
-    """Raise unless ``ckpt_path`` (a local path or a URL) can be a checkpoint file to load."""
-    if "://" in ckpt_path:
-        return
-    path = Path(ckpt_path).expanduser()
-    where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
-    if path.is_dir():
-        found = sorted(str(p) for p in itertools.islice(path.rglob("*.ckpt"), 3))
-        inside = f"; the checkpoints in it include {', '.join(found)}" if found else " and holds no .ckpt file"
-        raise IsADirectoryError(f"ckpt_path={ckpt_path!r}{where} is a folder, not a checkpoint file{inside}.")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path!r} does not exist{where}; give the path of a .ckpt file (fit prints the one it "
-            "saved: 'checkpoint (...): <path>')."
-        )
 
 
 def main(args: list[str] | None = None, *, run: bool = True) -> PEFTLightningCLI:
@@ -804,7 +685,9 @@ def main(args: list[str] | None = None, *, run: bool = True) -> PEFTLightningCLI
     A mistake in the input (see :func:`user_error`) prints ``error: <what, the bad value, what is
     valid>`` and ``where: <key>, <the --config file or flag that set it>`` on stderr and exits with
     2. With ``--debug`` anywhere in ``args``, or ``LIGHTNING_PEFT_DEBUG=1``, it raises instead, with
-    the traceback; other exceptions always do.
+    the traceback; other exceptions always do. A help request (``--help``, ``fit --help``) prints
+    its cached text when there is one (:mod:`~lightning_peft.lightning.cli_help`) and caches the
+    text it prints otherwise.
     """
     argv = sys.argv[1:] if args is None else [str(a) for a in args]
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
@@ -813,6 +696,16 @@ def main(args: list[str] | None = None, *, run: bool = True) -> PEFTLightningCLI
     if entry_point and len(argv) < len(sys.argv) - 1:  # --debug: LightningCLI reads sys.argv
         sys.argv = [sys.argv[0], *argv]
         os.environ[DEBUG_ENV] = "1"  # for the processes DDP starts: they rerun sys.argv, now without --debug
+    silence_third_party_noise()
+    set_quiet(QUIET_FLAG in argv)  # before LightningCLI's first line ("Seed set to ...")
+    if cli_help.is_help_request(argv) and run:
+        if cli_help.print_cached_help(argv):
+            raise SystemExit(0)
+        return _help_and_cache(argv, entry_point)
+    return _run(argv, entry_point, run, debug)
+
+
+def _run(argv: list[str], entry_point: bool, run: bool, debug: bool) -> PEFTLightningCLI:
     # Parse errors raise (to be printed below) rather than print the whole usage and exit.
     strict = {"exit_on_error": False}
     parser_kwargs = {**strict, **{cmd: dict(strict) for cmd in SUBCOMMANDS}}
@@ -826,12 +719,37 @@ def main(args: list[str] | None = None, *, run: bool = True) -> PEFTLightningCLI
         raise SystemExit(2) from None
 
 
+def _help_and_cache(argv: list[str], entry_point: bool) -> PEFTLightningCLI:
+    """Print the help ``argv`` asks for, as the parser writes it, and cache that text."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            cli = _run(argv, entry_point, True, False)
+    except SystemExit as exit_:
+        sys.stdout.write(buffer.getvalue())
+        sys.stdout.flush()
+        if exit_.code in (0, None):
+            cli_help.save_help(argv, buffer.getvalue())
+        raise
+    sys.stdout.write(buffer.getvalue())
+    return cli
+
+
 __all__ = [
+    "EVALUATION",
+    "METHOD_HELP",
+    "SAVED_HEADER",
     "CLIError",
     "LogConfigCallback",
+    "PEFTArgumentParser",
     "PEFTLightningCLI",
+    "check_checkpoint",
+    "check_writable",
+    "clean_parse_error",
+    "locate_key",
     "main",
     "methods_help",
     "run_log_dir",
     "user_error",
+    "value_source",
 ]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from lightning_peft.core.config import check_positive_int
-from lightning_peft.lightning import cli
+from lightning_peft.lightning import cli, cli_errors
 from lightning_peft.lightning.cli import (
     DEBUG_ENV,
     DEBUG_FLAG,
@@ -32,6 +32,7 @@ from lightning_peft.lightning.cli import (
     value_source,
 )
 from lightning_peft.tasks import SequenceClassification
+from tests.lightning.cli_tiny import tiny_config
 from tests.tasks import hub
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,29 +47,13 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture
 def tiny(hub_dir: Path, tmp_path: Path) -> Path:
     """``tmp_path/tiny.yaml``: a one-step LoRA fit of a tiny BERT on ``tmp_path/train.csv``."""
-    train = hub.write_csv(tmp_path / "train.csv", hub.classification_rows(16))
-    config = {
-        "seed_everything": 1,
-        "model": {
-            "class_path": "lightning_peft.tasks.SequenceClassification",
-            "init_args": {"model_name_or_path": str(hub.save_model(hub_dir, "bert")), "learning_rate": 0.05},
-        },
-        "data": {
-            "class_path": "lightning_peft.tasks.TextClassificationData",
-            "init_args": {"train_file": str(train), "batch_size": 8, "val_split": 0.25},
-        },
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 1,
-            "limit_val_batches": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            "callbacks": [{"class_path": "lightning_peft.PEFTCallback", "init_args": {"method": "lora"}}],
-        },
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_config(
+        tmp_path,
+        hub_dir,
+        rows=hub.classification_rows(16),
+        trainer={"max_epochs": None, "max_steps": 1, "limit_val_batches": 1, "default_root_dir": None},
+        method="lora",
+    )
 
 
 def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -251,7 +236,7 @@ def test_user_error_tells_checks_from_bugs() -> None:
         check_positive_int("LoRAConfig", "r", 0)
     assert user_error(check.value) is check.value
     with pytest.raises(TypeError) as bug:  # a TypeError inside lightning_peft, but no `raise` of its own
-        cli._format_key(None)  # type: ignore[arg-type]
+        cli_errors._format_key(None)  # type: ignore[arg-type]
     assert user_error(bug.value) is None
     try:  # jsonargparse wraps the check: the check is shown
         try:
@@ -371,3 +356,28 @@ def test_a_config_given_on_the_command_line_is_never_written_over(
     assert saved.read_text().startswith(f"# {SAVED_HEADER}\n")
     assert yaml.safe_load(saved.read_text())["trainer"]["max_steps"] == 1
     assert not (tmp_path / "config-3.yaml").exists()
+
+
+# --------------------------------------------------------------------------- predict-time data
+
+
+def test_predict_without_labels_anywhere_says_how_to_give_them(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], never_built: None
+) -> None:
+    """No checkpoint (which would record the labels) and no labelled data: the message names --data.labels."""
+    (tmp_path / "new.txt").write_text("the movie was good\n")
+    args = ["predict", "--config", str(tiny), "--data.train_file", "null", "--data.predict_file", "new.txt"]
+    code, err = run_in_process(args, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert '--data.labels \'["neg", "pos"]\'' in err
+
+
+def test_a_txt_file_has_one_column_named_text(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], never_built: None
+) -> None:
+    (tmp_path / "new.txt").write_text("the movie was good\n")
+    args = ["predict", "--config", str(tiny), "--data.train_file", "null", "--data.predict_file", "new.txt"]
+    code, err = run_in_process([*args, "--data.text_column", "body", "--model.labels", "[neg, pos]"], capsys)
+    assert code == 2
+    assert "predict_file='new.txt' has no column 'body'" in err
+    assert "a .txt file gives one record per line, in one column named 'text'" in err

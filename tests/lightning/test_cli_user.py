@@ -1,0 +1,182 @@
+"""``python -m lightning_peft`` as a shell user runs it: subprocesses, reading stdout, stderr and the files written.
+
+One tiny fit ((IA)^3 on a tiny BERT, Lightning's default logger and progress bar) makes the run
+every test here uses as a user would use the quickstart's: ``validate`` / ``test`` / ``predict``
+with its checkpoint, ``predict ... > out.jsonl``, ``--output`` and ``--quiet``, ``--help`` and
+``--print_config``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_peft import PEFTCallback
+from lightning_peft.lightning.cli import PEFTLightningCLI
+from lightning_peft.lightning.cli_help import CACHE_ENV
+from lightning_peft.lightning.cli_output import NOISE_LOGS, NOISE_WARNINGS
+from tests.lightning.cli_tiny import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+NEW_TEXTS = ["the movie was good", "the food was awful", "what a lovely day"]
+#: Text of the third-party messages that are not about the user's run (none may reach the user).
+NOISE = [text for _, text in NOISE_LOGS] + [text for _, text in NOISE_WARNINGS] + ["dirpath has changed"]
+pytestmark = pytest.mark.slow  # each test starts Python processes that import Lightning (seconds each)
+
+
+def environment(cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTNING_PEFT_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env[CACHE_ENV] = str(cache)
+    return env
+
+
+def cli(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``python -m lightning_peft ARGS`` in ``cwd``, as a user types it."""
+    command = [sys.executable, "-m", "lightning_peft", *args]
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, env=environment(cwd / "cache"), timeout=600, check=False
+    )
+    if check:
+        assert result.returncode == 0, f"{shlex.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def assert_no_noise(stderr: str) -> None:
+    for text in NOISE:
+        assert text not in stderr, f"third-party noise on stderr: {text!r}\n{stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def run(hub_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A fit with Lightning's default logger into ``<folder>/lightning_logs/version_0``: folder, config, checkpoint."""
+    folder = tmp_path_factory.mktemp("user")
+    defaults = {"logger": None, "enable_progress_bar": None, "log_every_n_steps": 1}  # Lightning's
+    config = tiny_config(folder, hub_dir, trainer=defaults, method="ia3")
+    (folder / "new.txt").write_text("".join(f"{text}\n" for text in NEW_TEXTS))
+    fit = cli(folder, "fit", "--config", "tiny.yaml")
+    assert_no_noise(fit.stderr)
+    assert "fit finished in" in fit.stdout
+    (bar,) = [line for line in fit.stderr.splitlines() if line.startswith("Epoch 0/0 ")]
+    assert "val_recall" in bar  # stderr is a pipe here, as a log file: the final bar is one line, not a table
+    (checkpoint,) = (folder / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    return {"folder": folder, "config": config, "checkpoint": checkpoint}
+
+
+def versions(folder: Path) -> list[str]:
+    return sorted(p.name for p in (folder / "lightning_logs").iterdir())
+
+
+def metrics(path: Path) -> dict[str, float]:
+    (row,) = [r for r in csv.DictReader(path.open()) if any(v for k, v in r.items() if k != "step")]
+    return {k: float(v) for k, v in row.items() if v and k != "step"}
+
+
+# --------------------------------------------------------------------------- points 1 and 3
+
+
+def test_validate_and_test_reuse_the_checkpoint_and_write_into_its_run(run: dict[str, Path]) -> None:
+    folder, version = run["folder"], run["folder"] / "lightning_logs" / "version_0"
+    fit_config = hashlib.sha256((version / "config.yaml").read_bytes()).hexdigest()
+    ckpt = str(run["checkpoint"].relative_to(folder))
+    validate = cli(folder, "validate", "--config", "tiny.yaml", "--ckpt_path", ckpt)
+    test = cli(folder, "test", "--config", "tiny.yaml", "--ckpt_path", ckpt)
+    for result in (validate, test):
+        assert_no_noise(result.stderr)
+    # Says plainly what it scores: the held-out validation split, the one the fit validated on.
+    assert "validate: 6 records, the validation split (0.25 of train_file=" in validate.stderr
+    assert "the records the checkpoint's fit validated on, none of which trained it" in validate.stderr
+    assert (
+        "test: the data has no test split (no test_file, test_split=0), so this tests the checkpoint on the "
+        "validation split: 6 records"
+    ) in test.stderr
+    assert "--data.test_file" in test.stderr
+    assert "Test metric" in test.stdout and "test_accuracy" in test.stdout  # the results table on stdout
+    # Into the run it came from: no version_1, the fit's config untouched, no "dirpath has changed".
+    assert versions(folder) == ["version_0"]
+    assert hashlib.sha256((version / "config.yaml").read_bytes()).hexdigest() == fit_config
+    assert (version / "config-test.yaml").is_file() and (version / "config-validate.yaml").is_file()
+    scored = metrics(version / "test" / "metrics.csv")
+    validated = metrics(version / "validate" / "metrics.csv")
+    assert scored["test_accuracy"] == validated["val_accuracy"]  # the same records
+    assert scored["test_loss"] == pytest.approx(validated["val_loss"], abs=1e-6)
+
+
+def test_a_validation_split_that_differs_from_the_fits_is_said(run: dict[str, Path]) -> None:
+    args = ["validate", "--config", "tiny.yaml", "--ckpt_path", str(run["checkpoint"]), "--data.val_split", "0.5"]
+    result = cli(run["folder"], *args)
+    assert "not the split the checkpoint's fit validated on (it had val_split=0.25)" in result.stderr
+    assert "some of these records may have trained it" in result.stderr
+
+
+# --------------------------------------------------------------------------- points 2 and 5
+
+
+def test_predict_into_a_file_is_json_lines_and_nothing_else(run: dict[str, Path]) -> None:
+    """``predict ... > out.jsonl`` on new texts, without the training file: the labels come from the checkpoint."""
+    folder = run["folder"]
+    args = ["--config", "tiny.yaml", "--ckpt_path", str(run["checkpoint"]), "--data.train_file", "null"]
+    args += ["--data.predict_file", "new.txt"]
+    command = f"{shlex.quote(sys.executable)} -m lightning_peft predict {shlex.join(args)} > out.jsonl"
+    result = subprocess.run(
+        command, shell=True, cwd=folder, capture_output=True, text=True, env=environment(folder / "cache"), check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (folder / "out.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # every line parses
+    assert [r["text"] for r in rows] == NEW_TEXTS
+    assert all(r["label"] in ("neg", "pos") and 0 < r["score"] <= 1 for r in rows)
+    assert "Predicting" in result.stderr  # the progress bar is on stderr
+    assert_no_noise(result.stderr)
+    assert versions(folder) == ["version_0"]
+
+    quiet = cli(folder, "predict", *args, "--output", "quiet.jsonl", "--quiet")
+    assert quiet.stdout == ""  # all in the file
+    assert [json.loads(line) for line in (folder / "quiet.jsonl").read_text().splitlines()] == rows
+    for loud in ("Seed set to", "Predicting", "lightning_peft: ia3", "GPU available"):
+        assert loud not in quiet.stderr
+
+
+# --------------------------------------------------------------------------- point 4
+
+
+def test_help_is_fast_names_the_command_and_is_plain_text(tmp_path: Path) -> None:
+    timings, texts = [], []
+    for _ in range(3):  # (a source file edited between two runs rightly rebuilds the text)
+        start = time.perf_counter()
+        texts.append(cli(tmp_path, "fit", "--help").stdout)
+        timings.append(time.perf_counter() - start)
+    print(f"fit --help: {timings[0]:.1f} s building the parser, {min(timings[1:]):.2f} s from the cache")
+    assert texts[0] == texts[1] == texts[2] and min(timings[1:]) < 3.0
+    assert list((tmp_path / "cache").glob("help-*.txt"))
+    assert texts[0].startswith("usage: python -m lightning_peft [options] fit ")
+    assert ":class:" not in texts[0] and "``" not in texts[0] and ":func:" not in texts[0]
+    assert 'Default: "auto"' in " ".join(texts[0].split())  # was ``"auto"``
+
+
+def test_print_config_prints_what_runs(hub_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path
+    tiny_config(folder, hub_dir)  # LoRA as a class_path config
+    printed = cli(folder, "fit", "--config", "tiny.yaml", "--trainer.callbacks.method.r", "16", "--print_config")
+    config = yaml.safe_load(printed.stdout)
+    peft = config["trainer"]["callbacks"][-1]
+    assert list(peft) == ["class_path", "init_args"] and peft["class_path"] == "lightning_peft.PEFTCallback"
+    method = peft["init_args"]["method"]
+    assert list(method)[0] == "class_path" and method["class_path"] == "lightning_peft.methods.lora.LoRAConfig"
+    assert method["init_args"]["r"] == 16
+    # The subcommand's own options (ckpt_path, --quiet, ...) are not options of a parser without subcommands.
+    config = {k: v for k, v in config.items() if k in ("seed_everything", "model", "data", "trainer", "optimizer")}
+    monkeypatch.setattr(sys, "argv", ["lightning_peft"])
+    again = PEFTLightningCLI(args=config, run=False)  # builds what the printed config says
+    (callback,) = [c for c in again.trainer.callbacks if isinstance(c, PEFTCallback)]
+    assert callback.method.name == "lora" and callback.config.r == 16
