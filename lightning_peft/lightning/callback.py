@@ -42,7 +42,7 @@ from lightning_peft import registry
 from lightning_peft.api import adapters as api_adapters
 from lightning_peft.api import inject as api_inject
 from lightning_peft.api import training
-from lightning_peft.core import state
+from lightning_peft.core import shared_input, state
 from lightning_peft.core.checkpointing import enable_gradient_checkpointing
 from lightning_peft.core.config import AdapterConfig, check_choice
 from lightning_peft.lightning import strategies
@@ -225,6 +225,8 @@ class PEFTCallback(Callback):
                 "wrapping it in configure_model and let the strategy shard it (strategy='peft_fsdp' or 'peft_fsdp2')."
             )
         api_inject.inject(root, self.config, adapter_name=self.adapter_name)
+        if self._sharded:  # its layers may sit in different units, gathered one unit at a time
+            shared_input.detach(root)
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(pl_module, blocks=self.checkpoint_blocks)
         if self.verbose:
