@@ -30,6 +30,7 @@ from lightning_peft.tasks import (
     TaskModule,
     TextDataModule,
 )
+from tests.lightning.cli_tiny import tiny_config
 from tests.tasks import hub
 
 TEXTS = ["the movie was good", "the food was awful", "a lovely day", "it was ugly", "the weather is fine"]
@@ -39,42 +40,16 @@ def write_config(
     folder: Path, hub_dir: Path, rows: list[dict[str, str]], *, predict_file: Path | None = None, **model: Any
 ) -> Path:
     """A classification config over ``rows`` whose fit writes ``folder/ckpt/adapter.ckpt`` (LoRA r=4)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"train_file": str(hub.write_csv(folder / "train.csv", rows)), "batch_size": 8}
-    data["val_split"] = 0.25
-    if predict_file is not None:
-        data["predict_file"] = str(predict_file)
-    config = {
-        "seed_everything": 1,
-        "model": {
-            "class_path": "lightning_peft.tasks.SequenceClassification",
-            "init_args": {"model_name_or_path": str(hub.save_model(hub_dir, "bert")), "learning_rate": 0.05, **model},
-        },
-        "data": {"class_path": "lightning_peft.tasks.TextClassificationData", "init_args": data},
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 6,
-            "default_root_dir": str(folder),
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "callbacks": [
-                {
-                    "class_path": "ModelCheckpoint",
-                    "init_args": {"dirpath": str(folder / "ckpt"), "filename": "adapter"},
-                },
-                {
-                    "class_path": "lightning_peft.PEFTCallback",
-                    "init_args": {
-                        "method": {"class_path": "lightning_peft.methods.lora.LoRAConfig", "init_args": {"r": 4}}
-                    },
-                },
-            ],
-        },
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_config(
+        folder,
+        hub_dir,
+        rows=rows,
+        name="config.yaml",
+        model=model,
+        data={"predict_file": None if predict_file is None else str(predict_file)},
+        trainer={"max_epochs": None, "max_steps": 6, "enable_model_summary": False},
+        checkpoint={"dirpath": str(folder / "ckpt"), "filename": "adapter"},
+    )
 
 
 def spam_rows(n: int = 24) -> list[dict[str, str]]:
