@@ -333,3 +333,11 @@ def test_lora_on_a_scaled_embedding_is_the_formula_and_merges_exactly() -> None:
     torch.testing.assert_close(
         model(**batch).logits, before, rtol=0, atol=1e-5 * before.abs().max().clamp_min(1).item()
     )
+
+
+def test_pissa_on_a_quantized_base_is_refused_naming_the_layer() -> None:
+    pytest.importorskip("bitsandbytes")
+    model = lp.quantize(tiny.build("llama"), "nf4")
+    with pytest.raises(TypeError, match=r"init='pissa' rewrites the base weight from its SVD/QR and needs a float one"):
+        lp.inject(model, "lora", r=4, target_modules=["q_proj"], init="pissa")
+    assert lp.get_info(model) is None
