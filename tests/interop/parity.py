@@ -422,10 +422,10 @@ CASES: list[Case] = [
          {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "total_step": 1},
          refused=r"peft_type='ADALORA'", why=ADALORA),
     Case("Conv2d 1 AdaLoRA", "Conv2d", _A, {"target_modules": ["conv2d"], "init_lora_weights": False, "total_step": 1},
-         refused=r"peft_type='ADALORA'", why=ADALORA),
+         refused=r"peft_type='ADALORA'", why=ADALORA, needs_peft="0.21"),
     Case("Conv2d 2 AdaLoRA", "Conv2d", _A,
          {"target_modules": ["conv2d", "lin0"], "init_lora_weights": False, "total_step": 1},
-         refused=r"peft_type='ADALORA'", why=ADALORA),
+         refused=r"peft_type='ADALORA'", why=ADALORA, needs_peft="0.21"),
     # ---- peft tests/test_initialization.py: LoRA init variants (and what peft saves for each)
     Case("init False", "Init", _L, {"target_modules": ["linear", "embed"], "init_lora_weights": False}, source="init"),
     Case("init gaussian", "Init", _L, {"target_modules": ["linear", "embed"], "init_lora_weights": "gaussian"},
