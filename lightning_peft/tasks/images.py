@@ -8,8 +8,10 @@ Lightning seeds per run and per loader worker.
 
 from __future__ import annotations
 
+import gzip
 import io
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,3 +128,42 @@ def check_stats(owner: str, field: str, value: Any) -> list[float]:
     if field == "std" and any(v <= 0 for v in value):
         raise invalid(owner, field, value, "three positive numbers")
     return [float(v) for v in value]
+
+
+# ---------------------------------------------------------------------------------------------- Fashion-MNIST
+
+#: Fashion-MNIST's classes in label-id order.
+FASHION_MNIST_CLASSES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+#: Where Debian's ``dataset-fashion-mnist`` puts the IDX files (``LIGHTNING_PEFT_FASHION_MNIST`` overrides).
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (gzipped or not) of unsigned bytes as a tensor of its declared shape."""
+    raw = path.read_bytes()
+    raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims :]), dtype=torch.uint8).view(shape)
+
+
+def fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST's ``"train"`` (60,000) or ``"test"`` (10,000) images (N, 28, 28) and labels (N,).
+
+    Raises:
+        FileNotFoundError: when the files are not installed; says how to install them.
+    """
+    folder = Path(os.environ.get("LIGHTNING_PEFT_FASHION_MNIST", FASHION_MNIST_DIR))
+    prefix = "train" if split == "train" else "t10k"
+    images, labels = folder / f"{prefix}-images-idx3-ubyte.gz", folder / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images.is_file() or not labels.is_file():
+        raise FileNotFoundError(
+            f"dataset 'fashion_mnist' needs {images.name} in {folder}: apt-get install dataset-fashion-mnist (or, "
+            "without root, apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb DIR, then "
+            "set LIGHTNING_PEFT_FASHION_MNIST=DIR/usr/share/datasets/fashion-mnist)."
+        )
+    return read_idx(images), read_idx(labels).long()

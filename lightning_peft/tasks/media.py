@@ -150,9 +150,20 @@ class MediaClassification(SequenceClassification):
     new_heads: tuple[str, ...] = ("projector", "classifier")
 
     def on_train_start(self) -> None:
+        """Refuse a frozen new head, and keep frozen batch norms in eval mode.
+
+        A frozen batch norm keeps its pretrained running statistics: an adapter checkpoint holds
+        the adapter only, so statistics drifted in training would be lost on reload, while the
+        adapter was fit to them.
+        """
         model = self.transformer
         if all(p.requires_grad for p in model.parameters()):
             return  # full fine-tuning
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
         heads = [n for n in self.new_heads if isinstance(getattr(model, n, None), nn.Module)]
         frozen = [n for n in heads if not any(p.requires_grad for p in getattr(model, n).parameters())]
         if frozen:
@@ -286,7 +297,13 @@ class _Subset(Sequence[Item]):
 
 
 def _labels_of(items: Sequence[Item]) -> list[str | None]:
-    return items.labels() if isinstance(items, _Rows) else [item.label for item in items]
+    """Each item's label, without decoding items that can tell their labels apart (dataset rows)."""
+    if isinstance(items, _Subset):
+        labels = _labels_of(items.items)
+        return [labels[i] for i in items.index]
+    if hasattr(items, "labels"):
+        return items.labels()
+    return [item.label for item in items]
 
 
 class _Encoded(Dataset):
@@ -317,7 +334,8 @@ class MediaData(L.LightningDataModule):
         validation: validation data; default: ``val_split`` of the training data.
         test: test data; default: ``test_split`` of the training data.
         predict: data to predict for (labels not needed); default: the validation data.
-        dataset: a ``datasets`` dataset (see above) instead of the four paths.
+        dataset: a ``datasets`` dataset (see above), or the name of an offline dataset the subclass
+            knows (``fashion_mnist`` for images), instead of the four paths.
         file_column: the CSV column (or the ``datasets`` column) holding each item.
         label_column: the column holding each item's class name (or ``ClassLabel`` id).
         labels: class names in label-id order; default: the sorted names found in the training data.
@@ -408,6 +426,8 @@ class MediaData(L.LightningDataModule):
         import datasets as hf
 
         owner, data = type(self).__name__, self.dataset
+        if isinstance(data, str) and data in self.named_datasets():
+            return self.named_datasets()[data]()
         if isinstance(data, (str, Path)):
             folder = Path(data).expanduser()
             if folder.is_dir() and ((folder / "dataset_dict.json").exists() or (folder / "state.json").exists()):
@@ -439,6 +459,10 @@ class MediaData(L.LightningDataModule):
             out[aliases[name]] = _Rows(self.prepare_dataset(split), self.file_column, self.label_column, names)
         return out
 
+    def named_datasets(self) -> dict[str, Any]:
+        """Offline datasets known by name: ``{name: () -> {split: items}}``."""
+        return {}
+
     def prepare_dataset(self, split: Any) -> Any:
         """A hook to cast a ``datasets`` split before reading (audio: no decoding by ``datasets``)."""
         return split
@@ -468,6 +492,8 @@ class MediaData(L.LightningDataModule):
                 missing = [i for i, label in enumerate(_labels_of(values)) if label is None]
                 if missing:
                     raise ValueError(f"{owner}: {split} item {values[missing[0]].source} has no label.")
+        if self.labels is None and getattr(pool, "names", None):
+            self.labels = list(pool.names)  # a ClassLabel's (or a named dataset's) order
         if "train" in items:
             found_labels = sorted({label for label in _labels_of(items["train"]) if label is not None})
             if self.labels is None:

@@ -14,12 +14,21 @@ fitting with a frozen new head is refused, since it would train an adapter again
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from lightning_peft.core.config import invalid
-from lightning_peft.tasks.images import IMAGE_EXTENSIONS, Augment, check_stats, open_image, to_tensor
+from lightning_peft.tasks.images import (
+    FASHION_MNIST_CLASSES,
+    IMAGE_EXTENSIONS,
+    Augment,
+    check_stats,
+    fashion_mnist,
+    open_image,
+    to_tensor,
+)
 from lightning_peft.tasks.media import Item, MediaClassification, MediaData
 
 
@@ -51,6 +60,24 @@ class ImageClassification(MediaClassification):
             except OSError as err:
                 raise _load_error(self.source, "image processor", err) from err
         return self._processor
+
+
+class _ArrayItems(Sequence[Item]):
+    """Images held as one uint8 tensor (N, H, W[, C]) with label ids: items made on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, names: Sequence[str], split: str) -> None:
+        self.images, self.ids, self.names, self.split = images, labels.tolist(), list(names), split
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return Item(self.images[i].numpy(), self.names[self.ids[i]], f"{self.split} {i}")
+
+    def labels(self) -> list[str | None]:
+        return [self.names[i] for i in self.ids]
 
 
 class ImageClassificationData(MediaData):
@@ -97,6 +124,12 @@ class ImageClassificationData(MediaData):
         self.mean = check_stats(owner, "mean", mean) if mean is not None else None
         self.std = check_stats(owner, "std", std) if std is not None else None
         self.augment = Augment(hflip=hflip, crop_scale=crop_scale, rotation=rotation, color_jitter=color_jitter)
+
+    def named_datasets(self) -> dict[str, Any]:
+        def fashion() -> dict[str, Sequence[Item]]:
+            return {s: _ArrayItems(*fashion_mnist(s), FASHION_MNIST_CLASSES, s) for s in ("train", "test")}
+
+        return {"fashion_mnist": fashion}
 
     def load(self, item: Item) -> Any:
         return open_image(item.value)

@@ -56,13 +56,27 @@ class TinyCNN(nn.Module):
     def __init__(self, num_classes: int, width: int = 8) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.norm = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
         self.fc = nn.Linear(width, width)
         self.classifier = nn.Linear(width, num_classes)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W)
-        h = torch.relu(self.conv2(torch.relu(self.conv1(pixel_values))))  # (B, width, H, W)
+        h = torch.relu(self.conv2(torch.relu(self.norm(self.conv1(pixel_values)))))  # (B, width, H, W)
         return self.classifier(torch.relu(self.fc(h.mean((2, 3)))))  # (B, classes)
+
+
+class TinyWaveNet(nn.Module):
+    """A plain torch classifier of waveforms (B, T): a strided Conv1d, mean pooling, a ``classifier``."""
+
+    def __init__(self, num_classes: int, width: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, width, 32, stride=8)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:  # (B, T)
+        h = torch.relu(self.conv(input_values[:, None]))  # (B, width, T')
+        return self.classifier(h.mean(-1))  # (B, classes)
 
 
 def stripes(label: str, size: int = 24, seed: int = 0) -> torch.Tensor:
