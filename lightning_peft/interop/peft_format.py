@@ -32,6 +32,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -199,6 +200,8 @@ def _peft_folder(
     }
     if convert:
         config.update(_converted(model, info, tensors))
+    elif str(getattr(info.config, "init", "")).startswith("pissa_niter_"):
+        warnings.warn(_RANDOMIZED.format(init=info.config.init, what="peft, loading it, computes"), stacklevel=3)
     return out, files.json_bytes(config, out / CONFIG_NAME), tensors  # a non-finite option is refused here
 
 
@@ -382,7 +385,18 @@ def load_peft_adapter(model: M, directory: str | os.PathLike[str], adapter_name:
         except BaseException:
             lora_init.restore(rewritten)
             raise
+    if rewritten and str(getattr(config, "init", "")).startswith("pissa_niter_"):
+        warnings.warn(_RANDOMIZED.format(init=config.init, what="loading it computed"), stacklevel=2)
     return model
+
+
+#: A randomized-SVD PiSSA adapter saved unconverted is only reproducible with the same random stream.
+_RANDOMIZED = (
+    "init={init!r} is PiSSA from a randomized SVD (torch.svd_lowrank), and {what} the residual base weights from "
+    "torch's random generator, as peft does: they match the adapter's only if the generator is in the same state "
+    "(seeded the same, the same layers before). Save such adapters with convert_to_standard_lora=True for a file "
+    "that loads exactly."
+)
 
 
 def _load_into(

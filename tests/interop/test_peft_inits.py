@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import peft
@@ -341,3 +342,14 @@ def test_pissa_on_a_quantized_base_is_refused_naming_the_layer() -> None:
     with pytest.raises(TypeError, match=r"init='pissa' rewrites the base weight from its SVD/QR and needs a float one"):
         lp.inject(model, "lora", r=4, target_modules=["q_proj"], init="pissa")
     assert lp.get_info(model) is None
+
+
+def test_an_unconverted_randomized_pissa_adapter_warns_both_ways(tmp_path: Path) -> None:
+    _, folder = _peft_pissa(tmp_path, init="pissa_niter_2")
+    with pytest.warns(UserWarning, match=r"init='pissa_niter_2' is PiSSA from a randomized SVD .* loading it computed"):
+        ours = load_peft_adapter(tiny.build("llama"), folder)
+    with pytest.warns(UserWarning, match=r"peft, loading it, computes the residual base weights"):
+        save_peft_adapter(ours, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_peft_adapter(ours, tmp_path / "converted", convert_to_standard_lora=True)
