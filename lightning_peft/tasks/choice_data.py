@@ -37,6 +37,10 @@ class MultipleChoiceData(TextDataModule):
     of a split the same number of them: a choice cannot be left out of the losses' softmax over
     choices, so data with varying counts is split by count instead.
 
+    With ``streaming: true`` each record's choices and answer are checked as it is read, and a
+    batch that mixes choice counts is refused by :func:`pad_collate` (the up-front count check
+    would read the whole stream).
+
     Args:
         prompt_column: the column holding the question / context.
         choices_column: the column holding the list of answer choices.

@@ -73,9 +73,11 @@ class TextDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         streaming: read the files lazily (a ``datasets.IterableDataset``), for corpora bigger than
             memory: nothing is held out (give ``validation_file`` or set ``val_split: 0``), training
-            records are shuffled in a buffer of ``shuffle_buffer`` records, and a resumed run goes
-            on from the stream position ``datasets`` saved (records then in the buffer are not seen
-            again). Without it, records are memory-mapped Arrow tables and resume is exact.
+            records are shuffled in a buffer of ``shuffle_buffer`` records (the same order every
+            epoch), and a resumed run goes on from the stream position that ``datasets`` keeps in
+            the loader's state: the records then waiting in the buffer are not seen again that
+            epoch (``datasets`` does not save the buffer). Without streaming, records are
+            memory-mapped Arrow tables and a mid-epoch resume is exact.
         shuffle_buffer: records in the shuffling buffer of a streamed training split.
         cache_dir: where ``datasets`` prepares the Arrow files of data files and Hub datasets;
             default: its own cache (``HF_DATASETS_CACHE``, ``~/.cache/huggingface/datasets``).

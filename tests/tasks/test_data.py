@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -438,6 +439,39 @@ def torch_equal(labels: object, ids: object, mask: object) -> bool:
     return bool(torch.equal(labels[mask == 1], ids[mask == 1]))
 
 
+def test_a_streamed_loader_resumes_from_its_saved_position(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """A resumed stream never repeats a record; it loses at most the shuffle buffer (datasets does not save it)."""
+    words = hub._words()
+    texts = [f"{words[i % len(words)]} {words[(i * 7 + 3) % len(words)]}" for i in range(40)]
+    path = hub.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+
+    def loader(split: str) -> Any:
+        options: dict[str, Any] = {"batch_size": 4, "shuffle_buffer": 8, "streaming": True, "val_split": 0.0}
+        dm = CausalLMData(
+            train_file=str(path), validation_file=str(path), text_column="text", tokenizer=str(tokenizer_dir), **options
+        )
+        dm.setup("fit")
+        return dm.train_dataloader() if split == "train" else dm.val_dataloader()
+
+    def rows(batches: Any) -> list[tuple[int, ...]]:
+        return [tuple(t for t in row if t != 0) for b in batches for row in b["input_ids"].tolist()]
+
+    for split in ("train", "validation"):
+        straight = loader(split)
+        batches = iter(straight)
+        seen = rows(next(batches) for _ in range(3))
+        state = straight.state_dict()
+        rest = rows(batches)
+        resumed = loader(split)
+        resumed.load_state_dict(state)
+        again = rows(resumed)
+        assert len(set(seen + rest)) == 40 and not set(seen) & set(again), split
+        if split == "validation":  # no buffer: exactly the rest
+            assert again == rest
+        else:
+            assert 40 - 8 <= len(seen) + len(again) <= 40 and set(again) <= set(rest)
+
+
 @pytest.mark.slow
 def test_a_streamed_causal_lm_fits_in_a_trainer(hub_dir: Path, tmp_path: Path) -> None:
     import lightning as L
@@ -510,3 +544,22 @@ def test_a_txt_file_has_only_the_text_column_and_says_so(tokenizer_dir: Path, tm
         r"\(a .txt file has one column, 'text': one example per non-empty line",
     ):
         dm.setup("fit")
+
+
+def test_predict_on_new_data_from_the_command_line_says_how_to_give_the_labels(
+    hub_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a user runs it: ``predict`` on a file of texts alone, without the training file or labels."""
+    from lightning_peft.lightning.cli import main
+    from tests.lightning.cli_tiny import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    hub.write_csv(tmp_path / "new.csv", [{"text": "good day"}, {"text": "bad day"}])
+    config = tiny_config(tmp_path, hub_dir, data={"train_file": None, "predict_file": "new.csv"})
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert exit_.value.code != 0
+    assert "has only one class" not in err and "train_file=None" not in err
+    assert "TextClassificationData.labels is not set" in err, err[-2000:]
+    assert '--data.labels \'["neg", "pos"]\'' in err and "Traceback" not in err
