@@ -152,3 +152,12 @@ def test_lp_methods_stays_callable_whatever_is_imported_first(first: str) -> Non
         [sys.executable, "-c", f"{first}\n{_README_CALLS}"], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_readme_names_the_cli_switches_as_the_cli_spells_them() -> None:
+    """The quickstart's CLI text (``--quiet``, ``--output``, the help cache's variable) matches the code's names."""
+    from lightning_peft.lightning.cli import QUIET_FLAG
+    from lightning_peft.lightning.cli_help import CACHE_ENV
+
+    assert f"`{QUIET_FLAG}`" in README and f"`{CACHE_ENV}=0`" in README
+    assert "`--output predictions.jsonl`" in README and "> predictions.jsonl" in README

@@ -636,7 +636,7 @@ class PEFTLightningCLI(LightningCLI):
     def _evaluation_trainer(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         """``validate`` / ``test`` / ``predict``: the logger (see :meth:`instantiate_trainer`)."""
         if config.get("logger") in (None, True) and "logger" not in kwargs:
-            logger = evaluation_logger(self.run_folder, self.subcommand) if self.subcommand != "predict" else None
+            logger = evaluation_logger(self.run_folder, str(self.subcommand)) if self.subcommand != "predict" else None
             kwargs["logger"] = logger if logger is not None else False
             if logger is not None:
                 self._note(f"{self.subcommand}: logging into {logger.log_dir}, in the run the checkpoint came from")
