@@ -74,11 +74,18 @@ def silence_third_party_noise() -> None:
         warnings.filterwarnings("ignore", message=re.escape(text), category=category)
 
 
+_LEVELS: dict[str, int] = {}  # the levels --quiet replaced, put back by set_quiet(False)
+
+
 def set_quiet(quiet: bool) -> None:
-    """``--quiet``: only warnings and errors from Lightning's and lightning_peft's loggers (or all again)."""
-    level = logging.WARNING if quiet else logging.INFO
+    """``--quiet``: only warnings and errors from Lightning's and lightning_peft's loggers; False undoes it."""
     for name in LIGHTNING_LOGGERS:
-        logging.getLogger(name).setLevel(level)
+        logger = logging.getLogger(name)
+        if quiet:
+            _LEVELS.setdefault(name, logger.level)
+            logger.setLevel(logging.WARNING)
+        elif name in _LEVELS:
+            logger.setLevel(_LEVELS.pop(name))
 
 
 class StderrProgressBar(RichProgressBar):

@@ -286,3 +286,41 @@ def test_python_dash_m_is_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True, env=env
     ).stdout
     assert "PEFT methods" in out and "HEAVY []" in out
+
+
+# --------------------------------------------------------------------------- what reaches the user
+
+
+def test_only_the_named_third_party_noise_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Each dropped message is matched by logger or category and text; a warning or log line beside it stays."""
+    import logging
+    import warnings
+
+    from lightning_peft.lightning.cli_output import NOISE_LOGS, NOISE_WARNINGS, set_quiet, silence_third_party_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_third_party_noise()
+        for category, text in NOISE_WARNINGS:
+            warnings.warn(f"{text} (the rest of the message)", category, stacklevel=1)
+            warnings.warn(f"{text} (the rest of the message)", DeprecationWarning, stacklevel=1)  # another category
+        warnings.warn("a warning about the user's run", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [
+        *(f"{text} (the rest of the message)" for _, text in NOISE_WARNINGS),
+        "a warning about the user's run",
+    ]
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO):
+        for _, text in NOISE_LOGS:
+            rank_zero.info(f"{text} (the rest)")
+        rank_zero.info("GPU available: False, used: False")
+        set_quiet(True)
+        rank_zero.info("an info line under --quiet")
+        rank_zero.warning("a warning under --quiet")
+        set_quiet(False)
+        rank_zero.info("an info line again")
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU available: False, used: False",
+        "a warning under --quiet",
+        "an info line again",
+    ]
