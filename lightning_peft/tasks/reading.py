@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, overload
@@ -106,7 +107,7 @@ def _empty() -> Dataset:
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
     """The header row alone (the builder then reads every column as a string)."""
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # pandas drops a byte-order mark too
         return next(csv.reader(handle, delimiter=delimiter), [])
 
 
@@ -138,11 +139,15 @@ def open_file(path: str | Path, *, field: str, streaming: bool = False, cache_di
             "features": Features({name: Value("string") for name in header}),
             "keep_default_na": False,
             "na_filter": False,
+            "index_col": False,  # a row with an extra cell is an error, not a shift of every column
         }
     try:
-        data = load_dataset(
-            builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache_dir, **options
-        )
+        with warnings.catch_warnings():
+            # pandas only warns of a row longer than the header ("loss of data"): refuse the file instead.
+            warnings.filterwarnings("error", message=".*does not match length of data")
+            data = load_dataset(
+                builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache_dir, **options
+            )
     except Exception as error:  # datasets wraps the parser's error; name the file and quote the cause
         cause = error.__cause__ or error
         if type(cause).__name__ == "EmptyDataError" or "corresponds to no data" in str(error):

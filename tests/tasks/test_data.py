@@ -60,8 +60,14 @@ def test_every_file_format_reads_the_same_records(tmp_path: Path) -> None:
 
 
 def test_csv_cells_stay_the_strings_they_are(tmp_path: Path) -> None:
-    (tmp_path / "a.csv").write_text("text,label,code\nNA,007,\n")
+    (tmp_path / "a.csv").write_text("\ufefftext,label,code\nNA,007,\n", encoding="utf-8")  # with a byte-order mark
     assert list(open_file(tmp_path / "a.csv", field="f")) == [{"text": "NA", "label": "007", "code": ""}]
+
+
+def test_a_csv_row_longer_than_its_header_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("text,label\ngood day,pos,extra\n")
+    with pytest.raises(ValueError, match=r"f='.*a.csv' could not be read as CSV: .*does not match length of data"):
+        open_file(tmp_path / "a.csv", field="f")
 
 
 def test_splits_are_held_out_deterministically(tokenizer_dir: Path, csv_file: Path) -> None:
