@@ -184,6 +184,8 @@ def test_an_ia3_vector_laid_out_as_a_row_or_column_loads_in_our_layout(tmp_path:
     theirs.save_pretrained(tmp_path / "p")
     stored = load_file(tmp_path / "p" / "adapter_model.safetensors")
     ours = load_peft_adapter(parity.build("MLP"), tmp_path / "p")
+    assert sorted(stored[k].shape for k in stored) == [(1, 20), (20, 1)]  # lin1 feed-forward row, lin0 column
+    assert len(lp.trainable_state_dict(ours)) == 2
     for name, tensor in lp.trainable_state_dict(ours).items():
         peft_key = "base_model.model." + name.replace("ia3", "ia3_l.weight")
         key = next(k for k in stored if k.startswith(peft_key.rsplit(".", 1)[0]))
