@@ -323,11 +323,11 @@ class MediaData(L.LightningDataModule):
 
     Each of ``train``, ``validation``, ``test`` and ``predict`` is a folder per class
     (``<folder>/<label>/<file>``) or a ``.csv`` file with ``file_column`` and ``label_column`` (paths
-    relative to the CSV). ``dataset`` instead gives all splits as Hugging Face ``datasets``: a
+    relative to the CSV), or a file kind the subclass reads (MNIST-style IDX files for images). ``dataset`` instead gives all splits as Hugging Face ``datasets``: a
     ``Dataset`` / ``DatasetDict`` object, a folder written by ``save_to_disk``, or a name or folder for
     ``datasets.load_dataset`` (``"imagefolder"`` needs ``data_dir`` then: use the folder layout above).
     Without validation (test) data, ``val_split`` (``test_split``) of the training items are held
-    out with a fixed seed; predict defaults to the validation items.
+    out with a fixed seed; predict defaults to the validation items, else the test items.
 
     Args:
         train: training data (a class-per-folder directory or a CSV file).
@@ -383,8 +383,8 @@ class MediaData(L.LightningDataModule):
             p = Path(path).expanduser()
             if not p.exists():
                 raise FileNotFoundError(f"{owner}.{split}={path!r} does not exist.")
-            if p.is_file() and p.suffix.lower() != ".csv":
-                raise invalid(owner, split, path, "a folder with one subfolder per class, or a .csv file")
+            if p.is_file() and p.suffix.lower() != ".csv" and not self.reads_file(p):
+                raise invalid(owner, split, path, f"a folder with one subfolder per class, or {self.file_kinds}")
         check_positive_int(owner, "batch_size", batch_size)
         if limit is not None:
             check_positive_int(owner, "limit", limit)
@@ -416,10 +416,22 @@ class MediaData(L.LightningDataModule):
 
     # ------------------------------------------------------------------ reading
 
-    def _read_path(self, split: str, path: str) -> list[Item]:
+    #: what files a split may be, for messages
+    file_kinds = "a .csv file"
+
+    def reads_file(self, path: Path) -> bool:
+        """Whether the subclass reads this file itself (see :meth:`read_file`), other than a CSV."""
+        return False
+
+    def read_file(self, split: str, path: Path) -> Sequence[Item]:
+        raise NotImplementedError
+
+    def _read_path(self, split: str, path: str) -> Sequence[Item]:
         owner, p = type(self).__name__, Path(path).expanduser()
         if p.is_dir():
             return _list_folder(p, self.extensions, f"{owner}.{split}")
+        if self.reads_file(p):
+            return self.read_file(split, p)
         return _read_csv(p, self.file_column, self.label_column, f"{owner}.{split}", owner)
 
     def _read_dataset(self) -> dict[str, Sequence[Item]]:
@@ -483,8 +495,8 @@ class MediaData(L.LightningDataModule):
                     count = max(1, math.floor(total * fraction))
                     items[split], order = _Subset(pool, order[:count]), order[count:]
             items["train"] = _Subset(pool, order)
-        if "predict" not in items and "validation" in items:
-            items["predict"] = items["validation"]
+        if "predict" not in items and ("validation" in items or "test" in items):
+            items["predict"] = items["validation"] if "validation" in items else items["test"]
         if self.limit is not None:
             items = {s: (_Subset(v, list(range(self.limit))) if len(v) > self.limit else v) for s, v in items.items()}
         for split, values in items.items():

