@@ -25,6 +25,7 @@ from lightning_peft.core.config import check_positive_int, invalid
 from lightning_peft.tasks.base import ADAPTER_KEY, load_tokenizer
 from lightning_peft.tasks.batching import EpochShuffle, pad_collate
 from lightning_peft.tasks.reading import (
+    QUIET_BELOW,
     Data,
     Record,
     Rows,
@@ -34,6 +35,7 @@ from lightning_peft.tasks.reading import (
     is_stream,
     open_dataset,
     open_file,
+    progress_bars,
 )
 from lightning_peft.tasks.sources import resolve_model
 
@@ -369,12 +371,13 @@ class TextDataModule(L.LightningDataModule):
         data = records.data
         settings = {k: v for k, v in sorted(vars(self).items()) if isinstance(v, _SIMPLE) and not k.startswith("_")}
         key = [data._fingerprint, type(self).__qualname__, split, settings, self.encoding_key(), self.tokenizer]
-        return data.map(
-            functools.partial(self._encode_at, split),
-            remove_columns=data.column_names,
-            new_fingerprint=Hasher.hash(key),
-            desc=f"Tokenizing {split}",
-        )
+        with progress_bars(len(data) >= QUIET_BELOW["records"]):
+            return data.map(
+                functools.partial(self._encode_at, split),
+                remove_columns=data.column_names,
+                new_fingerprint=Hasher.hash(key),
+                desc=f"Tokenizing {split}",
+            )
 
     def _encode_at(self, split: str, record: Record) -> dict[str, Any]:
         """``_encode`` in the argument order ``map`` calls it."""

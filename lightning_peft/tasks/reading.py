@@ -34,6 +34,7 @@ import csv
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, overload
 
@@ -99,6 +100,26 @@ def check_dataset(value: str, *, field: str) -> None:
         )
 
 
+#: Work smaller than this gets no progress bar from ``datasets`` (bytes of a file, records to map):
+#: a bar that fills at once is noise on stderr, a long read or map keeps its bar.
+QUIET_BELOW = {"bytes": 16 * 2**20, "records": 20_000}
+
+
+@contextmanager
+def progress_bars(show: bool) -> Iterator[None]:
+    """``datasets``' progress bars on or off for a block (off only if they were on: the user's choice wins)."""
+    import datasets
+
+    switch = not show and not datasets.are_progress_bars_disabled()
+    if switch:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if switch:
+            datasets.enable_progress_bars()
+
+
 def _empty() -> Dataset:
     from datasets import Dataset
 
@@ -145,16 +166,18 @@ def open_file(path: str | Path, *, field: str, streaming: bool = False, cache_di
         with warnings.catch_warnings():
             # pandas only warns of a row longer than the header ("loss of data"): refuse the file instead.
             warnings.filterwarnings("error", message=".*does not match length of data")
-            data = load_dataset(
-                builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache_dir, **options
-            )
+            with progress_bars(path.stat().st_size >= QUIET_BELOW["bytes"]):
+                data = load_dataset(
+                    builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache_dir, **options
+                )
     except Exception as error:  # datasets wraps the parser's error; name the file and quote the cause
         cause = error.__cause__ or error
         if type(cause).__name__ == "EmptyDataError" or "corresponds to no data" in str(error):
             return _empty()
         raise ValueError(f"{field}={str(path)!r} could not be read as {what}: {cause}") from error
     if builder == "text":  # blank lines are no examples
-        data = data.filter(lambda line: bool(line.strip()), input_columns="text")
+        with progress_bars(streaming or len(data) >= QUIET_BELOW["records"]):
+            data = data.filter(lambda line: bool(line.strip()), input_columns="text")
     return data
 
 

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_peft.core.config import check_positive_int
 from lightning_peft.tasks.batching import IGNORE_INDEX
 from lightning_peft.tasks.data_module import TextDataModule
-from lightning_peft.tasks.reading import Record, is_stream
+from lightning_peft.tasks.reading import QUIET_BELOW, Record, is_stream, progress_bars
 
 
 class TextClassificationData(TextDataModule):
@@ -200,7 +200,8 @@ class CausalLMData(TextDataModule):
             if is_stream(rows):  # not counted: a stream is filtered as it is read
                 self.encoded[split] = rows.filter(_learns_something, input_columns="labels")
                 continue
-            kept = rows.filter(_learns_something, input_columns="labels")
+            with progress_bars(len(rows) >= QUIET_BELOW["records"]):
+                kept = rows.filter(_learns_something, input_columns="labels")
             if len(kept) < len(rows):
                 rank_zero_warn(
                     f"{type(self).__name__}: {len(rows) - len(kept)} {split} examples have no response token "

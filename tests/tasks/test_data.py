@@ -569,3 +569,17 @@ def test_predict_on_new_data_from_the_command_line_says_how_to_give_the_labels(
     assert "has only one class" not in err and "train_file=None" not in err
     assert "TextClassificationData.labels is not set" in err, err[-2000:]
     assert '--data.labels \'["neg", "pos"]\'' in err and "Traceback" not in err
+
+
+def test_small_data_draws_no_progress_bars(
+    tokenizer_dir: Path, csv_file: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_peft.tasks import reading
+
+    dm = classification(tokenizer_dir, train_file=str(csv_file))
+    dm.setup("fit")
+    assert "Tokenizing" not in capfd.readouterr().err
+    monkeypatch.setitem(reading.QUIET_BELOW, "records", 1)  # every map "large": its bar is drawn
+    dm = classification(tokenizer_dir, train_file=str(csv_file), max_length=7)
+    dm.setup("fit")
+    assert "Tokenizing train" in capfd.readouterr().err
