@@ -12,11 +12,13 @@
   raised inside Lightning and ``set_vital``'s raised inside torchdata. Every other warning and
   log line is kept.
 * ``--quiet`` (:func:`set_quiet`) keeps only warnings, errors and results: Lightning's and
-  lightning_peft's info lines, the model summary and the progress bar are off.
+  lightning_peft's info lines, the model summary and the progress bars (Lightning's and those of
+  Hugging Face ``datasets`` while it reads and tokenizes) are off.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -78,7 +80,8 @@ _LEVELS: dict[str, int] = {}  # the levels --quiet replaced, put back by set_qui
 
 
 def set_quiet(quiet: bool) -> None:
-    """``--quiet``: only warnings and errors from Lightning's and lightning_peft's loggers; False undoes it."""
+    """``--quiet``: only warnings and errors from Lightning's and lightning_peft's loggers, and no progress bars
+    of Hugging Face ``datasets`` (reading, tokenizing); False undoes it."""
     for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         if quiet:
@@ -86,6 +89,16 @@ def set_quiet(quiet: bool) -> None:
             logger.setLevel(logging.WARNING)
         elif name in _LEVELS:
             logger.setLevel(_LEVELS.pop(name))
+    if importlib.util.find_spec("datasets") is None or (not quiet and "datasets" not in _LEVELS):
+        return
+    import datasets
+
+    if quiet and datasets.is_progress_bar_enabled():
+        _LEVELS["datasets"] = 1
+        datasets.disable_progress_bars()
+    elif not quiet:
+        _LEVELS.pop("datasets")
+        datasets.enable_progress_bars()
 
 
 class StderrProgressBar(RichProgressBar):

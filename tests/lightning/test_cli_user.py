@@ -143,7 +143,7 @@ def test_predict_into_a_file_is_json_lines_and_nothing_else(run: dict[str, Path]
     quiet = cli(folder, "predict", *args, "--output", "quiet.jsonl", "--quiet")
     assert quiet.stdout == ""  # all in the file
     assert [json.loads(line) for line in (folder / "quiet.jsonl").read_text().splitlines()] == rows
-    for loud in ("Seed set to", "Predicting", "lightning_peft: ia3", "GPU available"):
+    for loud in ("Seed set to", "Predicting", "lightning_peft: ia3", "GPU available", "Tokenizing", "examples/s"):
         assert loud not in quiet.stderr
 
 
