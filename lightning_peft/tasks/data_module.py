@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -208,11 +209,9 @@ class TextDataModule(L.LightningDataModule):
                 )
             unused = [s for s in splits if s not in ("train", "validation", "test")]
             if unused:
-                warnings.warn(
+                rank_zero_warn(
                     f"{owner}.dataset={self.dataset!r}: its splits {unused} are not used (train, validation and "
-                    "test are); save the ones you need under those names.",
-                    UserWarning,
-                    stacklevel=2,
+                    "test are); save the ones you need under those names."
                 )
             given = {s: d for s, d in splits.items() if s in ("train", "validation", "test")}
             self._from_dataset = set(given)

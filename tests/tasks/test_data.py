@@ -583,3 +583,19 @@ def test_small_data_draws_no_progress_bars(
     dm = classification(tokenizer_dir, train_file=str(csv_file), max_length=7)
     dm.setup("fit")
     assert "Tokenizing train" in capfd.readouterr().err
+
+
+def test_a_saved_dataset_without_a_train_split_and_one_with_splits_not_used(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    import datasets
+
+    rows = datasets.Dataset.from_list(hub.classification_rows(8))
+    datasets.DatasetDict({"dev": rows}).save_to_disk(str(tmp_path / "dev_only"))
+    dm = classification(tokenizer_dir, dataset=str(tmp_path / "dev_only"))
+    with pytest.raises(ValueError, match=r"dataset='.*dev_only' has no 'train' split; its splits are: dev"):
+        dm.setup("fit")
+    datasets.DatasetDict({"train": rows, "dev": rows}).save_to_disk(str(tmp_path / "with_dev"))
+    dm = classification(tokenizer_dir, dataset=str(tmp_path / "with_dev"))
+    with pytest.warns(UserWarning, match=r"its splits \['dev'\] are not used \(train, validation and test are\)"):
+        dm.setup("fit")
