@@ -405,7 +405,6 @@ def test_tokenizing_is_cached_by_map_in_the_datasets_cache_not_the_cwd(
     assert list(work.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_streaming_yields_batches_without_reading_the_whole_file(tokenizer_dir: Path, tmp_path: Path) -> None:
     """A 16 MB JSON-lines file whose last line is broken: streamed, its first batches arrive all the same.
 
