@@ -44,6 +44,7 @@ from lightning_peft import registry
 from lightning_peft.api.inject import inject, remove_added, resolve
 from lightning_peft.core import files, state
 from lightning_peft.core.targeting import find_base_model
+from lightning_peft.interop import peft_layouts as layouts
 from lightning_peft.methods import lora_init
 
 CONFIG_NAME = "adapter_config.json"
@@ -77,9 +78,31 @@ PEFT_FIELDS: dict[str, frozenset[str]] = {
         "target_modules", "task_type",
     }),
 }
+PEFT_FIELDS["ADALORA"] = PEFT_FIELDS["LORA"] | {
+    "beta1", "beta2", "deltaT", "init_r", "orth_reg_weight", "target_r", "tfinal", "tinit", "total_step",
+}
+_PROMPT_FIELDS = frozenset({
+    "auto_mapping", "base_model_name_or_path", "inference_mode", "modules_to_save", "num_attention_heads",
+    "num_layers", "num_transformer_submodules", "num_virtual_tokens", "peft_type", "peft_version", "revision",
+    "task_type", "token_dim",
+})
+PEFT_FIELDS["PROMPT_TUNING"] = _PROMPT_FIELDS | {
+    "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_kwargs", "tokenizer_name_or_path",
+}
+PEFT_FIELDS["P_TUNING"] = _PROMPT_FIELDS | {
+    "encoder_dropout", "encoder_hidden_size", "encoder_num_layers", "encoder_reparameterization_type",
+}
+PEFT_FIELDS["PREFIX_TUNING"] = _PROMPT_FIELDS | {"encoder_hidden_size", "init_weights", "prefix_projection"}
 # fmt: on
 #: peft's class name per ``peft_type``, for messages.
-PEFT_CLASSES = {"LORA": "LoraConfig", "IA3": "IA3Config"}
+PEFT_CLASSES = {
+    "LORA": "LoraConfig",
+    "IA3": "IA3Config",
+    "ADALORA": "AdaLoraConfig",
+    "PROMPT_TUNING": "PromptTuningConfig",
+    "P_TUNING": "PromptEncoderConfig",
+    "PREFIX_TUNING": "PrefixTuningConfig",
+}  # fmt: skip
 
 
 def _format(method: str) -> registry.PeftFormat:
@@ -180,7 +203,12 @@ def _converted(model: nn.Module, info: state.PEFTInfo, tensors: dict[str, Tensor
 
 
 def _peft_folder(
-    model: nn.Module, adapter_name: str, base_model_name_or_path: str | None, out: Path, convert: bool = False
+    model: nn.Module,
+    adapter_name: str,
+    base_model_name_or_path: str | None,
+    out: Path,
+    convert: bool = False,
+    total_step: int | None = None,
 ) -> tuple[Path, bytes, dict[str, Tensor]]:
     """(folder, config file bytes, tensors) of adapter ``adapter_name``: everything checked, nothing written."""
     info = state.adapter_of(model, adapter_name)
@@ -190,14 +218,24 @@ def _peft_folder(
         if len(state.adapters(model)) == 1:
             raise
         raise ValueError(f"adapter {adapter_name!r}: {error}") from error
-    tensors = dict(_peft_names(model, adapter_name).values())
+    options = info.config
+    if info.method == "adalora" and options.total_step is None and total_step is not None:  # type: ignore[attr-defined]
+        options = options.replace(total_step=total_step)
     config = {
         "peft_type": fmt.peft_type,
         "task_type": None,
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
-        **fmt.to_peft(info.config),
+        **fmt.to_peft(options),
     }
+    if registry.get(info.method).kind == "input":
+        _, base = find_base_model(model)
+        config["task_type"] = layouts.prompt_task_type(base, info.method)
+        tensors = {layouts.PROMPT_KEY: layouts.prompt_tensor(layouts.prompt_module(model, adapter_name))}
+    else:
+        tensors = dict(_peft_names(model, adapter_name).values())
+    if info.method == "adalora":
+        config["rank_pattern"] = layouts.adalora_to_peft(tensors, PREFIX)
     if convert:
         config.update(_converted(model, info, tensors))
     elif str(getattr(info.config, "init", "")).startswith("pissa_niter_"):
@@ -212,6 +250,7 @@ def save_peft_adapter(
     *,
     base_model_name_or_path: str | None = None,
     convert_to_standard_lora: bool = False,
+    total_step: int | None = None,
 ) -> Path:
     """Write adapters of ``model`` in Hugging Face peft's format; returns the folder.
 
@@ -232,6 +271,9 @@ def save_peft_adapter(
             weights, as peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
             does (``A' = [A; A_0]``, ``B' = [B, -B_0]``, ``alpha' = 2 alpha``). Adapters of other
             inits are written with ``init_lora_weights=True``; other methods are refused.
+        total_step: AdaLoRA adapters whose ``total_step`` is ``None`` (the schedule took it from
+            the training loop): the number of steps to record, which peft's ``AdaLoraConfig``
+            requires (PEFTCallback passes the Trainer's).
 
     Raises:
         ValueError: for a name the model does not hold (listing those it does), an adapter of a
@@ -246,7 +288,7 @@ def save_peft_adapter(
         base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     if adapter_name is not None:
         name = state.adapter_of(model, adapter_name).name
-        folders = [_peft_folder(model, name, base_model_name_or_path, out, convert_to_standard_lora)]
+        folders = [_peft_folder(model, name, base_model_name_or_path, out, convert_to_standard_lora, total_step)]
     else:
         names = list(state.adapters(model))
         folders = [
@@ -256,6 +298,7 @@ def save_peft_adapter(
                 base_model_name_or_path,
                 out if name == state.DEFAULT_ADAPTER or len(names) == 1 else out / name,
                 convert_to_standard_lora,
+                total_step,
             )
             for name in names
         ]
@@ -381,7 +424,7 @@ def load_peft_adapter(model: M, directory: str | os.PathLike[str], adapter_name:
     # An init that rewrites base weights (PiSSA, OLoRA) records them first: a failed load puts them back.
     with lora_init.keeping_originals() as rewritten:
         try:
-            _load_into(model, folder, weights_file, method, config, stored, target)
+            _load_into(model, folder, weights_file, method, config, stored, target, options)
         except BaseException:
             lora_init.restore(rewritten)
             raise
@@ -407,20 +450,28 @@ def _load_into(
     config: Any,
     stored: dict[str, Tensor],
     target: str,
+    options: dict[str, Any],
 ) -> None:
     """Inject (or find) adapter ``target`` and copy ``stored`` into it, all or nothing."""
+    entry = registry.to_config(config, {})[0]  # P-tuning files load as prompt tuning (see p_tuning.from_peft)
     with state.all_or_nothing(model, remove=remove_added):
         info = state.get_info(model, target) if isinstance(target, str) else None
         if info is None:
             inject(model, config, adapter_name=target)
             info = state.adapter_of(model, target)
-        elif info.method != method.name or info.config.diff(resolve(model, config)):
+        elif info.method != entry.name or info.config.diff(resolve(model, config)):
             raise ValueError(
                 f"{type(model).__name__}'s adapter {info.name!r} is a {info.method} adapter ({info.config}) that "
                 f"differs from the peft adapter in {folder} ({config}); pass another adapter_name to add it beside, "
                 "or load it into a fresh base model."
             )
+        if entry.kind == "input":
+            _load_prompt(model, info.name, folder, weights_file, stored, options, method.name)
+            return
         tensors = _peft_tensors(model, info.name)
+        if info.method == "adalora":
+            ours = {key: peft for key, peft in _peft_names(model, info.name).values()}
+            stored = layouts.adalora_from_peft(ours, stored, options.get("rank_pattern"), PREFIX, str(weights_file))
         names = {full: (key, peft) for full, (key, peft, _, _) in tensors.items()}
         missing = [key for key, _ in names.values() if key not in stored]
         extra = sorted(set(stored) - {key for key, _ in names.values()} - _same_base_weights(model, stored))
@@ -441,3 +492,26 @@ def _load_into(
         weights._metadata = {"": {state.METADATA_KEY: info.metadata()}}  # type: ignore[attr-defined]
         with state.loading_from(str(weights_file)):
             model.load_state_dict(weights, strict=True)
+
+
+def _load_prompt(
+    model: nn.Module,
+    adapter_name: str,
+    folder: Path,
+    weights_file: Path,
+    stored: dict[str, Tensor],
+    options: dict[str, Any],
+    method: str,
+) -> None:
+    """Copy peft's ``prompt_embeddings`` into the prompt-learning adapter just injected (checks first)."""
+    _, base = find_base_model(model)
+    module = layouts.prompt_module(model, adapter_name)
+    layouts.check_prompt_options(options, base, module, method, str(folder / CONFIG_NAME))
+    extra = sorted(set(stored) - {layouts.PROMPT_KEY})
+    if extra:
+        raise ValueError(
+            f"the peft adapter in {folder} does not match this model's {method} adapter: unexpected {extra[:3]}"
+            f"{' ...' if len(extra) > 3 else ''} (a prompt-learning file holds {layouts.PROMPT_KEY!r} only)."
+        )
+    state.check_tensors({layouts.PROMPT_KEY: layouts.prompt_shape(module)}, stored, str(weights_file))
+    layouts.load_prompt(module, stored[layouts.PROMPT_KEY])

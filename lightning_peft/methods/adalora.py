@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ from lightning_peft.core.quantize import (
 )
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
-from lightning_peft.registry import ALL_SHARDINGS, Method, register
+from lightning_peft.registry import ALL_SHARDINGS, Method, PeftFormat, register
 
 #: peft's AdaLoRA defaults, so that configs carry over.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -351,6 +352,92 @@ def regularization(model: nn.Module, config: AdaLoRAConfig) -> Tensor | None:
     return config.orth_reg_weight * torch.stack([t.to(device) for t in terms]).mean()
 
 
+#: peft AdaLoraConfig fields that lightning_peft's adalora reads exactly (see :func:`from_peft`), by our name.
+_PEFT_NAMES = {
+    "init_r": "init_r", "target_r": "target_r", "lora_alpha": "alpha", "lora_dropout": "dropout", "tinit": "tinit",
+    "tfinal": "tfinal", "deltaT": "delta_t", "beta1": "beta1", "beta2": "beta2",
+    "orth_reg_weight": "orth_reg_weight", "total_step": "total_step",
+}  # fmt: skip
+
+
+def to_peft(config: AdaLoRAConfig) -> dict[str, Any]:
+    """Our options as peft's ``AdaLoraConfig`` fields.
+
+    ``rank_pattern`` (which ranks budget allocation kept) is written by the interop layer from the
+    layers' ``rank_mask``; ``total_step`` must be known, as peft's config refuses ``None``.
+
+    Raises:
+        ValueError: when ``total_step`` is ``None`` (the schedule was left to the training loop).
+    """
+    if config.total_step is None:
+        raise ValueError(
+            "peft's AdaLoraConfig requires total_step (a positive int), and this adapter's AdaLoRAConfig.total_step "
+            "is None (the schedule took it from the training loop); pass total_step=<steps> to save_peft_adapter "
+            "(PEFTCallback passes the Trainer's), or set AdaLoRAConfig.total_step."
+        )
+    out: dict[str, Any] = {peft: getattr(config, ours) for peft, ours in _PEFT_NAMES.items()}
+    return {
+        **out,
+        "r": config.init_r,  # peft's AdaLoRA ignores r (it warns unless r is LoraConfig's default 8)
+        "init_lora_weights": True,
+        "target_modules": config.target_modules,
+        "exclude_modules": config.exclude_modules,
+        "modules_to_save": config.modules_to_save or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "use_rslora": False,
+        "rank_pattern": None,
+    }
+
+
+def from_peft(options: dict[str, Any]) -> AdaLoRAConfig:
+    """peft's ``AdaLoraConfig`` fields as our options: each read exactly, or refused by name.
+
+    AdaLoraConfig is a LoraConfig: its LoRA fields must hold the value peft's AdaLoRA implements
+    (``use_dora``, ``use_rslora``, patterns, ... refused otherwise). ``r`` is ignored by peft's AdaLoRA
+    (``init_r`` is the rank), so it is here; ``init_lora_weights`` True or False only picks the
+    starting values that the file's tensors replace. ``rank_pattern`` is read by the interop layer
+    (it sets the layers' ``rank_mask``).
+    """
+    from lightning_peft.methods import lora  # peft's LoraConfig fields, which AdaLoraConfig inherits
+
+    for name, value in options.items():
+        if name in lora._PEFT_METADATA or name in _PEFT_NAMES or name in ("r", "target_modules", "exclude_modules"):
+            continue
+        if name in ("modules_to_save", "fan_in_fan_out", "rank_pattern") or name in lora._PEFT_INERT:
+            continue  # fan_in_fan_out: set per layer type, by peft as here; rank_pattern: the interop layer's
+        supported = {"init_lora_weights": True, "use_dora": False, "use_rslora": False}
+        if name == "init_lora_weights":
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"peft ADALORA adapter_config.json has init_lora_weights={value!r}, which lightning_peft's adalora "
+                    "does not implement (supported: True or False)."
+                )
+            continue
+        default = supported.get(name, lora._PEFT_DEFAULTS.get(name, _UNKNOWN))
+        if default is _UNKNOWN:
+            raise ValueError(
+                f"peft ADALORA adapter_config.json has field {name!r}={value!r}, which is not an AdaLoraConfig field "
+                "lightning_peft knows; it refuses an option it cannot interpret rather than dropping it."
+            )
+        if not lora._same_default(value, default):
+            raise ValueError(
+                f"peft ADALORA adapter_config.json has {name}={value!r}, which lightning_peft's adalora does not "
+                f"implement (supported: {name}={default!r})."
+            )
+    read = {ours: options[peft] for peft, ours in _PEFT_NAMES.items() if options.get(peft) is not None}
+    return AdaLoRAConfig(
+        **read,
+        target_modules=options.get("target_modules"),
+        exclude_modules=options.get("exclude_modules"),
+        modules_to_save=list(options.get("modules_to_save") or []),
+    )
+
+
+_UNKNOWN = object()
+
+
 register(
     Method(
         name="adalora",
@@ -364,7 +451,7 @@ register(
         # The hooks read whole parameters and param.grad: the strategies make them whole for the hooks
         # (FSDP2's shards are gathered here) and write the penalty's and on_step's edits back.
         sharding=ALL_SHARDINGS,
-        peft_type="ADALORA",  # peft's name for it; no PeftFormat mapping yet
+        peft=PeftFormat("ADALORA", to_peft, from_peft),
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
         "on a cubic schedule; mergeable",
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",

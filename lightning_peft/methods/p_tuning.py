@@ -16,7 +16,7 @@ the same for the MLP but not for the LSTM). Nothing to merge.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from lightning_peft.core.config import AdapterConfig, check_choice, check_positive_int, check_probability, invalid
 from lightning_peft.core.targeting import find_base_model
 from lightning_peft.core.virtual import VirtualTokens, attach, input_embeddings
-from lightning_peft.registry import ALL_SHARDINGS, Method, register
+from lightning_peft.methods.prompt_tuning import peft_prompt_fields, peft_tokens, refuse_peft_fields
+from lightning_peft.registry import ALL_SHARDINGS, Method, PeftFormat, register
 
 #: The MLP encoder's depth is fixed (three linear layers, as in the paper's code and peft).
 LSTM_DEFAULT_LAYERS = 2
@@ -122,13 +123,52 @@ def apply(model: nn.Module, config: PTuningConfig) -> list[str]:
     return attach(model, "p_tuning", lambda base: PromptEncoder(config, input_embeddings(base, "p_tuning")))
 
 
+def to_peft(config: PTuningConfig) -> dict[str, Any]:
+    """Our options as peft's ``PromptEncoderConfig`` fields.
+
+    The file's tensor is the encoder's output ``P`` (what peft saves, and what peft's inference
+    mode runs without building the encoder); the encoder fields record how it was trained.
+    """
+    return {
+        **peft_prompt_fields(config),
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "encoder_reparameterization_type": config.encoder.upper(),
+        "encoder_hidden_size": config.encoder_hidden_size,
+        "encoder_num_layers": config.encoder_num_layers,
+        "encoder_dropout": config.encoder_dropout,
+    }
+
+
+def from_peft(options: dict[str, Any]) -> AdapterConfig:
+    """peft's ``PromptEncoderConfig`` fields as our options: each read exactly, or refused by name.
+
+    peft's P-tuning file holds the prompt encoder's output only (peft saves ``MLP(E)`` or
+    ``MLP(LSTM(E))``, not the encoder), so the adapter it describes is a fixed prompt: it loads as a
+    ``prompt_tuning`` adapter holding that prompt, as peft's own inference mode runs it (no encoder).
+    The encoder fields are checked (peft's ``MLP``/``LSTM``) and describe how it was trained.
+    """
+    from lightning_peft.methods.prompt_tuning import PromptTuningConfig
+
+    refuse_peft_fields(
+        "P_TUNING", options, {"num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size",
+                              "encoder_num_layers", "encoder_dropout"}
+    )  # fmt: skip
+    kind = options.get("encoder_reparameterization_type", "MLP")
+    if kind not in ("MLP", "LSTM"):
+        raise ValueError(
+            f"peft P_TUNING adapter_config.json has encoder_reparameterization_type={kind!r}; peft's are 'MLP' and "
+            "'LSTM'."
+        )
+    return PromptTuningConfig(num_virtual_tokens=peft_tokens("P_TUNING", options))
+
+
 register(
     Method(
         name="p_tuning",
         config_cls=PTuningConfig,
         kind="input",
         sharding=ALL_SHARDINGS,
-        peft_type="P_TUNING",  # peft's name for it; no PeftFormat mapping yet
+        peft=PeftFormat("P_TUNING", to_peft, from_peft),
         apply=apply,
         resolve=resolve,
         summary="N virtual tokens produced by a trained MLP or LSTM prompt encoder, put before the input",

@@ -18,7 +18,7 @@ the prefix (as Hugging Face peft does with transformers 5). Nothing to merge.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from lightning_peft.core import state
 from lightning_peft.core.config import AdapterConfig, check_positive_int, invalid
 from lightning_peft.core.virtual import KeyValuePrefix, attach, kv_layout, transformer_of
-from lightning_peft.registry import ALL_SHARDINGS, Method, register
+from lightning_peft.methods.prompt_tuning import peft_prompt_fields, peft_tokens, refuse_peft_fields
+from lightning_peft.registry import ALL_SHARDINGS, Method, PeftFormat, register
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -145,13 +146,53 @@ def apply(model: nn.Module, config: PrefixTuningConfig) -> list[str]:
     return attach(model, "prefix_tuning", build)
 
 
+def to_peft(config: PrefixTuningConfig) -> dict[str, Any]:
+    """Our options as peft's ``PrefixTuningConfig`` fields.
+
+    The file's tensor is the prefix itself (with ``projection=True``, what the MLP computes, as
+    peft saves it); ``token_dim``/``num_layers``/``num_attention_heads`` are left for peft to read
+    from the model, as it does for its own configs.
+    """
+    return {
+        **peft_prompt_fields(config),
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "prefix_projection": config.projection,
+        "encoder_hidden_size": config.projection_hidden_size,
+        "init_weights": None,
+    }
+
+
+def from_peft(options: dict[str, Any]) -> PrefixTuningConfig:
+    """peft's ``PrefixTuningConfig`` fields as our options: each read exactly, or refused by name.
+
+    peft's file holds the prefix (``prefix_projection=True``: the MLP's output, not the MLP), so it
+    loads as a ``projection=False`` adapter, the same outputs (what :func:`fold_projection` gives,
+    and what peft's inference mode runs). ``encoder_hidden_size`` describes that MLP; peft's
+    ``init_weights`` (another prefix init) is refused unless unset.
+    """
+    refuse_peft_fields(
+        "PREFIX_TUNING", options, {"num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "init_weights"}
+    )
+    if options.get("init_weights") is not None:
+        raise ValueError(
+            f"peft PREFIX_TUNING adapter_config.json has init_weights={options['init_weights']!r}, which "
+            "lightning_peft's prefix_tuning does not implement (supported: None)."
+        )
+    if not isinstance(options.get("prefix_projection", False), bool):
+        raise ValueError(
+            f"peft PREFIX_TUNING adapter_config.json has prefix_projection={options['prefix_projection']!r}; "
+            "True or False."
+        )
+    return PrefixTuningConfig(num_virtual_tokens=peft_tokens("PREFIX_TUNING", options))
+
+
 register(
     Method(
         name="prefix_tuning",
         config_cls=PrefixTuningConfig,
         kind="input",
         sharding=ALL_SHARDINGS,
-        peft_type="PREFIX_TUNING",  # peft's name for it; no PeftFormat mapping yet
+        peft=PeftFormat("PREFIX_TUNING", to_peft, from_peft),
         apply=apply,
         resolve=resolve,
         summary="N trained keys and values before the real tokens' in every attention layer (P-Tuning v2); "

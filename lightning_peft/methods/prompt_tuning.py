@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.config import AdapterConfig, check_choice, check_positive_int, init_only, invalid
 from lightning_peft.core.virtual import VirtualTokens, attach, input_embeddings
-from lightning_peft.registry import ALL_SHARDINGS, Method, register
+from lightning_peft.registry import ALL_SHARDINGS, Method, PeftFormat, register
 
 
 @dataclass(kw_only=True)
@@ -122,13 +122,104 @@ def apply(model: nn.Module, config: PromptTuningConfig) -> list[str]:
     return attach(model, "prompt_tuning", lambda base: PromptEmbedding(config, input_embeddings(base, "prompt_tuning")))
 
 
+#: peft prompt-learning config fields that say what the file is, or that the interop layer checks
+#: against the model (``task_type``, ``num_transformer_submodules``, ``token_dim``, ``num_layers``,
+#: ``num_attention_heads``: see ``lightning_peft.interop.peft_layouts.check_prompt_options``).
+_PEFT_PROMPT_COMMON = frozenset(
+    {
+        "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+        "inference_mode", "num_transformer_submodules", "token_dim", "num_layers", "num_attention_heads",
+    }
+)  # fmt: skip
+
+
+def refuse_peft_fields(peft_type: str, options: dict[str, Any], read: set[str]) -> None:
+    """Refuse any field that is neither metadata nor in ``read``, and any non-empty ``modules_to_save``."""
+    for name, value in options.items():
+        if name == "modules_to_save" and value not in (None, []):
+            raise ValueError(
+                f"peft {peft_type} adapter_config.json has modules_to_save={value!r}, which lightning_peft does not "
+                "read for prompt-learning adapters (supported: None)."
+            )
+        if name not in _PEFT_PROMPT_COMMON and name not in read and name != "modules_to_save":
+            raise ValueError(
+                f"peft {peft_type} adapter_config.json has field {name!r}={value!r}, which lightning_peft does not "
+                "know; it refuses an option it cannot interpret rather than dropping it."
+            )
+
+
+def peft_tokens(peft_type: str, options: dict[str, Any]) -> int:
+    value = options["num_virtual_tokens"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"peft {peft_type} adapter_config.json has num_virtual_tokens={value!r}; a positive int.")
+    return value
+
+
+def peft_prompt_fields(config: AdapterConfig) -> dict[str, Any]:
+    if config.modules_to_save:
+        raise ValueError(
+            f"modules_to_save={config.modules_to_save!r}: lightning_peft does not write modules_to_save in peft's "
+            "prompt-learning format; save this adapter with lightning_peft.save_adapter."
+        )
+    # None: peft fills them from the model's config on loading (the interop layer checks them on reading)
+    return {"num_transformer_submodules": 1, "token_dim": None, "num_layers": None, "num_attention_heads": None,
+            "modules_to_save": None}  # fmt: skip
+
+
+#: Our ``init`` as peft's ``prompt_tuning_init``, and back.
+_PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+
+
+def to_peft(config: PromptTuningConfig) -> dict[str, Any]:
+    """Our options as peft's ``PromptTuningConfig`` fields (the file's tensor is the prompt ``P``)."""
+    tokenizer = config.tokenizer
+    name = tokenizer if isinstance(tokenizer, str) or tokenizer is None else getattr(tokenizer, "name_or_path", None)
+    if config.init == "text" and not name:
+        raise ValueError(
+            "peft's PromptTuningConfig(prompt_tuning_init='TEXT') needs tokenizer_name_or_path, and this adapter's "
+            f"tokenizer ({type(tokenizer).__name__}) has no name_or_path; pass the tokenizer by name."
+        )
+    return {
+        **peft_prompt_fields(config),
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "prompt_tuning_init": _PEFT_INIT[config.init],
+        "prompt_tuning_init_text": config.init_text,
+        "tokenizer_name_or_path": name if config.init == "text" else None,
+        "tokenizer_kwargs": None,
+    }
+
+
+def from_peft(options: dict[str, Any]) -> PromptTuningConfig:
+    """peft's ``PromptTuningConfig`` fields as our options: each read exactly, or refused by name.
+
+    ``prompt_tuning_init`` (with its text and tokenizer) only chose the starting values, which the
+    file's prompt replaces; ``"RANDOM"`` and ``"SAMPLE_VOCAB"`` map to ``init="random"``/``"vocab"``,
+    ``"TEXT"`` to ``"random"`` (tokenizing the text again would need the tokenizer, for values that
+    are overwritten; like ours, the init is not part of a saved adapter's identity).
+    """
+    refuse_peft_fields(
+        "PROMPT_TUNING", options, {"num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text",
+                                   "tokenizer_name_or_path", "tokenizer_kwargs"}
+    )  # fmt: skip
+    init = options.get("prompt_tuning_init", "RANDOM")
+    ours = {v: k for k, v in _PEFT_INIT.items()}
+    if init not in ours:
+        raise ValueError(
+            f"peft PROMPT_TUNING adapter_config.json has prompt_tuning_init={init!r}, which lightning_peft's "
+            f"prompt_tuning does not know (supported: {', '.join(map(repr, ours))})."
+        )
+    return PromptTuningConfig(
+        num_virtual_tokens=peft_tokens("PROMPT_TUNING", options), init="random" if init == "TEXT" else ours[init]
+    )
+
+
 register(
     Method(
         name="prompt_tuning",
         config_cls=PromptTuningConfig,
         kind="input",
         sharding=ALL_SHARDINGS,
-        peft_type="PROMPT_TUNING",  # peft's name for it; no PeftFormat mapping yet
+        peft=PeftFormat("PROMPT_TUNING", to_peft, from_peft),
         apply=apply,
         summary="N trainable embeddings put before the input embeddings; init random, from the vocabulary or a text",
         paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning",

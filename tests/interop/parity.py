@@ -306,7 +306,6 @@ class Case:
 LAYER = "layer types lightning_peft's method does not wrap (issue 16 point 5)"
 OPTION = "peft options not implemented yet (issue 16 point 5/6)"
 VARIANT = "LoRA variants lightning_peft does not have"
-ADALORA = "no peft format for AdaLoRA yet (issue 16 point 4)"
 INIT = "data-driven or other inits not implemented"
 
 _L, _I, _A = "LoraConfig", "IA3Config", "AdaLoraConfig"
@@ -416,16 +415,20 @@ CASES: list[Case] = [
       ], start=1)],
     # ---- the same table: AdaLoRA
     Case("Vanilla MLP 1 AdaLoRA", "MLP", _A,
-         {"target_modules": ["lin0"], "init_lora_weights": False, "total_step": 1, "orth_reg_weight": 0},
-         refused=r"peft_type='ADALORA' has no lightning_peft equivalent", why=ADALORA),
+         {"target_modules": ["lin0"], "init_lora_weights": False, "total_step": 1, "orth_reg_weight": 0}),
     Case("Vanilla MLP 2 AdaLoRA", "MLP", _A,
-         {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "total_step": 1},
-         refused=r"peft_type='ADALORA'", why=ADALORA),
+         {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "total_step": 1}),
     Case("Conv2d 1 AdaLoRA", "Conv2d", _A, {"target_modules": ["conv2d"], "init_lora_weights": False, "total_step": 1},
-         refused=r"peft_type='ADALORA'", why=ADALORA, needs_peft="0.21"),
+         refused=r"it is a Conv2d, which adalora cannot wrap", why=LAYER, needs_peft="0.21"),
     Case("Conv2d 2 AdaLoRA", "Conv2d", _A,
          {"target_modules": ["conv2d", "lin0"], "init_lora_weights": False, "total_step": 1},
-         refused=r"peft_type='ADALORA'", why=ADALORA, needs_peft="0.21"),
+         refused=r"it is a Conv2d, which adalora cannot wrap", why=LAYER, needs_peft="0.21"),
+    Case("llama default AdaLoRA", "llama", _A, {"total_step": 10, "init_r": 6, "target_r": 4}, source="defaults"),
+    Case("gpt2 AdaLoRA", "gpt2", _A, {"total_step": 10, "init_r": 4, "target_r": 2, "lora_dropout": 0.1},
+         source="defaults"),
+    Case("AdaLoRA target_r above init_r", "MLP", _A, {"target_modules": ["lin0"], "total_step": 4, "init_r": 4},
+         refused=r"target_r must be at most init_r \(4\); got 8", why="a budget that would grow: peft allows it, "
+         "lightning_peft's schedule prunes only", source="issue"),
     # ---- peft tests/test_initialization.py: LoRA init variants (and what peft saves for each)
     Case("init False", "Init", _L, {"target_modules": ["linear", "embed"], "init_lora_weights": False}, source="init"),
     Case("init gaussian", "Init", _L, {"target_modules": ["linear", "embed"], "init_lora_weights": "gaussian"},
