@@ -323,3 +323,25 @@ def test_module_errors(hub_dir: Path, tmp_path: Path, images: Path) -> None:
                  ImageClassificationData(train=str(images)), limit_train_batches=1)  # fmt: skip
     finally:
         del media_hub.NoSize  # type: ignore[attr-defined]
+
+
+def test_a_stopped_fit_resumes_to_the_uninterrupted_adapter(tmp_path: Path, images: Path) -> None:
+    """A fit of 4 steps checkpoints mid-epoch at step 2; resuming from there gives the same adapter and head."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root: Path, ckpt: str | None = None) -> tuple[ImageClassification, Any]:
+        L.seed_everything(0, verbose=False)
+        module = ImageClassification(CNN, learning_rate=1e-2)
+        data = ImageClassificationData(train=str(images), batch_size=2, val_split=0.0, hflip=True)
+        lora = PEFTCallback("lora", r=2, target_modules=["conv2", "fc"], modules_to_save=["classifier"], verbose=False)
+        saves = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
+        t = trainer(root, callbacks=[lora, saves], max_steps=4)
+        t.fit(module, data, ckpt_path=ckpt)
+        return module, t
+
+    whole, _ = run(tmp_path / "whole")
+    (middle,) = (tmp_path / "whole").glob("*step=2.ckpt")
+    resumed, t = run(tmp_path / "resumed", str(middle))
+    assert t.global_step == 4
+    ours, ref = lp.trainable_state_dict(resumed), lp.trainable_state_dict(whole)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
