@@ -12,6 +12,7 @@ Modes:
     full             full fine-tuning with AdamW
     peft_<method>    Hugging Face peft's implementation (where peft has the method)
     lp_<method>      lightning_peft's pure-PyTorch core (inject + a plain loop)
+    lp_lora_separate the same without shared input projections (each layer its own x A^T)
     lp_<method>_trainer  the same through a Lightning Trainer with PEFTCallback
 """
 
@@ -125,7 +126,7 @@ def modes() -> list[str]:
     for name, bench in METHODS.items():
         if bench.peft is not None:
             out.append(f"peft_{name}")
-        out += [f"lp_{name}", f"lp_{name}_trainer"] if name == "lora" else [f"lp_{name}"]
+        out += [f"lp_{name}", f"lp_{name}_separate", f"lp_{name}_trainer"] if name == "lora" else [f"lp_{name}"]
     return out
 
 
@@ -195,6 +196,8 @@ def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str,
 
     if mode.endswith("_trainer"):
         return result | _run_trainer(model, mode.removeprefix("lp_").removesuffix("_trainer"), ids, warmup, steps)
+    separate = mode.endswith("_separate")  # without shared input projections (core.shared_input)
+    mode = mode.removesuffix("_separate")
     method = mode.split("_", 1)[1] if mode.startswith(("lp_", "peft_")) else None
 
     if mode == "floor":
@@ -217,6 +220,10 @@ def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str,
             import lightning_peft as lp
 
             lp.inject(model, METHODS[method].method or method, **METHODS[method].ours)
+            if separate:
+                from lightning_peft.core import shared_input
+
+                shared_input.detach(model)
             lp.calibrate(model, [ids], lambda batch: model(input_ids=batch, labels=batch).loss)
         else:
             raise SystemExit(f"unknown mode {mode!r}; modes: {', '.join(modes())}")

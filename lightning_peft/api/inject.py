@@ -20,6 +20,7 @@ from lightning_peft import registry
 from lightning_peft.core import state, targeting
 from lightning_peft.core.config import AdapterConfig
 from lightning_peft.core.layer import AdapterLayer, AdapterModule, TrainableModule
+from lightning_peft.core.quantize import WeightMergingLayer
 from lightning_peft.core.wrapping import replace_modules
 
 M = TypeVar("M", bound=nn.Module)
@@ -205,7 +206,32 @@ def _check_mergeable(model: nn.Module) -> list[AdapterModule]:
     for module in modules:
         if not module.mergeable:
             module.merge()  # raises the module's own explanation
+    _refuse_tied(model, modules)
     return modules
+
+
+def _refuse_tied(model: nn.Module, modules: list[AdapterModule]) -> None:
+    """Refuse to merge into a weight another module also holds (tied input and output embeddings):
+    the update belongs to the adapted layer only, and merging it would change the other one too."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                holders[id(param)].append(name)
+    names = {id(m): n for n, m in model.named_modules()}
+    for module in modules:
+        if not isinstance(module, WeightMergingLayer):
+            continue
+        weight = getattr(module.base, "weight", None)
+        base_names = {n for n, m in model.named_modules(remove_duplicate=False) if m is module.base}
+        others = [n for n in holders.get(id(weight), []) if n not in base_names]
+        if others:
+            raise ValueError(
+                f"cannot merge the {module.method} adapter of {names.get(id(module), type(module).__name__)!r}: its "
+                f"base weight is tied to {others[0]!r} (one tensor for both), so merging would change {others[0]!r} "
+                "too. Keep the adapter unmerged, or untie the weights first (e.g. give the output layer its own copy: "
+                "model.config.tie_word_embeddings=False and clone the weight), then merge."
+            )
 
 
 def merge(model: M) -> M:

@@ -4,25 +4,29 @@ In a transformer block several wrapped layers read one tensor: q/k/v of attentio
 normalized hidden states, gate/up of a gated MLP read the same. Each low-rank adapter multiplies
 that input by its own down-projection ``A_i`` (r x in), so a block runs three (N, in) x (in, r)
 matmuls where one (N, in) x (in, sum r) matmul would do, and keeps the input for backward once per
-product. :class:`SharedInputs` lets those layers meet: the first layer to see an input (the
-*leader*) projects it with the concatenated ``[A_1; A_2; ...]`` of the layers that read the same
-tensor last time, and each of them takes its slice::
+product. Here the first layer of a group to see an input (the *leader*) projects it for the whole
+group, and the others take their share::
 
-    H = x [A_1; ...; A_k]^T          (N, sum r), one matmul, x saved for backward once
-    h_i = H[:, r_1 + ... + r_{i-1} : r_1 + ... + r_i] = x A_i^T
+    h_1, ..., h_k = x [A_1; ...; A_k]^T      one (N, in) x (in, sum r) matmul, x saved for backward once
+    h_i = x A_i^T
 
-Which layers share an input is learned, not declared: it is whatever the forward does. A layer that
-reads an input another layer led is recorded as a peer, and from the leader's next call on it is
-projected with it; a predicted peer that does not show up is dropped. A layer only ever takes a
-slice computed from the very tensor it was given (same object, unchanged since: the tensor's
-version counter) with its current ``A`` (the parameter's version counter), so a wrong guess costs
-a few columns of compute, never a wrong result. Outputs equal separate products up to the
-summation order of one matmul.
+A group is the adapter layers of one injection that sit side by side in one module and take
+inputs of the same width and dtype (q/k/v/o of an attention block, gate/up of an MLP): the layers
+that *can* share an input. Which of them do is checked on every call, never assumed: a layer only
+takes a share computed from the very tensor it was given (the same object, unchanged since: its
+version counter) with its current ``A`` (the parameter's version counter), and computes its own
+product otherwise (o_proj, whose input is the attention output). The rule depends on nothing but
+the calls of the current forward, so the same forward always runs the same products: a resumed run
+computes bit for bit what the uninterrupted one did, and gradient checkpointing's recomputation
+saves what the first forward saved. Outputs equal separate products up to the summation order of
+one matmul.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,6 +37,8 @@ from torch import Tensor, nn
 
 class Projecting(Protocol):
     """A layer that can join: its down-projection, ``(r, in)``, applied as ``x @ weight.t()``."""
+
+    shared_inputs: SharedInputs | None
 
     def shared_weight(self) -> Tensor: ...
 
@@ -80,108 +86,102 @@ class _Slot:
 
 @dataclass
 class _Entry:
-    """One input's projection: for whom it was computed, and who came for it."""
+    """One input's projection for the group, and which members took their share."""
 
-    leader: weakref.ref[nn.Module]
     source: weakref.ref[Tensor]
     version: int
     slots: dict[int, _Slot] = field(default_factory=dict)
-    layers: dict[int, weakref.ref[nn.Module]] = field(default_factory=dict)
-    late: list[weakref.ref[nn.Module]] = field(default_factory=list)
 
     def matches(self, x: Tensor) -> bool:
         return self.source() is x and self.version == x._version
 
 
 class SharedInputs:
-    """The meeting point of the adapter layers of one injection (see the module docstring).
+    """One group of adapter layers that may read the same input (see the module docstring).
 
-    Held by each participating layer as a plain attribute (not a submodule, no state): copying a
-    model gives the copy a fresh, empty one.
+    Held by each member as a plain attribute (not a submodule, no state): copying a model gives
+    the copy's layers fresh, empty groups of their own.
     """
 
-    def __init__(self) -> None:
-        self._by_input: dict[int, _Entry] = {}  # id(input) -> its entry (checked against a weakref)
-        self._led: dict[int, _Entry] = {}  # id(leader) -> the entry it led last
-        self._peers: dict[int, list[weakref.ref[nn.Module]]] = {}  # id(leader) -> who read its input
+    def __init__(self, members: list[nn.Module]) -> None:
+        self._members = list(members)
+        self._entry: _Entry | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SharedInputs:
-        return SharedInputs()
+        new = SharedInputs([])
+        memo[id(self)] = new
+        new._members = [copy.deepcopy(m, memo) for m in self._members]  # the copied model's layers
+        return new
 
     def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+        return {"_members": self._members, "_entry": None}
 
     def project(self, layer: nn.Module, x: Tensor) -> Tensor | None:
-        """``x @ layer.shared_weight().t()``, shared with the other layers reading ``x``.
+        """``layer``'s share of the group's projection of ``x``, ``x @ layer.shared_weight().t()``.
 
-        Returns ``None`` when ``layer`` leads ``x`` alone (no known peers): the caller then
-        computes its own product as usual, and the entry left behind lets later readers of ``x``
-        be learned as its peers.
+        Returns ``None`` when ``layer`` is to compute its own product as usual: it reads an input
+        the group's current projection was not made from.
         """
-        entry = self._by_input.get(id(x))
-        if entry is not None and entry.matches(x):
-            slot = entry.slots.get(id(layer))
-            if slot is not None and not slot.taken:
-                slot.taken = True
-                weight = layer.shared_weight()  # type: ignore[operator]
-                hidden, slot.hidden = slot.hidden, None
-                if all(s.taken for s in entry.slots.values()):
-                    del self._by_input[id(x)]
-                fresh = slot.weight is weight and slot.version == weight._version
-                return hidden if fresh and hidden is not None else F.linear(x, weight)
-            if slot is None and entry.leader() is not layer:
-                entry.late.append(weakref.ref(layer))
-                return F.linear(x, layer.shared_weight())  # type: ignore[operator]
+        if x.is_inference() or torch.compiler.is_compiling():
+            # No version counter to check (inference_mode); Python-side state a compiled graph would guard on.
+            return None
+        entry = self._entry
+        slot = entry.slots.get(id(layer)) if entry is not None else None
+        if entry is not None and slot is not None and not slot.taken and entry.source() is not None:
+            slot.taken = True
+            hidden, slot.hidden = slot.hidden, None
+            if not entry.matches(x):
+                return None
+            weight = layer.shared_weight()  # type: ignore[operator]
+            if slot.weight is weight and slot.version == weight._version and hidden is not None:
+                return hidden
+            return F.linear(x, weight)
         return self._lead(layer, x)
 
     def _lead(self, layer: nn.Module, x: Tensor) -> Tensor | None:
-        # Gradient checkpointing runs the forward again inside backward and requires the same saved
-        # tensors: the peers learned so far stay as they were in the original forward until the next one.
-        if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
-            self._learn(layer)
-        self._forget_dead()
-        members = [layer] + [p for p in (ref() for ref in self._peers.get(id(layer), [])) if p is not None]
+        members = [m for m in self._members if m.shared_inputs is self]  # not those unloaded since
+        if layer not in members:
+            return None
         weights = [m.shared_weight() for m in members]  # type: ignore[operator]
-        members = [m for m, w in zip(members, weights) if w.dtype == weights[0].dtype and w.device == weights[0].device]
-        weights = [w for w in weights if w.dtype == weights[0].dtype and w.device == weights[0].device]
-        entry = _Entry(weakref.ref(layer), weakref.ref(x), x._version)
+        entry = _Entry(weakref.ref(x), x._version)
         for member, weight in zip(members, weights):
             entry.slots[id(member)] = _Slot(weight, weight._version)
-            entry.layers[id(member)] = weakref.ref(member)
-        entry.slots[id(layer)].taken = True
-        self._by_input[id(x)] = entry
-        self._led[id(layer)] = entry
-        if len(members) == 1:
-            return None
+        self._entry = entry
         hidden = _Projection.apply(x, *weights)
-        for member, h in zip(members[1:], hidden[1:]):
-            entry.slots[id(member)].hidden = h
-        return hidden[0]
-
-    def _learn(self, leader: nn.Module) -> None:
-        """Update ``leader``'s peers from the input it led last: who came, and who came uninvited."""
-        last = self._led.pop(id(leader), None)
-        if last is None:
-            return
-        came = [last.layers[key] for key, slot in last.slots.items() if slot.taken and key != id(leader)]
-        self._peers[id(leader)] = [ref for ref in came + last.late if ref() is not None]
-        if self._by_input.get(id(last.source())) is last:
-            del self._by_input[id(last.source())]
-
-    def _forget_dead(self) -> None:
-        for key in [k for k, e in self._by_input.items() if e.source() is None]:
-            del self._by_input[key]
+        own = members.index(layer)
+        entry.slots[id(layer)].taken = True
+        for i, (member, h) in enumerate(zip(members, hidden)):
+            if i != own:
+                entry.slots[id(member)].hidden = h
+        return hidden[own]
 
 
-def attach(layers: list[nn.Module]) -> SharedInputs:
-    """Let ``layers`` (one injection's adapter layers) share projections of common inputs."""
-    shared = SharedInputs()
-    for layer in layers:
-        layer.shared_inputs = shared
-    return shared
+def attach(model: nn.Module, layers: list[nn.Module]) -> list[list[str]]:
+    """Group ``layers`` (one injection's adapter layers in ``model``) that may share an input.
+
+    Layers are grouped when they sit in the same parent module and their down-projections have the
+    same width, dtype and device; a group of one is left alone. Returns the groups, by module name.
+    """
+    wanted = {id(layer) for layer in layers}
+    groups: dict[tuple[Any, ...], list[tuple[str, nn.Module]]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if id(module) in wanted:
+            weight = module.shared_weight()  # type: ignore[operator]
+            site = name
+            while site.endswith(".base_layer"):  # a chain of adapters on one base layer: where the chain sits
+                site = site.removesuffix(".base_layer")
+            parent = site.rpartition(".")[0]
+            groups[parent, weight.shape[1], weight.dtype, weight.device].append((name, module))
+    found = []
+    for group in groups.values():
+        unique = list({id(m): (n, m) for n, m in group}.values())  # a module shared under two names: once
+        if len(unique) < 2:
+            continue
+        shared = SharedInputs([m for _, m in unique])
+        for _, module in unique:
+            module.shared_inputs = shared
+        found.append([n for n, _ in unique])
+    return found
 
 
 def detach(model: nn.Module) -> int:

@@ -40,7 +40,7 @@ from lightning_peft.core.quantize import (
     quant_kind,
     requantized,
 )
-from lightning_peft.core.shared_input import SharedInputs
+from lightning_peft.core.shared_input import SharedInputs, attach
 from lightning_peft.core.targeting import is_linear
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.methods import lora_init
@@ -605,7 +605,17 @@ def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
 def apply(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Wrap every target (see :func:`wrap`), after making 4-bit bases keep their input gradient."""
     disable_cpu_repacking(model)  # see lightning_peft.core.quantize: else an eval forward stops training
-    return inject_layers(model, config, wrap=wrap)
+    built: list[LoRALayer] = []
+
+    def build(module: nn.Module, config: LoRAConfig) -> LoRALayer:
+        built.append(wrap(module, config))
+        return built[-1]
+
+    names = inject_layers(model, config, wrap=build)
+    if config.dropout == 0:  # each layer's own dropout mask would make the inputs differ
+        # Layers that read one input (q/k/v, gate/up) project it once (see core.shared_input).
+        attach(model, [layer for layer in built if type(layer) is LoRALinear])
+    return names
 
 
 def _weight_key(weights: Mapping[str, Tensor], name: str) -> str:
