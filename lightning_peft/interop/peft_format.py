@@ -32,8 +32,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shutil
+import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -123,11 +126,14 @@ def _format(method: str) -> registry.PeftFormat:
     return entry.peft
 
 
-def _peft_tensors(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, Tensor, nn.Module, str]]:
+def _peft_tensors(
+    model: nn.Module, adapter_name: str, values: Mapping[str, Tensor] | None = None
+) -> dict[str, tuple[str, Tensor, nn.Module, str]]:
     """Our full tensor name -> (peft key, the tensor as peft lays it out, its module, its local name).
 
     The key comes from the module's site in the base model (other adapters' wrappers taken out),
-    as peft names it: no adapter name in it.
+    as peft names it: no adapter name in it. ``values`` (by our full name) replaces the modules'
+    own tensors: a sharded strategy's gathered adapter.
     """
     info = state.adapter_of(model, adapter_name)
     base = f"{info.base_path}." if info.base_path else ""
@@ -143,13 +149,19 @@ def _peft_tensors(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, T
                 )
             inner = site[len(base) :] if site.startswith(base) else site
             key = PREFIX + (f"{inner}.{module.peft_key(local)}" if inner else module.peft_key(local))
+            if values is not None:
+                if full not in values:
+                    raise ValueError(f"the gathered adapter state lacks {full!r} of adapter {adapter_name!r}")
+                tensor = values[full]
             names[full] = (key, module.to_peft_tensor(local, tensor), module, local)
     return names
 
 
-def _peft_names(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, Tensor]]:
+def _peft_names(
+    model: nn.Module, adapter_name: str, values: Mapping[str, Tensor] | None = None
+) -> dict[str, tuple[str, Tensor]]:
     """Our full tensor name -> (peft key, the tensor as peft lays it out), for adapter ``adapter_name``."""
-    return {full: (key, tensor) for full, (key, tensor, _, _) in _peft_tensors(model, adapter_name).items()}
+    return {full: (key, t) for full, (key, t, _, _) in _peft_tensors(model, adapter_name, values).items()}
 
 
 def _from_peft_layout(module: nn.Module, local: str, ours: Tensor, stored: Tensor) -> Tensor:
@@ -209,6 +221,7 @@ def _peft_folder(
     out: Path,
     convert: bool = False,
     total_step: int | None = None,
+    values: Mapping[str, Tensor] | None = None,
 ) -> tuple[Path, bytes, dict[str, Tensor]]:
     """(folder, config file bytes, tensors) of adapter ``adapter_name``: everything checked, nothing written."""
     info = state.adapter_of(model, adapter_name)
@@ -229,11 +242,16 @@ def _peft_folder(
         **fmt.to_peft(options),
     }
     if registry.get(info.method).kind == "input":
+        if values is not None:
+            raise ValueError(
+                f"a {info.method} adapter's peft file holds the prompt it computes, which a sharded strategy's "
+                "gathered tensors do not give; save it with lightning_peft.save_adapter, or train without sharding."
+            )
         _, base = find_base_model(model)
         config["task_type"] = layouts.prompt_task_type(base, info.method)
         tensors = {layouts.PROMPT_KEY: layouts.prompt_tensor(layouts.prompt_module(model, adapter_name))}
     else:
-        tensors = dict(_peft_names(model, adapter_name).values())
+        tensors = dict(_peft_names(model, adapter_name, values).values())
     if info.method == "adalora":
         config["rank_pattern"] = layouts.adalora_to_peft(tensors, PREFIX)
     if convert:
@@ -305,6 +323,56 @@ def save_peft_adapter(
     for folder, text, tensors in folders:
         files.save_tensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
         files.atomic_write(folder / CONFIG_NAME, text)
+    return out
+
+
+def check_peft_adapter(model: nn.Module, adapter_name: str | None = None, *, total_step: int | None = None) -> None:
+    """Raise what :func:`save_peft_adapter` would raise for adapter ``adapter_name``; write nothing.
+
+    Raises:
+        ValueError: for a method without a peft format or options peft's config cannot hold.
+    """
+    name = state.adapter_of(model, adapter_name).name if adapter_name else state.require_info(model).name
+    _peft_folder(model, name, None, Path("."), total_step=total_step)
+
+
+def write_peft_folder(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_name: str,
+    *,
+    total_step: int | None = None,
+    values: Mapping[str, Tensor] | None = None,
+) -> Path:
+    """Write adapter ``adapter_name`` as one peft adapter folder, never seen half-written.
+
+    The files go to a hidden folder beside ``directory`` (same filesystem), which then replaces it
+    by two renames (the old folder out, the new one in): a reader finds a complete folder, old or
+    new, or, between the renames, none; a write that fails leaves ``directory`` as it was.
+
+    Args:
+        model: the model holding the adapter.
+        directory: the folder to (re)place.
+        adapter_name: the adapter to write.
+        total_step: see :func:`save_peft_adapter`.
+        values: the adapter's tensors by our full name, where the modules' own are shards (a sharded
+            strategy's gathered adapter state); ``None`` reads the modules'.
+    """
+    out = Path(directory)
+    _, base = find_base_model(model)
+    name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+    _, text, tensors = _peft_folder(model, adapter_name, name_or_path, out, total_step=total_step, values=values)
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    staging, retired = out.parent / f".{out.name}.{tag}.lp-tmp", out.parent / f".{out.name}.{tag}.lp-old"
+    try:
+        files.save_tensors(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        files.atomic_write(staging / CONFIG_NAME, text)
+        if out.exists():
+            os.replace(out, retired)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
     return out
 
 

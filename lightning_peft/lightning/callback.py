@@ -27,6 +27,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -45,7 +46,7 @@ from lightning_peft.api import training
 from lightning_peft.core import shared_input, state
 from lightning_peft.core.checkpointing import enable_gradient_checkpointing
 from lightning_peft.core.config import AdapterConfig, check_choice
-from lightning_peft.lightning import strategies
+from lightning_peft.lightning import peft_dir, strategies
 
 #: What PEFTCallback does when a trainable tensor got no gradient in the first optimizer step.
 DeadParams = Literal["raise", "warn", "ignore"]
@@ -115,6 +116,13 @@ class PEFTCallback(Callback):
         adapter_name: the adapter to train (``"default"`` unless given). Other adapters the module
             holds stay frozen and out of the checkpoints; one it holds by this name, with the same
             method and options, is trained on (a second fit), otherwise it is added beside them.
+        peft_dir: beside every checkpoint ``<stem>.ckpt`` (a DeepSpeed checkpoint folder too) also
+            write ``<stem>.peft/``, the adapter in Hugging Face peft's format, which
+            ``PeftModel.from_pretrained``, transformers' ``load_adapter`` and
+            ``lightning_peft.load_peft_adapter`` read (global rank 0 writes it, atomically; it is
+            removed with its checkpoint; see :mod:`lightning_peft.lightning.peft_dir`). An adapter
+            that peft's format cannot hold (a method without one) is said once, as a warning, at
+            train start, and then only the checkpoints are written.
         **options: the method's options when ``method`` is a name (``r=8, alpha=16, ...``).
 
     Raises:
@@ -134,6 +142,7 @@ class PEFTCallback(Callback):
         gradient_checkpointing: bool = False,
         checkpoint_blocks: Sequence[str | type[torch.nn.Module]] | None = None,
         adapter_name: str = state.DEFAULT_ADAPTER,
+        peft_dir: bool = True,
         **options: Any,
     ) -> None:
         self.method, self.config = registry.to_config(method, options)
@@ -152,6 +161,10 @@ class PEFTCallback(Callback):
                 "gradient_checkpointing is False; set gradient_checkpointing=True, or drop checkpoint_blocks."
             )
         self.gradient_checkpointing = gradient_checkpointing
+        if not isinstance(peft_dir, bool):
+            raise ValueError(f"PEFTCallback.peft_dir must be True or False; got {peft_dir!r}.")
+        self.peft_dir = peft_dir
+        self._peft_dir_refused: str | None = None  # why peft's format cannot hold this adapter, once known
         self.checkpoint_blocks = None if checkpoint_blocks is None else list(checkpoint_blocks)
         self._grads_checked: set[int] = set()  # ids of the optimizers whose first step was checked
         self._backward_ran = False  # a backward pass ran since the last optimizer step
@@ -237,6 +250,8 @@ class PEFTCallback(Callback):
         self.check_strategy(trainer)
         self._sharded = isinstance(trainer.strategy, strategies.PEFTStrategy)
         strategies.secure_checkpoints(trainer.strategy)  # before any checkpoint is read
+        if self.peft_dir and stage == "fit":
+            peft_dir.install(trainer.strategy, functools.partial(self._write_peft_dir, trainer))
         self._restrict_configure_optimizers(pl_module)
         if not is_overridden("configure_model", pl_module):
             self.inject(pl_module)
@@ -255,6 +270,7 @@ class PEFTCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        peft_dir.uninstall(trainer.strategy)
         if self._original_configure_model is not None:
             pl_module.__dict__.pop("configure_model", None)
             self._original_configure_model = None
@@ -316,6 +332,8 @@ class PEFTCallback(Callback):
         self._backward_ran = False
         total = trainer.estimated_stepping_batches
         self._total_steps = int(total) if math.isfinite(total) else None
+        if self.peft_dir:
+            self._check_peft_dir(pl_module)
         if self.method.calibrate is not None:
             self.calibrate(trainer, pl_module)
 
@@ -462,6 +480,30 @@ class PEFTCallback(Callback):
     ) -> None:
         if not isinstance(trainer.strategy, strategies.PEFTStrategy):  # those collected the adapter themselves
             checkpoint["state_dict"] = self.adapter_state_dict(pl_module)
+
+    def _check_peft_dir(self, pl_module: pl.LightningModule) -> None:
+        """Find out, before the first checkpoint, whether peft's format holds this adapter; warn once if not."""
+        from lightning_peft.interop import peft_format
+
+        try:
+            root = strategies.adapter_root(pl_module)[1]
+            peft_format.check_peft_adapter(root, self.adapter_name, total_step=self._total_steps)
+            if self._sharded and self.method.kind == "input":
+                raise ValueError(f"a {self.method.name} adapter's peft file is not written under a sharded strategy")
+        except ValueError as error:
+            if self._peft_dir_refused is None:
+                rank_zero_warn(
+                    f"PEFTCallback(peft_dir=True) writes no peft adapter folder beside the checkpoints: {error} "
+                    "Pass peft_dir=False to silence this."
+                )
+            self._peft_dir_refused = str(error)
+        else:
+            self._peft_dir_refused = None
+
+    def _write_peft_dir(self, trainer: pl.Trainer, checkpoint: Path) -> None:
+        """After a checkpoint is written: its peft folder beside it (every rank calls; rank 0 writes)."""
+        if self._peft_dir_refused is None and trainer.lightning_module is not None:
+            peft_dir.write(trainer, checkpoint, self.adapter_name, self._total_steps)
 
     def adapter_state_dict(self, pl_module: pl.LightningModule) -> OrderedDict[str, torch.Tensor]:
         """Adapter ``adapter_name``'s state only, keyed like ``pl_module.state_dict()``, with its record.

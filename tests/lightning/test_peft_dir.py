@@ -1,0 +1,97 @@
+"""PEFTCallback(peft_dir=True): a peft-loadable adapter folder beside every checkpoint a real fit writes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_peft as lp
+from lightning_peft import PEFTCallback
+from lightning_peft.interop import load_peft_adapter
+from lightning_peft.lightning.peft_dir import peft_dir_of
+from tests import tiny
+from tests.interop.parity import assert_parity
+from tests.lightning.modules import TinyLM, token_loader, trainer
+
+peft = pytest.importorskip("peft")
+
+
+def _fit(root: Path, callback: PEFTCallback, **kwargs: object) -> tuple[TinyLM, list[Path]]:
+    module = TinyLM()
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=2, monitor="train_loss")
+    trainer(root, max_steps=3, callbacks=[callback, checkpoints], **kwargs).fit(module, token_loader(n=12))
+    return module, sorted((root / "ckpt").glob("*.ckpt"))
+
+
+def test_every_checkpoint_has_a_peft_folder_that_peft_and_transformers_load(tmp_path: Path, monkeypatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # nothing may land in the current folder
+    module, ckpts = _fit(tmp_path, PEFTCallback("lora", r=4, target_modules=["q_proj", "v_proj"], verbose=False))
+    assert len(ckpts) == 2  # save_top_k=2 of three: one checkpoint was removed, and its peft folder with it
+    folders = sorted(p for p in (tmp_path / "ckpt").iterdir() if p.is_dir())
+    assert folders == [peft_dir_of(c) for c in ckpts]
+    assert not list(cwd.iterdir()) and not list((tmp_path / "ckpt").glob(".*"))  # no staging folder left either
+    batch = tiny.inputs("llama")
+    trained = module.model.eval()
+    with torch.no_grad():
+        ref = trained(**batch).logits
+    newest_ckpt = max(ckpts, key=lambda p: p.stat().st_mtime)  # the last step's: the trained model's state
+    newest = peft_dir_of(newest_ckpt)
+    base = tiny.build("llama")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), newest).eval()(**batch).logits
+        hf = copy.deepcopy(base)
+        hf.load_adapter(str(newest))  # transformers' PeftAdapterMixin
+        through_hf = hf.eval()(**batch).logits
+        ours = load_peft_adapter(copy.deepcopy(base), newest).eval()(**batch).logits
+        assert not torch.allclose(ref, base(**batch).logits, atol=1e-4), "the fit changed nothing: a vacuous test"
+    for what, out in (("PeftModel.from_pretrained", theirs), ("transformers load_adapter", through_hf), ("ours", ours)):
+        assert_parity(out, ref, f"the last checkpoint's peft folder through {what}")
+    # the checkpoint itself and the folder beside it hold the same adapter
+    from_ckpt = lp.load_adapter(copy.deepcopy(base), newest_ckpt)
+    with torch.no_grad():
+        assert_parity(from_ckpt.eval()(**batch).logits, ref, "the checkpoint beside it")
+
+
+def test_adalora_folder_records_the_trainers_schedule(tmp_path: Path) -> None:
+    callback = PEFTCallback("adalora", init_r=4, target_r=2, target_modules=["q_proj"], verbose=False)
+    module, ckpts = _fit(tmp_path, callback)
+    config = json.loads((peft_dir_of(ckpts[-1]) / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["total_step"] == 3  # the Trainer's max_steps
+    assert config["rank_pattern"] is not None  # the schedule pruned to target_r by the last step
+    newest = max(ckpts, key=lambda p: p.stat().st_mtime)
+    with torch.no_grad():
+        batch = tiny.inputs("llama")
+        ref = module.model.eval()(**batch).logits
+        theirs = peft.PeftModel.from_pretrained(tiny.build("llama"), peft_dir_of(newest)).eval()(**batch).logits
+    assert_parity(theirs, ref, "AdaLoRA's peft folder through PeftModel.from_pretrained")
+
+
+def test_a_method_without_peft_format_warns_once_and_checkpoints(tmp_path: Path) -> None:
+    with pytest.warns(
+        UserWarning, match=r"writes no peft adapter folder .* method 'bottleneck' has no Hugging Face"
+    ) as w:
+        _, ckpts = _fit(tmp_path, PEFTCallback("bottleneck", verbose=False))
+    assert len([x for x in w if "peft adapter folder" in str(x.message)]) == 1
+    assert ckpts and not [p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]
+
+
+def test_peft_dir_off_and_checked(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*peft adapter folder.*")
+        _, ckpts = _fit(tmp_path, PEFTCallback("lora", r=2, peft_dir=False, verbose=False))
+    assert ckpts and not [p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]
+    with pytest.raises(ValueError, match=r"PEFTCallback.peft_dir must be True or False; got 'yes'"):
+        PEFTCallback("lora", peft_dir="yes")  # type: ignore[arg-type]
+
+
+def test_peft_dir_names() -> None:
+    assert peft_dir_of("/a/epoch=0-step=3.ckpt") == Path("/a/epoch=0-step=3.peft")
+    assert peft_dir_of("/a/last") == Path("/a/last.peft")  # a DeepSpeed checkpoint folder without suffix
