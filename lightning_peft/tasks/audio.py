@@ -32,7 +32,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au")
 
 
 def read_audio(value: Any) -> tuple[torch.Tensor, int]:
-    """A path, ``{"bytes"/"path": ...}`` or ``{"array", "sampling_rate"}`` dict as a mono float waveform (T,) and its rate."""
+    """A path, ``{"bytes"/"path": ...}`` or ``{"array", "sampling_rate"}`` as a mono waveform (T,) and its rate."""
     if isinstance(value, dict) and value.get("array") is not None:
         wave = torch.as_tensor(value["array"], dtype=torch.float32)
         return (wave.mean(-1) if wave.ndim == 2 else wave), int(value["sampling_rate"])
@@ -56,7 +56,9 @@ def resample(wave: torch.Tensor, rate: int, target: int) -> torch.Tensor:
     m = max(1, round(n * target / rate))
     spectrum = torch.fft.rfft(wave.double())  # (n // 2 + 1,)
     bins = m // 2 + 1
-    kept = spectrum[:bins] if spectrum.shape[-1] >= bins else torch.nn.functional.pad(spectrum, (0, bins - len(spectrum)))
+    kept = (
+        spectrum[:bins] if spectrum.shape[-1] >= bins else torch.nn.functional.pad(spectrum, (0, bins - len(spectrum)))
+    )
     return (torch.fft.irfft(kept, m) * (m / n)).float()
 
 
@@ -159,4 +161,3 @@ class AudioClassificationData(MediaData):
             inputs = {"input_values": torch.stack([torch.nn.functional.pad(w, (0, width - len(w))) for w in waves])}
         labels = torch.tensor([self.label_id(e["label"]) for e in examples])
         return {**inputs, "labels": labels, "source": [e["source"] for e in examples]}
-

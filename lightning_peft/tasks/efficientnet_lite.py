@@ -111,7 +111,10 @@ class EfficientNetLite0(nn.Module):
             key = key.replace("_blocks.", "blocks.").replace("._", ".").lstrip("_")
             renamed[key] = value
         own = self.state_dict()
-        if renamed.get("classifier.weight") is not None and renamed["classifier.weight"].shape != own["classifier.weight"].shape:
+        if (
+            renamed.get("classifier.weight") is not None
+            and renamed["classifier.weight"].shape != own["classifier.weight"].shape
+        ):
             renamed = {k: v for k, v in renamed.items() if not k.startswith("classifier.")}  # a new head
         missing, unexpected = self.load_state_dict(renamed, strict=False)
         missing = [k for k in missing if not k.startswith("classifier.")]

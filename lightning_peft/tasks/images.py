@@ -76,7 +76,7 @@ class Augment:
             raise invalid(owner, "crop_scale", self.crop_scale, "a number in (0, 1]")
         if not 0 < self.crop_scale <= 1:
             raise invalid(owner, "crop_scale", self.crop_scale, "a number in (0, 1]")
-        if isinstance(self.rotation, bool) or not isinstance(self.rotation, (int, float)) or not 0 <= self.rotation:
+        if isinstance(self.rotation, bool) or not isinstance(self.rotation, (int, float)) or not self.rotation >= 0:
             raise invalid(owner, "rotation", self.rotation, "a number of degrees >= 0")
         jitter = self.color_jitter
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
@@ -109,7 +109,7 @@ class Augment:
 
 
 def to_tensor(img: Any, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Resize to ``size x size`` (bilinear) and normalize: ``x = (pixel / 255 - mean) / std`` per channel -> (3, H, W)."""
+    """Resize to ``size x size`` (bilinear), normalize ``x = (pixel / 255 - mean) / std`` per channel: (3, H, W)."""
     from PIL import Image
 
     img = img.resize((size, size), Image.Resampling.BILINEAR)

@@ -323,7 +323,8 @@ class MediaData(L.LightningDataModule):
 
     Each of ``train``, ``validation``, ``test`` and ``predict`` is a folder per class
     (``<folder>/<label>/<file>``) or a ``.csv`` file with ``file_column`` and ``label_column`` (paths
-    relative to the CSV), or a file kind the subclass reads (MNIST-style IDX files for images). ``dataset`` instead gives all splits as Hugging Face ``datasets``: a
+    relative to the CSV), or a file kind the subclass reads (MNIST-style IDX files for images).
+    ``dataset`` instead gives all splits as Hugging Face ``datasets``: a
     ``Dataset`` / ``DatasetDict`` object, a folder written by ``save_to_disk``, or a name or folder for
     ``datasets.load_dataset`` (``"imagefolder"`` needs ``data_dir`` then: use the folder layout above).
     Without validation (test) data, ``val_split`` (``test_split``) of the training items are held
@@ -517,7 +518,8 @@ class MediaData(L.LightningDataModule):
         for split, values in items.items():
             if split == "predict":
                 continue
-            unknown = sorted({label for label in _labels_of(values) if label not in self.labels})  # type: ignore[operator]
+            known = set(self.labels)
+            unknown = sorted({str(label) for label in _labels_of(values) if label not in known})
             if unknown:
                 raise ValueError(f"{owner}: {split} data has labels {unknown} not among labels={self.labels}.")
         return items
@@ -528,7 +530,8 @@ class MediaData(L.LightningDataModule):
         if self.items is None:
             self.items = self._read()
         return {
-            split: [{"source": item.source, "label": item.label} for item in items] for split, items in self.items.items()
+            split: [{"source": item.source, "label": item.label} for item in items]
+            for split, items in self.items.items()
         }
 
     # ------------------------------------------------------------------ Lightning hooks

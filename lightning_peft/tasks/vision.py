@@ -135,7 +135,9 @@ class ImageClassificationData(MediaData):
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
-        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8
+        ):
             raise invalid(owner, "image_size", image_size, "None or an integer of at least 8 (pixels)")
         self.image_size = image_size
         self.mean = check_stats(owner, "mean", mean) if mean is not None else None
@@ -189,7 +191,9 @@ class ImageClassificationData(MediaData):
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         processor, size, mean, std = self._transforms()
-        images = [self.augment(e["item"]) if e["split"] == "train" and self.augment.active else e["item"] for e in examples]
+        images = [
+            self.augment(e["item"]) if e["split"] == "train" and self.augment.active else e["item"] for e in examples
+        ]
         if processor is not None:
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
         else:

@@ -23,12 +23,19 @@ FILE_RATE = 8000
 def _vision_config(arch: str) -> tf.PretrainedConfig:
     if arch == "vit":
         return tf.ViTConfig(
-            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
         )
     if arch == "convnext":
         return tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32)
     if arch == "resnet":
-        return tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", downsample_in_first_stage=True)
+        return tf.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", downsample_in_first_stage=True
+        )
     raise ValueError(arch)
 
 
@@ -133,7 +140,7 @@ def write_audio_folder(root: Path, per_class: int = 6) -> Path:
 
 
 def save_audio_model(root: Path, arch: str, seed: int = 0) -> Path:
-    """A folder with a tiny ``arch`` audio classifier (``whisper``, ``wav2vec2`` or ``ast``) and its feature extractor."""
+    """A folder with a tiny ``arch`` audio classifier (whisper, wav2vec2 or ast) and its feature extractor."""
     folder = root / arch
     if (folder / "config.json").exists():
         return folder

@@ -115,7 +115,9 @@ def test_a_plain_waveform_model_and_a_datasets_audio_column(tmp_path: Path, clip
     batch = next(iter(data.train_dataloader()))
     assert batch["input_values"].shape == (4, 1000)  # 0.25 s at 4 kHz
     rows = [r for b in run.predict(module, data) for r in b]
-    assert [r["audio"] for r in rows] == [r["source"] for r in data.records["predict"]] and rows[0]["audio"].startswith("row ")
+    assert [r["audio"] for r in rows] == [r["source"] for r in data.records["predict"]] and rows[0]["audio"].startswith(
+        "row "
+    )
 
 
 def test_audio_errors(tmp_path: Path, clips: Path) -> None:

@@ -133,7 +133,9 @@ def _between(value: float, low: float, high: float) -> None:
 def _image(model: Path, data: Path) -> tuple[TaskModule, Any]:
     images = media_hub.write_image_folder(data / "images", per_class=6)
     name = "class:tests.tasks.media_hub.TinyCNN" if model.name == "cnn" else str(model)
-    return tasks.ImageClassification(name), tasks.ImageClassificationData(train=str(images), batch_size=4, val_split=0.25)
+    return tasks.ImageClassification(name), tasks.ImageClassificationData(
+        train=str(images), batch_size=4, val_split=0.25
+    )
 
 
 def _audio(model: Path, data: Path) -> tuple[TaskModule, Any]:
@@ -155,7 +157,14 @@ _CONVS = {"target_modules": r".*layer\.\d+\.convolution"}  # ResNet's Conv2d lay
 #: Options beyond the method's case where its defaults do not reach an architecture: {method: {arch: options}}.
 _MEDIA_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "lora": {"resnet": _CONVS, "cnn": {"target_modules": ["conv1", "conv2", "fc"]}, "wav2vec2": _QV, "ast": _QV},
-    "adalora": {"vit": _QV, "whisper": _QV, "wav2vec2": _QV, "ast": _QV, "cnn": {"target_modules": ["fc"]}, "resnet": _CONVS},
+    "adalora": {
+        "vit": _QV,
+        "whisper": _QV,
+        "wav2vec2": _QV,
+        "ast": _QV,
+        "cnn": {"target_modules": ["fc"]},
+        "resnet": _CONVS,
+    },
     "ia3": {
         "cnn": {"target_modules": ["fc"], "feedforward_modules": ["fc"]},
         "resnet": {**_CONVS, "feedforward_modules": []},

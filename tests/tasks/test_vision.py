@@ -121,7 +121,9 @@ def test_frozen_batch_norm_keeps_its_statistics_under_peft(tmp_path: Path, image
     _fit(tmp_path, module, data, lora, limit_train_batches=2)
     assert torch.equal(module.model.norm.running_mean, stats)
 
-    full = ImageClassification(CNN, labels=list(media_hub.IMAGE_CLASSES), learning_rate=1e-2)  # full fine-tuning updates them as usual
+    full = ImageClassification(
+        CNN, labels=list(media_hub.IMAGE_CLASSES), learning_rate=1e-2
+    )  # full fine-tuning updates them as usual
     full.configure_model()
     _fit(tmp_path, full, ImageClassificationData(train=str(images), batch_size=4, val_split=0.0), limit_train_batches=2)
     assert not torch.equal(full.model.norm.running_mean, stats)
@@ -131,7 +133,9 @@ def test_a_frozen_new_head_is_refused(hub_dir: Path, tmp_path: Path, images: Pat
     module = ImageClassification(str(media_hub.save_vision_model(hub_dir, "vit")))
     data = ImageClassificationData(train=str(images), batch_size=4)
     lora = PEFTCallback("lora", r=2, modules_to_save=[], verbose=False)
-    with pytest.raises(ValueError, match=r"new head modules \['classifier'\] are frozen.*modules_to_save=\['classifier'\]"):
+    with pytest.raises(
+        ValueError, match=r"new head modules \['classifier'\] are frozen.*modules_to_save=\['classifier'\]"
+    ):
         _fit(tmp_path, module, data, lora, limit_train_batches=1)
 
 
@@ -226,7 +230,9 @@ def test_read_idx(tmp_path: Path) -> None:
     (tmp_path / "x.gz").write_bytes(gzip.compress(header + values.numpy().tobytes()))
     assert torch.equal(read_idx(tmp_path / "x.gz"), values)
     # An IDX images file with its labels file beside it is a split; labels name the ids.
-    images = torch.stack([media_hub.stripes(c, size=6, seed=i)[..., 0] for i in range(4) for c in ("horizontal", "vertical")])
+    images = torch.stack(
+        [media_hub.stripes(c, size=6, seed=i)[..., 0] for i in range(4) for c in ("horizontal", "vertical")]
+    )
     for name, tensor, code in (("tr-images-idx3-ubyte", images, 3), ("tr-labels-idx1-ubyte", torch.arange(8) % 2, 1)):
         head = bytes([0, 0, 8, code]) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
         (tmp_path / name).write_bytes(head + tensor.to(torch.uint8).numpy().tobytes())
