@@ -43,7 +43,7 @@ _EXPORTS = {
     "save_peft_adapter": "lightning_peft.interop.peft_format",
     "load_peft_adapter": "lightning_peft.interop.peft_format",
     "quantize": "lightning_peft.core.quantize",
-    "loftq": "lightning_peft.methods.lora",
+    "loftq": "lightning_peft.methods.lora_loftq",
     "dequantize": "lightning_peft.core.quantize",
     "prepare_for_kbit_training": "lightning_peft.core.quantize",
     "enable_gradient_checkpointing": "lightning_peft.core.checkpointing",
@@ -115,7 +115,7 @@ if TYPE_CHECKING:
     from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter
     from lightning_peft.lightning.callback import PEFTCallback
     from lightning_peft.lightning.forgetting import ForgettingProbe
-    from lightning_peft.methods.lora import loftq
+    from lightning_peft.methods.lora_loftq import loftq
     from lightning_peft.registry import methods  # at run time the callable package, called the same way
 
 

@@ -98,7 +98,7 @@ def from_peft(value: Any) -> str:
         raise ValueError(
             "init_lora_weights='loftq' is refused: peft replaces the base weights by LoftQ's quantized ones when it "
             "loads such an adapter, which lightning_peft does not do on load (its LoftQ, LoRAConfig(init='loftq') "
-            "with lightning_peft.methods.lora.loftq, works on a bitsandbytes 4-bit base)."
+            "with lightning_peft.methods.lora_loftq.loftq, works on a bitsandbytes 4-bit base)."
         )
     if isinstance(value, str) and value in NOT_IMPLEMENTED:
         raise ValueError(f"init_lora_weights={value!r} is refused: {NOT_IMPLEMENTED[value]}.")

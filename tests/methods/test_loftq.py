@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 import lightning_peft as lp
 from lightning_peft.core import quantize as q
-from lightning_peft.methods.lora import LoRAConfig, LoRALinear, loftq
+from lightning_peft.methods.lora import LoRAConfig, LoRALinear
+from lightning_peft.methods.lora_loftq import loftq
 from tests import tiny
 
 pytest.importorskip("bitsandbytes", reason='needs bitsandbytes: pip install "lightning-peft[quant]"')
