@@ -95,3 +95,32 @@ def test_peft_dir_off_and_checked(tmp_path: Path) -> None:
 def test_peft_dir_names() -> None:
     assert peft_dir_of("/a/epoch=0-step=3.ckpt") == Path("/a/epoch=0-step=3.peft")
     assert peft_dir_of("/a/last") == Path("/a/last.peft")  # a DeepSpeed checkpoint folder without suffix
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_checkpoint_folder_has_a_peft_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CPU ranks under ZeRO-3: the parameters are placeholders, the gathered adapter is what rank 0 writes."""
+    import lightning as L
+
+    from tests import optional
+    from tests.lightning.distributed import cpu_deepspeed
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    optional.importorskip("deepspeed")
+    L.seed_everything(0)
+    t = trainer(
+        tmp_path,
+        devices=2,
+        strategy=cpu_deepspeed(3),
+        max_steps=1,
+        num_sanity_val_steps=0,
+        callbacks=[PEFTCallback("lora", r=4, verbose=False), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
+    t.fit(TinyLM(), token_loader(n=8, batch_size=4))
+    assert (tmp_path / "last.ckpt").is_dir() and (tmp_path / "last.peft" / "adapter_config.json").is_file()
+    base, batch = tiny.build("llama"), tiny.inputs("llama")
+    with torch.no_grad():
+        ref = lp.load_adapter(copy.deepcopy(base), tmp_path / "last.ckpt").eval()(**batch).logits  # the checkpoint
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "last.peft").eval()(**batch).logits
+        assert not torch.allclose(ref, base(**batch).logits, atol=1e-4), "the fit changed nothing: a vacuous test"
+    assert_parity(theirs, ref, "ZeRO-3's peft folder through PeftModel.from_pretrained")
