@@ -426,6 +426,10 @@ CASES: list[Case] = [
     Case("llama default AdaLoRA", "llama", _A, {"total_step": 10, "init_r": 6, "target_r": 4}, source="defaults"),
     Case("gpt2 AdaLoRA", "gpt2", _A, {"total_step": 10, "init_r": 4, "target_r": 2, "lora_dropout": 0.1},
          source="defaults"),
+    Case("AdaLoRA layers_to_transform", "llama", _A,
+         {"target_modules": ["q_proj"], "total_step": 4, "init_r": 4, "target_r": 2, "layers_to_transform": [0]},
+         refused=r"layers_to_transform=\[0\], which lightning_peft's adalora does not implement",
+         why=OPTION, source="issue"),
     Case("AdaLoRA target_r above init_r", "MLP", _A, {"target_modules": ["lin0"], "total_step": 4, "init_r": 4},
          refused=r"target_r must be at most init_r \(4\); got 8", why="a budget that would grow: peft allows it, "
          "lightning_peft's schedule prunes only", source="issue"),
