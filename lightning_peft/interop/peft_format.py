@@ -20,6 +20,15 @@ never reshaped to fit) and finiteness; on any failure the adapter it added is re
 base weights an initialization rewrote (PiSSA, OLoRA) are put back bit for bit, and the tensors of
 an adapter it loaded into are as they were.
 
+AdaLoRA and the prompt-learning methods lay their tensors out as peft does through
+:mod:`lightning_peft.interop.peft_layouts`: AdaLoRA's ``lora_E`` as ``(r, 1)``, its pruned ranks as
+peft's ``rank_pattern`` (only the kept triplets stored); prompt tuning, P-tuning and prefix tuning
+as the one ``prompt_embeddings`` tensor peft stores, the prompt the model consumes (for P-tuning
+the encoder's output, which loads back as a ``prompt_tuning`` adapter; for prefix tuning with
+``prefix_projection`` the MLP's output, which loads as ``projection=False``), on ``*ForCausalLM``
+models (peft's ``task_type="CAUSAL_LM"``). :func:`write_peft_folder` writes one folder atomically
+(PEFTCallback's ``peft_dir`` beside each checkpoint).
+
 PiSSA/OLoRA adapters (``init="pissa"``, ``"pissa_niter_N"``, ``"olora"``) travel both ways as peft
 has them: saved as they are (a loader, peft or this one, computes the residual base weight again
 from the original one) or, with ``convert_to_standard_lora=True``, as the plain rank-2r LoRA
@@ -60,8 +69,9 @@ M = TypeVar("M", bound=nn.Module)
 
 #: The version of peft whose config fields :data:`PEFT_FIELDS` lists.
 PEFT_FIELDS_VERSION = "0.21.2"
-#: Every field of peft's config class per ``peft_type`` (``dataclasses.fields`` of ``LoraConfig`` and
-#: ``IA3Config`` in peft 0.21.2; a test checks the installed peft has no field missing here). A field
+#: Every field of peft's config class per ``peft_type`` (``dataclasses.fields`` of ``LoraConfig``,
+#: ``IA3Config``, ``AdaLoraConfig``, ``PromptTuningConfig``, ``PromptEncoderConfig`` and
+#: ``PrefixTuningConfig`` in peft 0.21.2; a test checks the installed peft has no field missing here). A field
 #: not listed is refused: lightning_peft does not guess what an unknown option meant.
 # fmt: off
 PEFT_FIELDS: dict[str, frozenset[str]] = {

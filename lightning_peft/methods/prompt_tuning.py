@@ -202,15 +202,20 @@ def from_peft(options: dict[str, Any]) -> PromptTuningConfig:
                                    "tokenizer_name_or_path", "tokenizer_kwargs"}
     )  # fmt: skip
     init = options.get("prompt_tuning_init", "RANDOM")
-    ours = {v: k for k, v in _PEFT_INIT.items()}
-    if init not in ours:
+    if init not in _FROM_PEFT_INIT:
         raise ValueError(
             f"peft PROMPT_TUNING adapter_config.json has prompt_tuning_init={init!r}, which lightning_peft's "
-            f"prompt_tuning does not know (supported: {', '.join(map(repr, ours))})."
+            f"prompt_tuning does not know (supported: {', '.join(map(repr, _FROM_PEFT_INIT))})."
         )
-    return PromptTuningConfig(
-        num_virtual_tokens=peft_tokens("PROMPT_TUNING", options), init="random" if init == "TEXT" else ours[init]
-    )
+    return PromptTuningConfig(num_virtual_tokens=peft_tokens("PROMPT_TUNING", options), init=_FROM_PEFT_INIT[init])
+
+
+#: peft's ``prompt_tuning_init`` as our ``init`` (``"TEXT"``: see :func:`from_peft`).
+_FROM_PEFT_INIT: dict[str, Literal["random", "vocab", "text"]] = {
+    "RANDOM": "random",
+    "SAMPLE_VOCAB": "vocab",
+    "TEXT": "random",
+}
 
 
 register(
