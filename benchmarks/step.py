@@ -168,6 +168,39 @@ def _checkpoint_bytes(payload: dict[str, Any]) -> int:
         return os.path.getsize(f.name)
 
 
+def saved_mb(model: Any, forward: Callable[[], Any]) -> float:
+    """MiB of activations one forward keeps for backward: the distinct storages held by the autograd
+    graph's nodes, not counting the model's own parameters (which exist either way). Exact, and
+    independent of the machine's load, unlike peak RSS. Read from the graph, not with saved-tensor
+    hooks, which would change what some layers keep (see lightning_peft.core.saved_input)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+    loss = forward()
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        tensors: list[Any] = []
+        if hasattr(node, "saved_tensors"):  # a custom autograd.Function's context
+            tensors += list(node.saved_tensors)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                value = getattr(node, name)
+                tensors += value if isinstance(value, (tuple, list)) else [value]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in params:
+                    kept[storage.data_ptr()] = storage.nbytes()
+        stack += [fn for fn, _ in node.next_functions]
+    del loss
+    return sum(kept.values()) / 2**20
+
+
 def _loop(model: Any, step: Callable[[], None], warmup: int, steps: int) -> list[float]:
     import torch
 
@@ -247,9 +280,13 @@ def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str,
                 model.base_model.update_and_allocate(n)
             optimizer.zero_grad(set_to_none=True)
 
+    if mode == "floor":
+        saved = saved_mb(model, lambda: model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss)
+    else:
+        saved = saved_mb(model, lambda: model(input_ids=ids, labels=ids).loss)
     times = _loop(model, step, warmup, steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result |= {"step_s": statistics.median(times), "peak_mb": _peak_mb(), "trainable": trainable}
+    result |= {"step_s": statistics.median(times), "peak_mb": _peak_mb(), "trainable": trainable, "saved_mb": saved}
     if optimizer is not None:
         if mode.startswith("lp_"):
             import lightning_peft as lp
@@ -351,12 +388,16 @@ def _fmt_ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.3f}" if value is not None and base else "-"
 
 
+def _fmt_mb(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
 def table(rows: dict[str, dict[str, Any]]) -> str:
     floor, peft = rows.get("floor", {}), rows.get("peft_lora", {})
     lines = [
-        "| mode | step (s) | x floor | x peft LoRA | peak MB | x floor | trainable | checkpoint bytes "
-        "| x (params+AdamW) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | step (s) | x floor | x peft LoRA | peak MB | x floor | saved for backward MB | x floor "
+        "| trainable | checkpoint bytes | x (params+AdamW) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, r in rows.items():
         ckpt = r.get("checkpoint_bytes")
@@ -364,7 +405,8 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| {mode} | {r['step_s']:.4f} | {_fmt_ratio(r['step_s'], floor.get('step_s'))} | "
             f"{_fmt_ratio(r['step_s'], peft.get('step_s'))} | {r['peak_mb']:.0f} | "
-            f"{_fmt_ratio(r['peak_mb'], floor.get('peak_mb'))} | {r.get('trainable', 0):,} | "
+            f"{_fmt_ratio(r['peak_mb'], floor.get('peak_mb'))} | {_fmt_mb(r.get('saved_mb'))} | "
+            f"{_fmt_ratio(r.get('saved_mb'), floor.get('saved_mb'))} | {r.get('trainable', 0):,} | "
             f"{ckpt if ckpt is not None else '-'} | {_fmt_ratio(ckpt, budget)} |"
         )
     return "\n".join(lines)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_peft.core import saved_input
+
 
 class Projecting(Protocol):
     """A layer that can join: its down-projection, ``(r, in)``, applied as ``x @ weight.t()``."""
@@ -53,14 +55,17 @@ class _Projection(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, *weights)
+        kept = saved_input.keep(x)  # x, or its factors where autograd keeps those anyway
+        ctx.n_kept = len(kept)
+        ctx.save_for_backward(*kept, *weights)
         hidden = F.linear(x, torch.cat(weights))  # (..., sum r)
         return tuple(h.contiguous() for h in hidden.split([w.shape[0] for w in weights], dim=-1))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, *weights = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, weights = saved_input.restore(saved[: ctx.n_kept]), saved[ctx.n_kept :]
         present = [i for i, g in enumerate(grads) if g is not None]
         out: list[Tensor | None] = [None] * (1 + len(weights))
         if not present:
@@ -70,7 +75,7 @@ class _Projection(torch.autograd.Function):
             out[0] = grad @ torch.cat([weights[i] for i in present])  # (..., in)
         grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_w = grad_2d.t() @ x_2d  # (sum r', in)
-        for i, g in zip(present, grad_w.split([weights[i].shape[0] for i in present])):
+        for i, g in zip(present, grad_w.split([weights[i].shape[0] for i in present]), strict=True):
             if ctx.needs_input_grad[1 + i]:
                 out[1 + i] = g
         return tuple(out)
@@ -144,13 +149,13 @@ class SharedInputs:
             return None
         weights = [m.shared_weight() for m in members]  # type: ignore[operator]
         entry = _Entry(weakref.ref(x), x._version)
-        for member, weight in zip(members, weights):
+        for member, weight in zip(members, weights, strict=True):
             entry.slots[id(member)] = _Slot(weight, weight._version)
         self._entry = entry
         hidden = _Projection.apply(x, *weights)
         own = members.index(layer)
         entry.slots[id(layer)].taken = True
-        for i, (member, h) in enumerate(zip(members, hidden)):
+        for i, (member, h) in enumerate(zip(members, hidden, strict=True)):
             if i != own:
                 entry.slots[id(member)].hidden = h
         return hidden[own]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_peft.core import saved_input
 from lightning_peft.core.config import (
     LayerConfig,
     check_positive,
@@ -192,7 +193,8 @@ class LoRALayer(WeightMergingLayer):
 
 
 class _FusedLoRALinear(torch.autograd.Function):
-    """``y = x W + b + s (x A^T) B^T`` for a frozen ``W``, keeping only ``x`` and ``h = x A^T`` for backward.
+    """``y = x W + b + s (x A^T) B^T`` for a frozen ``W``, keeping only ``x`` and ``h = x A^T`` for backward
+    (and not even ``x`` where autograd keeps its factors: see :mod:`lightning_peft.core.saved_input`).
 
     The plain autograd expression allocates the base output, then the updated output, and in
     backward two full-size input gradients that are then summed. Here the update is accumulated
@@ -205,23 +207,31 @@ class _FusedLoRALinear(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float
     ) -> Tensor:
-        h = x @ lora_A.t()  # (N, r)
-        out = torch.addmm(bias, x, w) if bias is not None else x @ w  # (N, out)
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in)
+        h = x2d @ lora_A.t()  # (N, r)
+        out = torch.addmm(bias, x2d, w) if bias is not None else x2d @ w  # (N, out)
         out.addmm_(h, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(x, h, w, lora_A, lora_B)
-        ctx.scaling = scaling
-        return out
+        kept = saved_input.keep(x)  # x, or its factors where autograd keeps those anyway
+        ctx.save_for_backward(h, w, lora_A, lora_B, *kept)
+        ctx.scaling, ctx.shape = scaling, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, h, w, lora_A, lora_B = ctx.saved_tensors
+        h, w, lora_A, lora_B, *kept = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_h = (grad @ lora_B).mul_(ctx.scaling)  # (N, r)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ w.t()  # (N, in)
             grad_x.addmm_(grad_h, lora_A)
-        grad_A = grad_h.t() @ x if ctx.needs_input_grad[3] else None  # (r, in)
+            grad_x = grad_x.view(ctx.shape)
+        if ctx.needs_input_grad[3]:
+            x = saved_input.restore(tuple(kept))
+            grad_A = grad_h.t() @ x.reshape(-1, x.shape[-1])  # (r, in)
+        else:
+            grad_A = None
         grad_B = (grad.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None  # (out, r)
         return grad_x, None, None, grad_A, grad_B, None
 
@@ -445,10 +455,7 @@ class LoRALinear(LoRALayer):
         if self._can_fuse(x):
             base = self.base_layer
             w = base.weight if self.fan_in_fan_out else base.weight.t()  # (in, out)
-            out = _FusedLoRALinear.apply(
-                x.reshape(-1, x.shape[-1]), w, base.bias, self.lora_A, self.lora_B, self.scaling
-            )
-            return out.view(*x.shape[:-1], out.shape[-1])
+            return _FusedLoRALinear.apply(x, w, base.bias, self.lora_A, self.lora_B, self.scaling)
         result = self.base_layer(x)  # (..., out)
         lora_A = self.lora_A
         x = self.dropout(x)

@@ -158,3 +158,35 @@ def test_unloading_an_adapter_leaves_the_others_alone() -> None:
     fused, plain = pair(model)
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=1e-12)
+
+
+def test_down_proj_keeps_the_factors_of_its_input_not_a_copy() -> None:
+    """SwiGLU's act(gate) * up is recomputed from the factors its own backward keeps (core.saved_input):
+    the LoRA layer on down_proj saves no tensor of its own for x, and its gradients are the same."""
+    from benchmarks.step import saved_mb
+    from lightning_peft.core import saved_input
+
+    model = llama()
+    ids = torch.randint(0, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    down = model.model.layers[0].mlp.down_proj
+    seen: list[int] = []
+    original = saved_input.keep
+    try:
+        saved_input.keep = lambda x: seen.append(len(original(x))) or original(x)  # type: ignore[assignment]
+        with_factors = saved_mb(model, lambda: model(input_ids=ids, labels=ids).loss)
+        saved_input.keep = lambda x: (x,)  # type: ignore[assignment]
+        with_copy = saved_mb(model, lambda: model(input_ids=ids, labels=ids).loss)
+    finally:
+        saved_input.keep = original  # type: ignore[assignment]
+    layers = len(model.model.layers)
+    width = down.lora_A.shape[1]
+    assert seen.count(2) == layers  # one down_proj per block
+    assert with_copy - with_factors == pytest.approx(layers * 2 * 12 * width * 8 / 2**20)  # float64 x per layer
+    got = {k: v.clone() for k, v in step(model, ids)[1].items()}
+    try:
+        saved_input.keep = lambda x: (x,)  # type: ignore[assignment]
+        want = step(model, ids)[1]
+    finally:
+        saved_input.keep = original  # type: ignore[assignment]
+    for name in want:  # the product recomputed bit for bit
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
