@@ -45,7 +45,7 @@ import shutil
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,14 +137,19 @@ def _format(method: str) -> registry.PeftFormat:
 
 
 def _peft_tensors(
-    model: nn.Module, adapter_name: str, values: Mapping[str, Tensor] | None = None
+    model: nn.Module,
+    adapter_name: str,
+    values: Mapping[str, Tensor] | None = None,
+    clean: Callable[[str], str] | None = None,
 ) -> dict[str, tuple[str, Tensor, nn.Module, str]]:
     """Our full tensor name -> (peft key, the tensor as peft lays it out, its module, its local name).
 
     The key comes from the module's site in the base model (other adapters' wrappers taken out),
-    as peft names it: no adapter name in it. ``values`` (by our full name) replaces the modules'
-    own tensors: a sharded strategy's gathered adapter.
+    as peft names it: no adapter name in it. ``values`` replaces the modules' own tensors (a
+    sharded strategy's gathered adapter), keyed by ``clean(full name)``; ``clean`` also takes the
+    strategy's wrapper modules (FSDP1's ``_fsdp_wrapped_module``) out of peft's keys.
     """
+    clean = clean or (lambda name: name)
     info = state.adapter_of(model, adapter_name)
     base = f"{info.base_path}." if info.base_path else ""
     names: dict[str, tuple[str, Tensor, nn.Module, str]] = {}
@@ -158,20 +163,23 @@ def _peft_tensors(
                     f"({info.base_path!r}); peft's format only holds tensors of the base model."
                 )
             inner = site[len(base) :] if site.startswith(base) else site
-            key = PREFIX + (f"{inner}.{module.peft_key(local)}" if inner else module.peft_key(local))
+            key = clean(PREFIX + (f"{inner}.{module.peft_key(local)}" if inner else module.peft_key(local)))
             if values is not None:
-                if full not in values:
-                    raise ValueError(f"the gathered adapter state lacks {full!r} of adapter {adapter_name!r}")
-                tensor = values[full]
+                if clean(full) not in values:
+                    raise ValueError(f"the gathered adapter state lacks {clean(full)!r} of adapter {adapter_name!r}")
+                tensor = values[clean(full)]
             names[full] = (key, module.to_peft_tensor(local, tensor), module, local)
     return names
 
 
 def _peft_names(
-    model: nn.Module, adapter_name: str, values: Mapping[str, Tensor] | None = None
+    model: nn.Module,
+    adapter_name: str,
+    values: Mapping[str, Tensor] | None = None,
+    clean: Callable[[str], str] | None = None,
 ) -> dict[str, tuple[str, Tensor]]:
     """Our full tensor name -> (peft key, the tensor as peft lays it out), for adapter ``adapter_name``."""
-    return {full: (key, t) for full, (key, t, _, _) in _peft_tensors(model, adapter_name, values).items()}
+    return {full: (key, t) for full, (key, t, _, _) in _peft_tensors(model, adapter_name, values, clean).items()}
 
 
 def _from_peft_layout(module: nn.Module, local: str, ours: Tensor, stored: Tensor) -> Tensor:
@@ -232,6 +240,7 @@ def _peft_folder(
     convert: bool = False,
     total_step: int | None = None,
     values: Mapping[str, Tensor] | None = None,
+    clean: Callable[[str], str] | None = None,
 ) -> tuple[Path, bytes, dict[str, Tensor]]:
     """(folder, config file bytes, tensors) of adapter ``adapter_name``: everything checked, nothing written."""
     info = state.adapter_of(model, adapter_name)
@@ -261,7 +270,7 @@ def _peft_folder(
         config["task_type"] = layouts.prompt_task_type(base, info.method)
         tensors = {layouts.PROMPT_KEY: layouts.prompt_tensor(layouts.prompt_module(model, adapter_name))}
     else:
-        tensors = dict(_peft_names(model, adapter_name, values).values())
+        tensors = dict(_peft_names(model, adapter_name, values, clean).values())
     if info.method == "adalora":
         config["rank_pattern"] = layouts.adalora_to_peft(tensors, PREFIX)
     if convert:
@@ -353,6 +362,7 @@ def write_peft_folder(
     *,
     total_step: int | None = None,
     values: Mapping[str, Tensor] | None = None,
+    clean: Callable[[str], str] | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` as one peft adapter folder, never seen half-written.
 
@@ -367,11 +377,15 @@ def write_peft_folder(
         total_step: see :func:`save_peft_adapter`.
         values: the adapter's tensors by our full name, where the modules' own are shards (a sharded
             strategy's gathered adapter state); ``None`` reads the modules'.
+        clean: a tensor name as the unwrapped model spells it (``values``' keys, and peft's), where
+            a strategy wrapped modules (FSDP1).
     """
     out = Path(directory)
     _, base = find_base_model(model)
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-    _, text, tensors = _peft_folder(model, adapter_name, name_or_path, out, total_step=total_step, values=values)
+    _, text, tensors = _peft_folder(
+        model, adapter_name, name_or_path, out, total_step=total_step, values=values, clean=clean
+    )
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     staging, retired = out.parent / f".{out.name}.{tag}.lp-tmp", out.parent / f".{out.name}.{tag}.lp-old"
     try:

@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import Strategy
 
 from lightning_peft.interop import peft_format
 from lightning_peft.lightning import strategies
+from lightning_peft.lightning.base import clean_name
 
 #: The folder name's ending, after the checkpoint's stem.
 SUFFIX = ".peft"
@@ -49,7 +50,7 @@ def write(trainer: pl.Trainer, checkpoint: str | Path, adapter_name: str, total_
     if not trainer.is_global_zero:
         return None
     return peft_format.write_peft_folder(
-        root, peft_dir_of(checkpoint), adapter_name, total_step=total_step, values=values
+        root, peft_dir_of(checkpoint), adapter_name, total_step=total_step, values=values, clean=clean_name
     )
 
 

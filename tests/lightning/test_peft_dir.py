@@ -110,16 +110,18 @@ def _sharded(name: str) -> object:
         return cpu_deepspeed(3)
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_peft.lightning.strategies import PEFTFSDP2Strategy
+    from lightning_peft.lightning.strategies import PEFTFSDP2Strategy, PEFTFSDPStrategy
 
+    if name == "fsdp1":  # wraps modules: _fsdp_wrapped_module in our names, never in peft's keys
+        return forked(PEFTFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}))
     return forked(PEFTFSDP2Strategy(wrap_modules={LlamaDecoderLayer}, save_distributed_checkpoint=False))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp1", "fsdp2"])
 def test_sharded_checkpoints_have_a_peft_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
-    """Two CPU ranks under ZeRO-3 (a checkpoint folder) and FSDP2: the parameters are shards or placeholders,
-    the gathered adapter is what rank 0 writes."""
+    """Two CPU ranks under ZeRO-3 (a checkpoint folder), FSDP1 and FSDP2: the parameters are shards or
+    placeholders, the gathered adapter is what rank 0 writes."""
     import lightning as L
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
