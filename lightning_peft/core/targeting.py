@@ -24,8 +24,15 @@ ALL_LINEAR = "all-linear"
 
 # Task heads that are newly initialized when a pretrained backbone gets a classification head;
 # trained in full unless the user says otherwise (peft does the same for its SEQ_CLS task type).
-_HEAD_NAMES = ("classifier", "score")
-_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification")
+#: The freshly initialized heads of transformers classification models (wav2vec2-style audio
+#: classifiers put a new ``projector`` in front of theirs).
+_HEAD_NAMES = ("classifier", "score", "projector")
+_HEAD_SUFFIXES = (
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForImageClassification",
+    "ForAudioClassification",
+)
 
 
 def name_matches(name: str, key: str | Sequence[str]) -> bool:

@@ -195,3 +195,25 @@ def test_find_base_model_inside_a_wrapper_module() -> None:
     path, base = targeting.find_base_model(holder)
     assert path == "net" and base is holder.net
     assert targeting.model_type(holder) == "bert"
+
+
+def test_image_and_audio_classification_heads_train_by_default() -> None:
+    """Their heads are new (random) like a text classifier's, so they train unless the user says otherwise."""
+    import transformers as tf
+
+    from lightning_peft.core.targeting import default_modules_to_save
+
+    vit = tf.ViTForImageClassification(
+        tf.ViTConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16,
+            patch_size=8, num_labels=3,
+        )
+    )  # fmt: skip
+    wav2vec2 = tf.Wav2Vec2ForSequenceClassification(
+        tf.Wav2Vec2Config(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, conv_dim=(8, 8),
+            conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2, num_labels=3,
+        )
+    )  # fmt: skip
+    assert default_modules_to_save(vit) == ["classifier"]
+    assert default_modules_to_save(wav2vec2) == ["classifier", "projector"]
