@@ -11,6 +11,13 @@ their output (``y = l * (W x + b)``); feed-forward targets scale their input (``
 which for the feed-forward's second projection is exactly the paper's ``l_ff * f(W_1 x)``. Both fold
 into the weight: ``W <- diag(l) W, b <- l * b`` and ``W <- W diag(l)`` respectively. The T-Few
 training losses live in :mod:`lightning_peft.losses`.
+
+On ``nn.Conv2d`` / ``nn.Conv3d`` (as peft has them, for CNNs) the vector acts per channel: an
+attention-style target scales each output channel, ``y[:, o] = l_o * (W * x + b)[:, o]``, a
+feed-forward one each input channel, ``y = W * (l[:, None, None] x) + b``. Both fold into the kernel
+``W`` (out, in / groups, k...): ``W[o] <- l_o W[o], b <- l * b``, and ``W[o, j] <- l_c W[o, j]`` for
+the input channel ``c = (o // (out / groups)) * (in / groups) + j`` that kernel entry reads
+(padding is per channel, so scaling the input and the kernel agree exactly).
 """
 
 from __future__ import annotations
@@ -127,10 +134,10 @@ class IA3Config(LayerConfig):
 
 
 class IA3Layer(WeightMergingLayer):
-    """(IA)^3 around ``nn.Linear`` or transformers' ``Conv1D``: one learned vector ``ia3_l``.
+    """(IA)^3 around ``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv2d`` or ``nn.Conv3d``: one vector ``ia3_l``.
 
-    Attention layers: ``y = l * (W x + b)`` (``l`` has ``out`` entries). Feed-forward layers:
-    ``y = W (l * x) + b`` (``l`` has ``in`` entries).
+    Attention layers: ``y = l * (W x + b)`` (``l`` has ``out`` entries, one per output channel of a
+    conv). Feed-forward layers: ``y = W (l * x) + b`` (``l`` has ``in`` entries, one per input channel).
     """
 
     adapter_names = ("ia3_l",)
@@ -138,15 +145,21 @@ class IA3Layer(WeightMergingLayer):
     supports_mixed_batch = True
 
     def __init__(self, base_layer: nn.Module, *, feedforward: bool) -> None:
-        if not is_linear(base_layer):
+        conv = isinstance(base_layer, (nn.Conv2d, nn.Conv3d))
+        if not (conv or is_linear(base_layer)):
             raise TypeError(
-                f"it is a {type(base_layer).__name__}, which ia3 cannot wrap; ia3 wraps nn.Linear and "
-                "transformers' Conv1D"
+                f"it is a {type(base_layer).__name__}, which ia3 cannot wrap; ia3 wraps nn.Linear, "
+                "transformers' Conv1D, nn.Conv2d and nn.Conv3d"
             )
         super().__init__(base_layer)
         weight: Tensor = base_layer.weight  # type: ignore[assignment]
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
-        if is_quantized(base_layer):  # bitsandbytes: a packed weight, the vector in the compute dtype
+        self.fan_in_fan_out = not isinstance(base_layer, (nn.Linear, nn.Conv2d, nn.Conv3d))  # Conv1D: y = x @ W + b
+        #: For a conv, its number of spatial dimensions (2 or 3): the vector broadcasts over them.
+        self.spatial_dims = weight.dim() - 2 if conv else 0
+        if conv:
+            in_features, out_features = base_layer.in_channels, base_layer.out_channels
+            factory = self.adapter_factory(weight)
+        elif is_quantized(base_layer):  # bitsandbytes: a packed weight, the vector in the compute dtype
             in_features, out_features = base_layer.in_features, base_layer.out_features
             factory = adapter_factory(base_layer)
         else:
@@ -161,15 +174,21 @@ class IA3Layer(WeightMergingLayer):
         nn.init.ones_(self.ia3_l)
 
     def to_peft_tensor(self, local: str, tensor: Tensor) -> Tensor:
+        if self.spatial_dims:  # peft's conv vector: (1, C, 1, 1[, 1]) for both kinds
+            return tensor.view(1, -1, *(1,) * self.spatial_dims)
         # peft stores a feed-forward vector as a row (1, in) and an attention one as a column (out, 1).
         return tensor[None, :] if self.feedforward else tensor[:, None]
+
+    def _channel_scale(self) -> Tensor:
+        """The vector shaped to multiply an activation: ``(C,)`` on the last dim, ``(C, 1, 1[, 1])`` for a conv."""
+        return self.ia3_l.view(-1, *(1,) * self.spatial_dims)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bypassed:
             return self.base_layer(x)
         if self.rows is not None:
             return self._mixed(x)
-        scale = self.ia3_l
+        scale = self._channel_scale()
         # In the wider of the two dtypes (type promotion): a bfloat16 vector on a float32 activation
         # does not round the activation to bfloat16.
         if self.feedforward:
@@ -180,15 +199,25 @@ class IA3Layer(WeightMergingLayer):
     def _mixed(self, x: Tensor) -> Tensor:
         """A mixed batch: the vector scales only this adapter's rows (of the input or of the output)."""
         rows = self.mixed_rows(x)
+        scale = self._channel_scale()
         if self.feedforward:
-            scaled = (x.index_select(0, rows) * self.ia3_l).to(x.dtype)
+            scaled = (x.index_select(0, rows) * scale).to(x.dtype)
             return self.base_layer(x.index_copy(0, rows, scaled))
         result = self.base_layer(x)
-        scaled = (result.index_select(0, rows) * self.ia3_l).to(result.dtype)
+        scaled = (result.index_select(0, rows) * scale).to(result.dtype)
         return result.index_copy(0, rows, scaled)
 
     def _weight_scale(self, scale: Tensor) -> Tensor:
         """``scale`` shaped to multiply the base weight along the axis it acts on."""
+        if self.spatial_dims:  # a conv kernel (out, in / groups, k...)
+            kernel = (1,) * self.spatial_dims
+            if not self.feedforward:
+                return scale.view(-1, 1, *kernel)
+            conv = self.base
+            groups, per_in = conv.groups, conv.in_channels // conv.groups
+            # Kernel entry (o, j) reads input channel (o // (out / groups)) * per_in + j.
+            by_group = scale.view(groups, 1, per_in).expand(groups, conv.out_channels // groups, per_in)
+            return by_group.reshape(conv.out_channels, per_in, *kernel)
         # nn.Linear stores (out, in), Conv1D (in, out); output scaling acts on `out`, input on `in`.
         along_rows = self.feedforward == self.fan_in_fan_out
         return scale[:, None] if along_rows else scale[None, :]

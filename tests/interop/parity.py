@@ -406,8 +406,7 @@ CASES: list[Case] = [
          {"target_modules": ["conv1d", "lin0"], "feedforward_modules": ["conv1d", "lin0"]}),
     Case("transformers Conv1D 3 IA3", "EmbConv1D", _I,
          {"target_modules": ["conv1d"], "feedforward_modules": ["conv1d"], "modules_to_save": ["lin0"]}),
-    *[Case(f"Conv{d}d {i} IA3", f"Conv{d}d", _I, {"target_modules": targets, "feedforward_modules": ff},
-           refused=rf"selected .conv{d}d.: it is a Conv{d}d, which ia3 cannot wrap", why=LAYER)
+    *[Case(f"Conv{d}d {i} IA3", f"Conv{d}d", _I, {"target_modules": targets, "feedforward_modules": ff})
       for d in (2, 3)
       for i, (targets, ff) in enumerate([
           ([f"conv{d}d"], []), ([f"conv{d}d"], [f"conv{d}d"]), ([f"conv{d}d", "lin0"], []),
