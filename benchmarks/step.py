@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--name", default="step", help="table: results file stem (benchmarks/results/<name>-<device>.md)")
     args = parser.parse_args(argv)
     if args.command == "worker":
         result = json.dumps(run_worker(args.mode, args.warmup, args.steps, args.dtype))
@@ -443,8 +444,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.steps} steps, median)\n\n" + table(rows) + "\n"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"step-{device}.md").write_text(text)
-    (RESULTS / f"step-{device}.json").write_text(json.dumps(runs, indent=2))
+    (RESULTS / f"{args.name}-{device}.md").write_text(text)
+    (RESULTS / f"{args.name}-{device}.json").write_text(json.dumps(runs, indent=2))
     print(text)
     return text
 
