@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--name", default="step", help="table: results file stem (benchmarks/results/<name>-<device>.md)")
+    parser.add_argument("--name", default="step", help="results file stem: benchmarks/results/<name>-<device>.md")
     args = parser.parse_args(argv)
     if args.command == "worker":
         result = json.dumps(run_worker(args.mode, args.warmup, args.steps, args.dtype))
