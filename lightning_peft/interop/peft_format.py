@@ -232,17 +232,10 @@ def _converted(model: nn.Module, info: state.PEFTInfo, tensors: dict[str, Tensor
     return {"init_lora_weights": True, "r": 2 * config.r, "lora_alpha": alpha}  # type: ignore[attr-defined]
 
 
-def _peft_folder(
-    model: nn.Module,
-    adapter_name: str,
-    base_model_name_or_path: str | None,
-    out: Path,
-    convert: bool = False,
-    total_step: int | None = None,
-    values: Mapping[str, Tensor] | None = None,
-    clean: Callable[[str], str] | None = None,
-) -> tuple[Path, bytes, dict[str, Tensor]]:
-    """(folder, config file bytes, tensors) of adapter ``adapter_name``: everything checked, nothing written."""
+def _peft_config(
+    model: nn.Module, adapter_name: str, base_model_name_or_path: str | None, path: Path, total_step: int | None = None
+) -> dict[str, Any]:
+    """peft's config fields for adapter ``adapter_name`` (without ``rank_pattern``); reads no tensor."""
     info = state.adapter_of(model, adapter_name)
     try:
         fmt = _format(info.method)
@@ -261,13 +254,31 @@ def _peft_folder(
         **fmt.to_peft(options),
     }
     if registry.get(info.method).kind == "input":
+        _, base = find_base_model(model)
+        config["task_type"] = layouts.prompt_task_type(base, info.method)
+    files.json_bytes(config, path)  # a non-finite option is refused here, naming the file
+    return config
+
+
+def _peft_folder(
+    model: nn.Module,
+    adapter_name: str,
+    base_model_name_or_path: str | None,
+    out: Path,
+    convert: bool = False,
+    total_step: int | None = None,
+    values: Mapping[str, Tensor] | None = None,
+    clean: Callable[[str], str] | None = None,
+) -> tuple[Path, bytes, dict[str, Tensor]]:
+    """(folder, config file bytes, tensors) of adapter ``adapter_name``: everything checked, nothing written."""
+    info = state.adapter_of(model, adapter_name)
+    config = _peft_config(model, adapter_name, base_model_name_or_path, out / CONFIG_NAME, total_step)
+    if registry.get(info.method).kind == "input":
         if values is not None:
             raise ValueError(
                 f"a {info.method} adapter's peft file holds the prompt it computes, which a sharded strategy's "
                 "gathered tensors do not give; save it with lightning_peft.save_adapter, or train without sharding."
             )
-        _, base = find_base_model(model)
-        config["task_type"] = layouts.prompt_task_type(base, info.method)
         tensors = {layouts.PROMPT_KEY: layouts.prompt_tensor(layouts.prompt_module(model, adapter_name))}
     else:
         tensors = dict(_peft_names(model, adapter_name, values, clean).values())
@@ -277,7 +288,7 @@ def _peft_folder(
         config.update(_converted(model, info, tensors))
     elif str(getattr(info.config, "init", "")).startswith("pissa_niter_"):
         warnings.warn(_RANDOMIZED.format(init=info.config.init, what="peft, loading it, computes"), stacklevel=3)
-    return out, files.json_bytes(config, out / CONFIG_NAME), tensors  # a non-finite option is refused here
+    return out, files.json_bytes(config, out / CONFIG_NAME), tensors
 
 
 def save_peft_adapter(
@@ -346,13 +357,15 @@ def save_peft_adapter(
 
 
 def check_peft_adapter(model: nn.Module, adapter_name: str | None = None, *, total_step: int | None = None) -> None:
-    """Raise what :func:`save_peft_adapter` would raise for adapter ``adapter_name``; write nothing.
+    """Raise what :func:`save_peft_adapter` would raise for adapter ``adapter_name``'s options; write nothing.
+
+    It reads the adapter's config only, no tensor (under a sharded strategy they are shards).
 
     Raises:
         ValueError: for a method without a peft format or options peft's config cannot hold.
     """
     name = state.adapter_of(model, adapter_name).name if adapter_name else state.require_info(model).name
-    _peft_folder(model, name, None, Path("."), total_step=total_step)
+    _peft_config(model, name, None, Path(CONFIG_NAME), total_step)
 
 
 def write_peft_folder(
