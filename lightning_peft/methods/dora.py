@@ -17,11 +17,23 @@ input as the update does (peft's convention)::
 Merging writes ``W'`` into the weight; unmerging inverts it with the norm cached at merge time.
 On a bitsandbytes 4-bit or 8-bit base, ``W`` in the norm is the dequantized weight the layer computes
 with, and merging is refused (see :mod:`lightning_peft.core.quantize`).
+
+The other layers, as peft 0.21 defines them:
+
+- ``nn.Conv2d`` (ungrouped): the kernel ``W`` (out, in, kh, kw) plus ``s B.A`` (LoRA's conv ``A``
+  composed with its 1x1 conv ``B``), the norm over every axis but the output channel, one
+  magnitude per output channel: ``h = m / ||W + s B.A|| * ((W + s B.A) * x) + b``.
+- ``nn.Embedding``: the table ``W`` (num, dim) plus ``s (B A)^T``, the norm over the tokens (each
+  column of the table: peft takes it on the transposed ``(dim, num)`` weight, row-wise), one
+  magnitude per embedding dimension; with the base layer's ``embed_scale`` ``c``:
+  ``h = m / ||W + s (B A)^T|| * c * (W + s (B A)^T)[x]``.
+
 This file is not a method of its own: it is LoRA's ``use_dora`` option, and registers nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -30,7 +42,20 @@ from torch import Tensor, nn
 
 from lightning_peft.core.quantize import adapter_factory, dequantized_weight, is_quantized
 from lightning_peft.core.targeting import is_linear
-from lightning_peft.methods.lora import VARIANTS, LoRAConfig, LoRALinear
+from lightning_peft.methods.lora import VARIANTS, LoRAConfig, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+
+
+def _through_base(layer: LoRALayer, x: Tensor, add: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The base layer's output on ``x`` with ``add(x, output)`` applied in a hook at the end of its forward.
+
+    DoRA's update reads the base weight: computed there, where a strategy that shards the weight
+    (FSDP1, ZeRO-3) still has it whole.
+    """
+    hook = layer.base_owner(["weight"]).register_forward_hook(lambda module, args, result: add(x, result), prepend=True)
+    try:
+        return layer.base_layer(x)
+    finally:
+        hook.remove()
 
 
 class DoRALinear(LoRALinear):
@@ -86,15 +111,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.bypassed:
             return self.base_layer(x)
-        # The update reads the base weight: computed in a hook at the end of the base layer's own
-        # forward, where a strategy that shards it (FSDP1, ZeRO-3) still has it whole.
-        hook = self.base_owner(["weight"]).register_forward_hook(
-            lambda module, args, result: self._add_update_to(x, result), prepend=True
-        )
-        try:
-            return self.base_layer(x)
-        finally:
-            hook.remove()
+        return _through_base(self, x, self._add_update_to)
 
     def _add_update_to(self, x: Tensor, result: Tensor) -> Tensor:
         """``result = W x + b`` plus DoRA's update, ``(m / ||W + s B A|| - 1) W x' + m / ||W + s B A|| s B A x'``."""
@@ -128,14 +145,156 @@ class DoRALinear(LoRALinear):
         return f"{super().extra_repr()}, dora=True"
 
 
-def wrap(module: nn.Module, config: LoRAConfig) -> DoRALinear:
+class DoRAConv2d(LoRAConv2d):
+    """DoRA around an ungrouped ``nn.Conv2d``: LoRA's conv ``A`` and 1x1 conv ``B``, a magnitude per output channel."""
+
+    adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude")  # type: ignore[assignment]
+    stackable = False  # its norm reads the base weight, which another adapter on the layer would change
+    supports_mixed_batch = False  # the norm is per adapter and per weight, not per row
+    peft_names = {"lora_magnitude": "lora_magnitude_vector"}
+
+    def __init__(self, base_layer: nn.Conv2d, config: LoRAConfig) -> None:
+        super().__init__(base_layer, config)
+        factory = self.adapter_factory(base_layer.weight)
+        self.lora_magnitude = nn.Parameter(torch.empty(base_layer.out_channels, **factory))
+        self.register_buffer("_merged_norm", None, persistent=False)  # the norm merge() divided by
+        self._reset_magnitude()
+
+    def reset_adapter_parameters(self) -> None:
+        super().reset_adapter_parameters()
+        if "lora_magnitude" in self._parameters:  # absent while LoRAConv2d.__init__ runs
+            self._reset_magnitude()
+
+    def _reset_magnitude(self) -> None:
+        with torch.no_grad():
+            self.lora_magnitude.copy_(self.weight_norm())
+
+    def to_peft_tensor(self, local: str, tensor: Tensor) -> Tensor:
+        # peft keeps the conv magnitude as (1, out, 1, 1), the shape its norm has with keepdim.
+        return tensor.view(1, -1, 1, 1) if local == "lora_magnitude" else tensor
+
+    def _combined(self) -> Tensor:
+        weight: Tensor = self.base.weight
+        return weight + self.delta_weight().to(weight.dtype)  # (out, in, kh, kw)
+
+    def weight_norm(self) -> Tensor:
+        """``||W + s B.A||`` per output channel (over in, kh, kw), as a constant (no gradient flows through it)."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self._combined(), dim=(1, 2, 3)).to(self.lora_magnitude.dtype)  # (out,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bypassed:
+            return self.base_layer(x)
+        return _through_base(self, x, self._add_update_to)
+
+    def _add_update_to(self, x: Tensor, result: Tensor) -> Tensor:
+        """``result = W * x + b`` plus ``(m / ||W + s B.A|| - 1) W * x' + m / ||W + s B.A|| s B.A * x'``."""
+        lora_A = self.lora_A.weight
+        dropped = self.dropout(x)
+        if dropped.dtype != lora_A.dtype:
+            dropped = dropped.to(lora_A.dtype)
+        scale = (self.lora_magnitude / self.weight_norm()).view(1, -1, 1, 1)
+        update = self.lora_B(self.lora_A(dropped)) * self.scaling  # (B, out, H', W')
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            base = self.base._conv_forward(dropped, self.base.weight.to(dropped.dtype), None)  # W * x'
+        else:
+            bias = self.bias
+            base = result if bias is None else result - bias.view(1, -1, 1, 1)  # W * x, without a second conv
+        return result + ((scale - 1) * base + scale * update).to(result.dtype)
+
+    def _merge(self) -> None:
+        weight: Tensor = self.base.weight
+        combined = self._combined()
+        norm = torch.linalg.vector_norm(combined, dim=(1, 2, 3))
+        self._merged_norm = norm
+        weight.copy_((self.lora_magnitude.to(weight.dtype) / norm).view(-1, 1, 1, 1) * combined)
+
+    def _unmerge(self) -> None:
+        weight: Tensor = self.base.weight
+        scale = (self.lora_magnitude.to(weight.dtype) / self._merged_norm).view(-1, 1, 1, 1)
+        weight.copy_(weight / scale - self.delta_weight().to(weight.dtype))
+        self._merged_norm = None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dora=True"
+
+
+class DoRAEmbedding(LoRAEmbedding):
+    """DoRA around ``nn.Embedding``: LoRA's tables ``A``, ``B`` plus a magnitude per embedding dimension."""
+
+    adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude")  # type: ignore[assignment]
+    stackable = False  # its norm reads the base weight, which another adapter on the layer would change
+    supports_mixed_batch = False  # the norm is per adapter and per weight, not per row
+    peft_names = {**LoRAEmbedding.peft_names, "lora_magnitude": "lora_magnitude_vector"}
+
+    def __init__(self, base_layer: nn.Embedding, config: LoRAConfig) -> None:
+        super().__init__(base_layer, config)
+        factory = self.adapter_factory(base_layer.weight)
+        self.lora_magnitude = nn.Parameter(torch.empty(base_layer.embedding_dim, **factory))
+        self.register_buffer("_merged_norm", None, persistent=False)  # the norm merge() divided by
+        self._reset_magnitude()
+
+    def reset_adapter_parameters(self) -> None:
+        super().reset_adapter_parameters()
+        if "lora_magnitude" in self._parameters:  # absent while LoRAEmbedding.__init__ runs
+            self._reset_magnitude()
+
+    def _reset_magnitude(self) -> None:
+        with torch.no_grad():
+            self.lora_magnitude.copy_(self.weight_norm())
+
+    def _combined(self) -> Tensor:
+        weight: Tensor = self.base.weight
+        return weight + self.delta_weight().to(weight.dtype)  # (num_embeddings, embedding_dim)
+
+    def weight_norm(self) -> Tensor:
+        """``||W + s (B A)^T||`` per embedding dimension (over the tokens), as a constant."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self._combined(), dim=0).to(self.lora_magnitude.dtype)  # (dim,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bypassed:
+            return self.base_layer(x)
+        return _through_base(self, x, self._add_update_to)
+
+    def _add_update_to(self, x: Tensor, result: Tensor) -> Tensor:
+        """``result = c W[x]`` as ``m / ||W + s (B A)^T|| * (c W[x] + c s A^T[x] B^T)``."""
+        scale = self.lora_magnitude / self.weight_norm()  # (dim,)
+        return (scale * (result + self.update(x).to(result.dtype))).to(result.dtype)
+
+    def _merge(self) -> None:
+        weight: Tensor = self.base.weight
+        combined = self._combined()
+        norm = torch.linalg.vector_norm(combined, dim=0)
+        self._merged_norm = norm
+        weight.copy_((self.lora_magnitude.to(weight.dtype) / norm)[None, :] * combined)
+
+    def _unmerge(self) -> None:
+        weight: Tensor = self.base.weight
+        scale = (self.lora_magnitude.to(weight.dtype) / self._merged_norm)[None, :]
+        weight.copy_(weight / scale - self.delta_weight().to(weight.dtype))
+        self._merged_norm = None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dora=True"
+
+
+_WRAPS = "DoRA wraps nn.Linear, transformers' Conv1D, nn.Embedding and ungrouped nn.Conv2d"
+
+
+def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
     """The DoRA wrapper for one selected module (``LoRAConfig.use_dora=True``)."""
+    if isinstance(module, nn.Embedding):
+        return DoRAEmbedding(module, config)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:  # peft's DoRA norm there reads B.A as if the conv were ungrouped
+            raise TypeError(
+                f"it is a Conv2d with groups={module.groups}, which lora with use_dora=True cannot wrap; {_WRAPS}"
+            )
+        return DoRAConv2d(module, config)
     if is_linear(module):
         return DoRALinear(module, config)
-    raise TypeError(
-        f"it is a {type(module).__name__}, which lora with use_dora=True cannot wrap; DoRA wraps nn.Linear "
-        "and transformers' Conv1D (without use_dora, lora also wraps nn.Embedding and nn.Conv2d)"
-    )
+    raise TypeError(f"it is a {type(module).__name__}, which lora with use_dora=True cannot wrap; {_WRAPS}")
 
 
 VARIANTS["use_dora"] = wrap
