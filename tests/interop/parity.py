@@ -490,6 +490,11 @@ CASES: list[Case] = [
          source="embed_scale"),
     Case("bart scaled embed_tokens", "bart-scaled", _L,
          {"target_modules": ["embed_tokens", "q_proj"], "r": 4}, source="embed_scale", slow=True),
+    Case("gemma embed_tokens DoRA", "gemma", _L,
+         {"target_modules": ["embed_tokens", "q_proj"], "r": 4, "use_dora": True}, source="embed_scale"),
+    # ---- IA3 on grouped convs (peft's table has none): the feed-forward vector spread over the groups
+    *[Case(f"Conv2d Groups IA3 {kind}", "Conv2dGroups", _I, {"target_modules": ["conv2d"], "feedforward_modules": ff},
+           source="issue") for kind, ff in (("output", []), ("feedforward", ["conv2d"]))],
     # ---- peft's default configs on tiny transformers models
     *[Case(f"{arch} default LoRA", arch, _L, {}, source="defaults", slow=arch in ("llama", "mistral", "t5", "bart"))
       for arch in ("llama", "mistral", "gpt2", "bert", "roberta", "t5", "bart")],
