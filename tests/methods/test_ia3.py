@@ -104,6 +104,80 @@ def test_merge_unmerge_is_exact(kind: str, feedforward: bool) -> None:
     torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-6)
 
 
+# --------------------------------------------------------------------------- nn.Conv2d and nn.Conv3d
+
+
+def _conv(dims: int, groups: int, padding_mode: str = "zeros") -> nn.Module:
+    cls = nn.Conv2d if dims == 2 else nn.Conv3d
+    conv = cls(4, 6, 3, stride=2, padding=1, groups=groups, padding_mode=padding_mode)
+    nn.init.normal_(conv.bias)
+    return conv
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize(("dims", "groups"), [(2, 1), (2, 2), (3, 1)])
+def test_conv_follows_the_formula_and_merges_into_the_kernel(dims: int, groups: int, feedforward: bool) -> None:
+    """Per channel: y = l[o] * (W * x + b)[o], or y = W * (l[c] x[c]) + b; merged, the kernel's entry
+    (o, j) takes the vector entry of the input channel it reads (written out per group here)."""
+    torch.manual_seed(0)
+    base = _conv(dims, groups, padding_mode="reflect" if dims == 2 else "zeros")
+    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    model = nn.Sequential(copy.deepcopy(base))
+    lp.inject(model, "ia3", target_modules=["0"], feedforward_modules=["0"] if feedforward else [])
+    layer = model[0]
+    assert layer.ia3_l.shape == ((4,) if feedforward else (6,)) and torch.equal(
+        layer.ia3_l, torch.ones(layer.ia3_l.shape)
+    )
+    with torch.no_grad():
+        layer.ia3_l.uniform_(0.5, 1.5)
+    vec = layer.ia3_l.detach().view(1, -1, *(1,) * dims)  # (1, C, 1, 1[, 1])
+    x = torch.randn(2, 4, *(5,) * dims)
+    expected = base(vec * x) if feedforward else vec * base(x)
+    adapted = model(x)
+    torch.testing.assert_close(adapted, expected, rtol=1e-5, atol=1e-6)
+    lp.merge(model)
+    kernel = weight.clone()
+    per_in, per_out = 4 // groups, 6 // groups
+    for o in range(6):
+        if feedforward:
+            channels = (o // per_out) * per_in + torch.arange(per_in)
+            kernel[o] *= layer.ia3_l.detach()[channels].view(-1, *(1,) * dims)
+        else:
+            kernel[o] *= layer.ia3_l.detach()[o]
+    torch.testing.assert_close(layer.base_layer.weight, kernel, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layer.base_layer.bias, bias if feedforward else bias * layer.ia3_l.detach())
+    torch.testing.assert_close(layer.base_layer(x), adapted, rtol=0, atol=1e-5)  # really in the kernel
+    lp.unmerge(model)
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_conv_mixed_batch_equals_each_sample_alone(feedforward: bool) -> None:
+    model = nn.Sequential(_conv(2, 1))
+    for name in ("a", "b"):
+        lp.inject(
+            model, "ia3", adapter_name=name, target_modules=["0"], feedforward_modules=["0"] if feedforward else []
+        )
+    vectors = [p for n, p in model.named_parameters() if n.endswith("ia3_l")]
+    assert len(vectors) == 2
+    with torch.no_grad():
+        for vector in vectors:
+            vector.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 5, 5)
+    names = ["b", "__base__", "a"]
+    with lp.mixed_batch(model, names):
+        mixed = model(x)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with lp.disable_adapter(model):
+                expected = model(x[i : i + 1])
+        else:
+            lp.set_adapter(model, name)
+            expected = model(x[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], expected, rtol=0, atol=1e-6)
+
+
 def test_unmerge_refuses_a_vector_with_zeros() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
     lp.inject(model, "ia3", target_modules=["0"], feedforward_modules=[])
@@ -146,6 +220,8 @@ def test_invalid_options_are_named(options: dict, message: str) -> None:
 def test_a_target_ia3_cannot_wrap_is_named() -> None:
     with pytest.raises(TypeError, match=r"selected 'model.embed_tokens': it is a Embedding, which ia3 cannot wrap"):
         lp.inject(tiny.build("llama"), "ia3", target_modules=["embed_tokens"], feedforward_modules=[])
+    with pytest.raises(TypeError, match=r"it is a Conv1d, which ia3 cannot wrap; ia3 wraps .*nn.Conv2d and nn.Conv3d"):
+        lp.inject(nn.Sequential(nn.Conv1d(2, 3, 3)), "ia3", target_modules=["0"], feedforward_modules=[])
 
 
 def test_a_plain_module_needs_feedforward_modules() -> None:
