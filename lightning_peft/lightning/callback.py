@@ -270,7 +270,8 @@ class PEFTCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        peft_dir.uninstall(trainer.strategy)
+        # peft_dir's wrappers stay: trainer.save_checkpoint after fit still runs this callback's
+        # on_save_checkpoint, and its checkpoint gets its peft folder too (the next fit reinstalls them).
         if self._original_configure_model is not None:
             pl_module.__dict__.pop("configure_model", None)
             self._original_configure_model = None

@@ -9,9 +9,9 @@ folder unless the checkpoint does), is written by global rank 0 only, atomically
 when ``ModelCheckpoint`` drops one (``save_top_k``).
 
 Lightning tells callbacks nothing about a checkpoint's path, so the strategy's ``save_checkpoint``
-and ``remove_checkpoint`` are wrapped on the Trainer's strategy instance while the callback is set
-up (and unwrapped at teardown); every checkpoint, ``ModelCheckpoint``'s or ``trainer.save_checkpoint``'s,
-goes through them.
+and ``remove_checkpoint`` are wrapped on the Trainer's strategy instance when a fit is set up
+(once: a second fit replaces the wrappers); every checkpoint, ``ModelCheckpoint``'s or
+``trainer.save_checkpoint``'s (after the fit too), goes through them.
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ peft = pytest.importorskip("peft")
 def _fit(root: Path, callback: PEFTCallback, **kwargs: object) -> tuple[TinyLM, list[Path]]:
     module = TinyLM()
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=2, monitor="train_loss")
-    trainer(root, max_steps=3, callbacks=[callback, checkpoints], **kwargs).fit(module, token_loader(n=12))
+    t = trainer(root, max_steps=3, callbacks=[callback, checkpoints], **kwargs)
+    t.fit(module, token_loader(n=12))
+    t.save_checkpoint(root / "after" / "final.ckpt")  # after the fit: still a peft folder beside it
     return module, sorted((root / "ckpt").glob("*.ckpt"))
 
 
@@ -54,6 +56,9 @@ def test_every_checkpoint_has_a_peft_folder_that_peft_and_transformers_load(tmp_
         assert not torch.allclose(ref, base(**batch).logits, atol=1e-4), "the fit changed nothing: a vacuous test"
     for what, out in (("PeftModel.from_pretrained", theirs), ("transformers load_adapter", through_hf), ("ours", ours)):
         assert_parity(out, ref, f"the last checkpoint's peft folder through {what}")
+    with torch.no_grad():
+        final = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "after" / "final.peft")
+        assert_parity(final.eval()(**batch).logits, ref, "trainer.save_checkpoint's peft folder after the fit")
     # the checkpoint itself and the folder beside it hold the same adapter
     from_ckpt = lp.load_adapter(copy.deepcopy(base), newest_ckpt)
     with torch.no_grad():
@@ -92,6 +97,7 @@ def test_peft_dir_off_and_checked(tmp_path: Path) -> None:
         warnings.filterwarnings("error", message=".*peft adapter folder.*")
         _, ckpts = _fit(tmp_path, PEFTCallback("lora", r=2, peft_dir=False, verbose=False))
     assert ckpts and not [p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in (tmp_path / "after").iterdir()) == ["final.ckpt"]
     with pytest.raises(ValueError, match=r"PEFTCallback.peft_dir must be True or False; got 'yes'"):
         PEFTCallback("lora", peft_dir="yes")  # type: ignore[arg-type]
 
