@@ -98,17 +98,57 @@ def test_lora_on_conv2d_and_linear_matches_peft(tmp_path: Path) -> None:
     assert (ours - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
-def test_dora_on_vit_trains_and_is_refused_on_conv2d(hub_dir: Path, tmp_path: Path, images: Path) -> None:
+def test_dora_trains_on_vit(hub_dir: Path, tmp_path: Path, images: Path) -> None:
     module = ImageClassification(str(media_hub.save_vision_model(hub_dir, "vit")))
     data = ImageClassificationData(train=str(images), batch_size=4, val_split=0.25)
     dora = PEFTCallback("lora", r=4, use_dora=True, modules_to_save=["classifier"], verbose=False)
     run = _fit(tmp_path, module, data, dora, limit_train_batches=2)
     assert run.global_step == 2 and any("magnitude" in n for n, _ in lp.trainable_state_dict(module).items())
 
-    cnn = ImageClassification(CNN)
-    dora = PEFTCallback("lora", r=4, use_dora=True, target_modules=["conv1"], verbose=False)
-    with pytest.raises(TypeError, match=r"(?i)dora.*Conv2d|Conv2d.*dora"):
-        _fit(tmp_path, cnn, ImageClassificationData(train=str(images), batch_size=4), dora, limit_train_batches=1)
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("lora", {"r": 4, "use_dora": True, "target_modules": ["conv1", "conv2", "fc"]}),
+        ("ia3", {"target_modules": ["conv1", "conv2", "fc"], "feedforward_modules": ["conv2"]}),
+    ],
+    ids=["dora", "ia3"],
+)
+def test_dora_and_ia3_fit_on_a_cnns_conv2d_layers_and_peft_loads_them(
+    method: str, options: dict[str, Any], tmp_path: Path, images: Path
+) -> None:
+    """A real fit trains the Conv2d adapters; merged and loaded by peft 0.21 they give the same logits."""
+    import peft
+
+    from lightning_peft.interop import save_peft_adapter
+
+    module = ImageClassification(CNN, labels=list(media_hub.IMAGE_CLASSES), learning_rate=1e-2)
+    module.configure_model()
+    base = copy.deepcopy(module.model)
+    callback = PEFTCallback(method, modules_to_save=["classifier"], verbose=False, **options)
+    data = ImageClassificationData(train=str(images), batch_size=4, val_split=0.0)
+    assert _fit(tmp_path, module, data, callback, limit_train_batches=2).global_step == 2
+    for name in ("conv1", "conv2"):
+        layer = getattr(module.model, name)
+        if method == "ia3":
+            assert not torch.equal(layer.ia3_l, torch.ones_like(layer.ia3_l)), name
+        else:  # B left zero, and the magnitude left ||W + s B.A||
+            assert layer.lora_B.weight.abs().sum() > 0 and not torch.allclose(layer.lora_magnitude, layer.weight_norm())
+    x = torch.randn(2, 3, 16, 16)
+    module.eval()
+    with torch.no_grad():
+        ours = module.logits({"pixel_values": x})
+        assert (base.eval()(x) - ours).abs().max() > 1e-3  # the fit changed the logits: the check below can fail
+    save_peft_adapter(module, tmp_path / "peft")
+    # A class: model is no transformers model, so the adapter's keys start at the task module ("model.").
+    holder = torch.nn.Module()
+    holder.model = base
+    peft.PeftModel.from_pretrained(holder, tmp_path / "peft").eval()  # wraps holder.model's layers in place
+    bound = 1e-5 * max(1.0, ours.abs().max().item())
+    with torch.no_grad():
+        assert (holder.model(x) - ours).abs().max() <= bound
+        lp.merge(module)
+        assert (module.logits({"pixel_values": x}) - ours).abs().max() <= bound
 
 
 def test_frozen_batch_norm_keeps_its_statistics_under_peft(tmp_path: Path, images: Path) -> None:
