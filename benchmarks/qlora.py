@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> str:
             timing[mode].append(r["step_s"])
             print(f"timing round {round_ + 1}/{args.timing_rounds} {mode}: {r['step_s']:.3f} s/step", file=sys.stderr)
     rows = {
-        m: trained[m] | {"step_s": statistics.median(timing[m]), "train_run_step_s": trained[m]["step_s"]}
+        # --timing-rounds 0: the training runs' own step times (one process per mode, not interleaved)
+        m: trained[m]
+        | {"step_s": statistics.median(timing[m] or [trained[m]["step_s"]]), "train_run_step_s": trained[m]["step_s"]}
         for m in args.modes
     }
     device = rows[args.modes[0]]["device"]

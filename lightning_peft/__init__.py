@@ -39,7 +39,7 @@ _EXPORTS = {
     "regularization": "lightning_peft.api.training",
     "calibrate": "lightning_peft.api.training",
     "save_adapter": "lightning_peft.api.io",
-    "load_adapter": "lightning_peft.api.io",
+    "load_adapter": "lightning_peft.interop.loading",
     "save_peft_adapter": "lightning_peft.interop.peft_format",
     "load_peft_adapter": "lightning_peft.interop.peft_format",
     "quantize": "lightning_peft.core.quantize",
@@ -107,11 +107,12 @@ if TYPE_CHECKING:
         unload,
         unmerge,
     )
-    from lightning_peft.api.io import load_adapter, save_adapter
+    from lightning_peft.api.io import save_adapter
     from lightning_peft.api.training import calibrate, on_step, regularization
     from lightning_peft.core.checkpointing import enable_gradient_checkpointing
     from lightning_peft.core.quantize import dequantize, prepare_for_kbit_training, quantize
     from lightning_peft.core.state import get_info, trainable_state_dict
+    from lightning_peft.interop.loading import load_adapter
     from lightning_peft.interop.peft_format import load_peft_adapter, save_peft_adapter
     from lightning_peft.lightning.callback import PEFTCallback
     from lightning_peft.lightning.forgetting import ForgettingProbe

@@ -178,8 +178,9 @@ def test_two_nodes_one_process_each(tmp_path: Path, two_nodes: Path, name: str) 
         assert {f"{name}/{run}/ckpt/last.ckpt", f"{name}/{run}/probe/exported/adapter_model.safetensors"} <= replaced
     for run in RUNS:
         epochs = 1 if run == "first" else 2
+        stems = ["last", f"epoch={epochs - 1}-step={2 * epochs}"]  # each checkpoint with its peft folder beside it
         assert sorted(p.name for p in (root / run / "ckpt").iterdir()) == sorted(
-            ["last.ckpt", f"epoch={epochs - 1}-step={2 * epochs}.ckpt"]
+            [f"{stem}{suffix}" for stem in stems for suffix in (".ckpt", ".peft")]
         )
 
     # The adapter-only checkpoint: adapter keys only, and it loads onto a bare model for inference.

@@ -180,7 +180,8 @@ def test_a_run_writes_only_under_its_log_dir_and_never_over_the_users_config(hub
     (run_file,) = logs.glob("wandb/offline-run-*/run-*.wandb")
     run_id = run_file.stem.removeprefix("run-")
     run_dir = logs / "lightning-peft" / run_id  # W&B's project / run id, as ModelCheckpoint names it
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch=0-step=1.ckpt"]
+    # The checkpoint, and beside it the same adapter as a peft folder (PEFTCallback(peft_dir=True)).
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=1.peft"]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["trainer"]["logger"]["init_args"]["save_dir"] == "lightning_logs"
     assert saved["data"]["init_args"]["train_file"] == str(train)
