@@ -218,6 +218,21 @@ def test_conv2d_dropout_rescales_the_dropped_base_term_in_training() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_conv2d_merge_is_refused_where_the_base_pads_other_than_with_zeros() -> None:
+    """peft's A conv pads with zeros whatever the base does: unmerged that is what peft computes, merged it is not."""
+    model = lp.inject(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")),
+        "lora",
+        target_modules=["0"],
+        use_dora=True,
+    )
+    _randomize_factors(model[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"cannot merge DoRA into a Conv2d with padding_mode='reflect'"):
+        lp.merge(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()) and not model[0].merged
+
+
 class ScaledEmbedding(nn.Embedding):
     """An embedding that multiplies its output by ``embed_scale``, as Gemma's and scaled BART's do."""
 
