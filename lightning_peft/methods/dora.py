@@ -203,20 +203,6 @@ class DoRAConv2d(LoRAConv2d):
             base = result if bias is None else result - bias.view(1, -1, 1, 1)  # W * x, without a second conv
         return result + ((scale - 1) * base + scale * update).to(result.dtype)
 
-    @property
-    def mergeable(self) -> bool:
-        return self.base.padding_mode == "zeros" and super().mergeable
-
-    def merge(self) -> None:
-        mode = self.base.padding_mode
-        if mode != "zeros":  # the adapter's A conv pads with zeros (as peft's does), the merged kernel would not
-            raise TypeError(
-                f"cannot merge DoRA into a Conv2d with padding_mode={mode!r}: its A conv pads with zeros, as peft's "
-                "does, so the merged kernel would give other outputs at the borders. Keep the adapter unmerged "
-                "(it computes what peft computes), or use padding_mode='zeros'."
-            )
-        super().merge()
-
     def _merge(self) -> None:
         weight: Tensor = self.base.weight
         combined = self._combined()

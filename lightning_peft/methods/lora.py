@@ -95,8 +95,8 @@ class LoRAConfig(LayerConfig):
         loftq_iter: with ``init="loftq"``, the number T of alternations between quantizing
             ``W - s B A`` and the rank-r SVD of the residual (see :func:`loftq`).
         use_dora: DoRA (Liu et al., 2024): split each weight into a trained magnitude per output
-            feature and a direction that LoRA updates (see :mod:`lightning_peft.methods.dora`).
-            nn.Linear and Conv1D layers only.
+            feature and a direction that LoRA updates (see :mod:`lightning_peft.methods.dora`):
+            nn.Linear, transformers' Conv1D, ungrouped nn.Conv2d and nn.Embedding.
         target_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
         exclude_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
         modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
@@ -568,6 +568,21 @@ class LoRAConv2d(LoRALayer):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def mergeable(self) -> bool:
+        return self.base.padding_mode == "zeros" and super().mergeable
+
+    def merge(self) -> None:
+        mode = self.base.padding_mode
+        if mode != "zeros":  # the A conv pads with zeros (as peft's does); the merged kernel would not
+            raise TypeError(
+                f"cannot merge {type(self).__name__.removesuffix('Conv2d')} into a Conv2d with padding_mode={mode!r}: "
+                "its A conv pads with zeros, "
+                "as peft's does, so the merged kernel would give other outputs at the borders. Keep the adapter "
+                "unmerged (it computes what peft computes), or use padding_mode='zeros'."
+            )
+        super().merge()
 
     def delta_weight(self) -> Tensor:
         # Composing conv A (r, in, kh, kw) with 1x1 conv B (out, r, 1, 1) is one conv with weight B.A.

@@ -188,3 +188,19 @@ def test_defaults_on_the_other_named_architectures(arch: str) -> None:
     torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=1e-6)
     randomize_adapter(model, std=0.5)
     assert not torch.allclose(model(**batch).logits, base, atol=1e-4)
+
+
+def test_merging_lora_into_a_conv_that_pads_otherwise_is_refused_and_changes_nothing() -> None:
+    """The A conv pads with zeros (as peft's does): a reflect-padded kernel with B A merged would differ."""
+    import lightning_peft as lp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    lp.inject(model, "lora", r=2, target_modules=["0"])
+    torch.nn.init.normal_(model[0].lora_B.weight)
+    x = torch.randn(1, 3, 6, 6)
+    before, weight = model(x), model[0].base_layer.weight.clone()
+    with pytest.raises(TypeError, match=r"cannot merge LoRA into a Conv2d with padding_mode='reflect'"):
+        lp.merge(model)
+    assert torch.equal(model[0].base_layer.weight, weight)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
