@@ -5,7 +5,7 @@ LoRA r=16 on every linear layer of the decoder, AdamW, batch 4 x 128 tokens of t
 question/answer pairs (deduplicated, 90 % train / 10 % held out)::
 
     fp32_lora        LoRA on the float32 base (the reference for memory and perplexity)
-    lp_qlora         lightning_peft LoRA on an NF4 base (transformers' BitsAndBytesConfig load)
+    lp_qlora         lightning_peft LoRA on an NF4 base (lp.quantize: bitsandbytes Linear4bit, float32 compute)
     peft_qlora       Hugging Face peft's LoRA on the same NF4 base (peft's prepare_model_for_kbit_training)
     lp_qlora_ckpt    lp_qlora with gradient checkpointing of the decoder layers
 
@@ -123,17 +123,21 @@ def _reset_hwm() -> None:
 def build(mode: str, cache: Path) -> Any:
     """The model of ``mode`` with its LoRA adapter (the same initial adapter weights in every mode)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     model_dir = cache / "smollm2-135m"
-    quantized = mode != "fp32_lora"
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if quantized:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(_device())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(_device())
+    # The loaded tensors are views of the memory-mapped file; the file's pages they touched count as
+    # resident as long as any tensor maps it. Own copies let the mapping go, so that peak RSS measures
+    # training, not what loading left behind (transformers' 4-bit loader leaves ~700 MB here).
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     model.config.use_cache = False
+    if mode != "fp32_lora":  # the same NF4 base (bitsandbytes Linear4bit, float32 compute) for ours and peft's
+        import lightning_peft as lp
+
+        lp.quantize(model, "nf4", compute_dtype="float32", prepare=False)
     torch.manual_seed(0)
     if mode == "peft_qlora":
         import peft
@@ -143,7 +147,7 @@ def build(mode: str, cache: Path) -> Any:
         return peft.get_peft_model(model, config)
     import lightning_peft as lp
 
-    if quantized:
+    if mode != "fp32_lora":
         lp.prepare_for_kbit_training(model)
     lp.inject(model, "lora", r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear")
     if mode == "lp_qlora_ckpt":
@@ -177,6 +181,7 @@ def run_worker(mode: str, cache: Path, steps: int, warmup: int, perplexity: bool
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     _reset_hwm()
+    start = _hwm_mb()  # what training starts from: the model, and what loading it left resident
     times = []
     for i in range(warmup + steps):
         batch = train[(i * BATCH) % (len(train) - BATCH) :][:BATCH].to(_device())
@@ -195,6 +200,7 @@ def run_worker(mode: str, cache: Path, steps: int, warmup: int, perplexity: bool
         "step_s": statistics.median(times[warmup:]),
         "peak_mb": _hwm_mb(),
         "baseline_mb": baseline,
+        "start_mb": start,
         "trainable": sum(p.numel() for p in params),
     }
     if perplexity:

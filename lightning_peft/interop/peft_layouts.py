@@ -125,9 +125,17 @@ def prompt_module(model: nn.Module, adapter_name: str) -> nn.Module:
 
 
 def prompt_tensor(module: nn.Module) -> Tensor:
-    """What peft stores as ``prompt_embeddings``: the prompt the model consumes (see the module doc)."""
-    with torch.no_grad():
-        states = module.prefix_states() if hasattr(module, "prefix_states") else module.prompts()  # type: ignore[operator]
+    """What peft stores as ``prompt_embeddings``: the prompt the model consumes at inference (see the
+    module doc). Computed in eval mode: a prompt encoder's dropout would put noise into the file, and
+    draw from the random stream of a run that checkpoints in the middle of training (no exact resume).
+    """
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            states = module.prefix_states() if hasattr(module, "prefix_states") else module.prompts()  # type: ignore[operator]
+    finally:
+        module.train(training)
     return states.detach().clone().contiguous()
 
 

@@ -18,7 +18,9 @@ import torch
 import transformers as tf
 
 import lightning_peft as lp
+from lightning_peft.core import state
 from lightning_peft.interop import load_peft_adapter, save_peft_adapter
+from tests import tiny
 from tests.interop.parity import VOCAB, assert_parity
 
 peft = pytest.importorskip("peft")
@@ -247,3 +249,21 @@ def test_adalora_total_step_from_the_loop(tmp_path: Path) -> None:
         save_peft_adapter(model, tmp_path / "a")
     save_peft_adapter(model, tmp_path / "a", total_step=7)
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["total_step"] == 7
+
+
+def test_a_prompt_encoder_in_training_mode_is_exported_without_its_dropout_or_a_draw() -> None:
+    """Checkpoints write the peft folder mid-training: the file holds the inference prompt, and the
+    run's random stream is left as it was (else a resumed run would differ)."""
+    from lightning_peft.interop.peft_layouts import prompt_tensor
+
+    torch.manual_seed(0)
+    model = lp.inject(tiny.build("llama"), "p_tuning", num_virtual_tokens=4, encoder="lstm", encoder_dropout=0.5)
+    encoder = next(m for _, m in state.adapter_modules(model))
+    encoder.train()
+    with torch.no_grad():
+        expected = encoder.eval().prompts()
+    encoder.train()
+    before = torch.random.get_rng_state()
+    got = prompt_tensor(encoder)
+    assert torch.equal(torch.random.get_rng_state(), before) and encoder.training
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
