@@ -181,7 +181,7 @@ def run_worker(mode: str, cache: Path, steps: int, warmup: int, perplexity: bool
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     _reset_hwm()
-    start = _hwm_mb()  # what training starts from: the model, and what loading it left resident
+    start_mb = _hwm_mb()  # what training starts from: the model, and what loading it left resident
     times = []
     for i in range(warmup + steps):
         batch = train[(i * BATCH) % (len(train) - BATCH) :][:BATCH].to(_device())
@@ -200,7 +200,7 @@ def run_worker(mode: str, cache: Path, steps: int, warmup: int, perplexity: bool
         "step_s": statistics.median(times[warmup:]),
         "peak_mb": _hwm_mb(),
         "baseline_mb": baseline,
-        "start_mb": start,
+        "start_mb": start_mb,
         "trainable": sum(p.numel() for p in params),
     }
     if perplexity:
