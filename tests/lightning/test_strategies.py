@@ -152,7 +152,8 @@ def test_fsdp_two_cpu_ranks(tmp_path: Path, ddp_lora: dict[str, torch.Tensor]) -
         # The adapter units are the only ones unsharded: nothing gathered is larger than an adapter
         # tensor, and all gathered together is the adapter (plus its optimizer state) and no more.
         assert saved["peft"]["largest"] <= 2 * saved["largest_adapter_numel"]  # one unit: lora_A and lora_B
-        assert saved["peft"]["gathered"] <= 3 * saved["trainable_numel"]  # weights, exp_avg, exp_avg_sq
+        # weights, exp_avg, exp_avg_sq; and the weights once more for the peft folder beside the checkpoint
+        assert saved["peft"]["gathered"] <= 4 * saved["trainable_numel"]
         # Lightning's own FSDP state dict, under the same probe, unshards every frozen unit.
         assert saved["stock"]["largest"] >= 96 * 32 and saved["stock"]["gathered"] > 20 * saved["trainable_numel"]
 
@@ -201,7 +202,8 @@ def test_deepspeed_two_cpu_ranks(
         assert set(saved["module"]) == set(first_adapter) and not saved.get("frozen_param_fragments")
     for saved in facts(straight, "save"):
         # Only the adapter is gathered (ZeRO-3), each tensor no larger than the largest adapter tensor.
-        assert saved["peft"]["gathered"] <= saved["trainable_numel"] + 64
+        # (twice: the checkpoint folder's adapter files, and the peft folder beside the checkpoint)
+        assert saved["peft"]["gathered"] <= 2 * saved["trainable_numel"] + 64
         assert saved["peft"]["largest_gathered"] <= saved["largest_adapter_numel"]
         if stage == 3:  # and the gather is needed: the parameters themselves are empty placeholders
             assert saved["ungathered_numel"] == 0
@@ -243,11 +245,12 @@ def test_fsdp2_two_cpu_ranks(tmp_path: Path, sharded: bool, ddp_lora: dict[str, 
         assert set(torch.load(checkpoint, weights_only=True)["state_dict"]) == set(adapter)
         assert checkpoint.stat().st_size < 64 * 1024
     for saved in facts(straight, "save"):
-        if sharded:  # each rank writes its own shards: nothing at all is gathered
-            assert saved["peft"]["largest_gathered"] == 0
+        if sharded:  # each rank writes its own shards; only the peft folder beside it gathers, tensor by tensor
+            assert saved["peft"]["largest_gathered"] <= saved["largest_adapter_numel"]
+            assert saved["peft"]["gathered"] <= saved["trainable_numel"]
         else:  # one adapter tensor at a time (and its optimizer state)
             assert saved["peft"]["largest_gathered"] <= saved["largest_adapter_numel"]
-            assert saved["peft"]["gathered"] <= 3 * saved["trainable_numel"]
+            assert saved["peft"]["gathered"] <= 4 * saved["trainable_numel"]  # + the peft folder's weights
         # Lightning's own full state dict gathers every frozen weight as well.
         assert saved["stock"]["largest_gathered"] >= 96 * 32
 
