@@ -604,6 +604,9 @@ class LoRAConv2d(LoRALayer):
 #: Wrappers for LoRA's variants, by the config flag that selects them: a variant's file builds on
 #: this one and adds itself here (``dora.py``: ``use_dora``), so LoRA never imports its variants.
 VARIANTS: dict[str, Callable[[nn.Module, LoRAConfig], LoRALayer]] = {}
+#: Wrappers for more layer types, by the type they wrap: a file that builds on this one adds itself
+#: here (as variants do), so this file stays the plain linear/embedding/conv core.
+LAYER_TYPES: dict[type[nn.Module], Callable[[nn.Module, LoRAConfig], LoRALayer]] = {}
 
 
 def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
@@ -611,6 +614,9 @@ def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
     for flag, variant in VARIANTS.items():
         if getattr(config, flag):
             return variant(module, config)
+    for kind, wrapper in LAYER_TYPES.items():
+        if isinstance(module, kind):
+            return wrapper(module, config)
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding(module, config)
     if isinstance(module, nn.Conv2d):
