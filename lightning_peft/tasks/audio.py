@@ -74,22 +74,12 @@ class AudioClassification(MediaClassification):
     data_class = "AudioClassificationData"
     item = "audio"
 
-    @property
-    def processor(self) -> Any:
-        """The transformers feature extractor of the model, or ``None`` for a ``class:`` model."""
-        if self.model_class is not None:
-            return None
-        if getattr(self, "_processor", None) is None:
-            from transformers import AutoFeatureExtractor
+    processor_kind = "feature extractor"
 
-            from lightning_peft.tasks.base import _load_error, _quiet_transformers
+    def load_processor(self, path: str) -> Any:
+        from transformers import AutoFeatureExtractor
 
-            try:
-                with _quiet_transformers():
-                    self._processor = AutoFeatureExtractor.from_pretrained(self.source.path)
-            except OSError as err:
-                raise _load_error(self.source, "feature extractor", err) from err
-        return self._processor
+        return AutoFeatureExtractor.from_pretrained(path)
 
 
 class AudioClassificationData(MediaData):

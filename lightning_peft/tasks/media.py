@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -106,6 +106,28 @@ class MediaClassification(SequenceClassification):
     @property
     def tokenizer(self) -> Any:
         raise AttributeError(f"{type(self).__name__} has no tokenizer; {self.data_class} uses `processor`.")
+
+    #: What :meth:`load_processor` loads, for messages ("image processor", "feature extractor").
+    processor_kind: ClassVar[str] = "processor"
+
+    def load_processor(self, path: str) -> Any:
+        """The model's transformers preprocessor saved at ``path`` (each task its own kind)."""
+        raise NotImplementedError
+
+    @property
+    def processor(self) -> Any:
+        """The model's transformers preprocessor (loaded once, on first use), or ``None`` for a ``class:`` model."""
+        if self.model_class is not None:
+            return None
+        if getattr(self, "_processor", None) is None:
+            from lightning_peft.tasks.base import _load_error, _quiet_transformers
+
+            try:
+                with _quiet_transformers():
+                    self._processor = self.load_processor(self.source.path)
+            except OSError as err:
+                raise _load_error(self.source, self.processor_kind, err) from err
+        return self._processor
 
     def _resolve_labels(self) -> list[str]:
         try:

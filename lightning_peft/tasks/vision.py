@@ -63,20 +63,10 @@ class ImageClassification(MediaClassification):
     data_class = "ImageClassificationData"
     item = "image"
 
-    @property
-    def processor(self) -> Any:
-        """The transformers image processor of the model, or ``None`` for a ``class:`` model."""
-        if self.model_class is not None:
-            return None
-        if getattr(self, "_processor", None) is None:
-            from lightning_peft.tasks.base import _load_error, _quiet_transformers
+    processor_kind = "image processor"
 
-            try:
-                with _quiet_transformers():
-                    self._processor = image_processor(self.source.path)
-            except OSError as err:
-                raise _load_error(self.source, "image processor", err) from err
-        return self._processor
+    def load_processor(self, path: str) -> Any:
+        return image_processor(path)
 
 
 class _ArrayItems(Sequence[Item]):
