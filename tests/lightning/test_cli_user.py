@@ -15,7 +15,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -150,14 +149,23 @@ def test_predict_into_a_file_is_json_lines_and_nothing_else(run: dict[str, Path]
 # --------------------------------------------------------------------------- point 4
 
 
-def test_help_is_fast_names_the_command_and_is_plain_text(tmp_path: Path) -> None:
-    timings, texts = [], []
-    for _ in range(3):  # (a source file edited between two runs rightly rebuilds the text)
-        start = time.perf_counter()
-        texts.append(cli(tmp_path, "fit", "--help").stdout)
-        timings.append(time.perf_counter() - start)
-    print(f"fit --help: {timings[0]:.1f} s building the parser, {min(timings[1:]):.2f} s from the cache")
-    assert texts[0] == texts[1] == texts[2] and min(timings[1:]) < 3.0
+def test_help_is_cached_names_the_command_and_is_plain_text(tmp_path: Path) -> None:
+    """A second ``fit --help`` prints the saved text without importing torch or Lightning.
+
+    That is what makes it fast (``python -m benchmarks.cli_help`` times it); a test asserts what
+    is imported, not how long it takes.
+    """
+    texts = [cli(tmp_path, "fit", "--help").stdout, cli(tmp_path, "fit", "--help").stdout]
+    command = [sys.executable, "-X", "importtime", "-m", "lightning_peft", "fit", "--help"]
+    traced = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, env=environment(tmp_path / "cache"), check=True
+    )
+    texts.append(traced.stdout)
+    trace = [line for line in traced.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in trace}
+    assert "lightning_peft.lightning.cli_help" in imported  # the trace is read right
+    assert not {"torch", "lightning", "transformers", "jsonargparse"} & imported
+    assert texts[0] == texts[1] == texts[2]
     assert list((tmp_path / "cache").glob("help-*.txt"))
     assert texts[0].startswith("usage: python -m lightning_peft [options] fit ")
     assert ":class:" not in texts[0] and "``" not in texts[0] and ":func:" not in texts[0]
