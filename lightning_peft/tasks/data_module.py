@@ -30,6 +30,7 @@ from lightning_peft.tasks.reading import (
     Data,
     Record,
     Rows,
+    ShuffledStream,
     check_dataset,
     describe_sources,
     first_null,
@@ -77,10 +78,11 @@ class TextDataModule(L.LightningDataModule):
         streaming: read the files lazily (a ``datasets.IterableDataset``), for corpora bigger than
             memory: nothing is held out (give ``validation_file`` or set ``val_split: 0``), training
             records are shuffled in a buffer of ``shuffle_buffer`` records (the same order every
-            epoch), and a resumed run goes on from the stream position that ``datasets`` keeps in
-            the loader's state: the records then waiting in the buffer are not seen again that
-            epoch (``datasets`` does not save the buffer). Without streaming, records are
-            memory-mapped Arrow tables and a mid-epoch resume is exact.
+            epoch), and a mid-epoch resume is exact: the training stream is read again from its
+            start and the buffer's draws replayed, without tokenizing the records already trained
+            on (:class:`~lightning_peft.tasks.reading.ShuffledStream`); other splits go on from the
+            stream position ``datasets`` keeps. Without streaming, records are memory-mapped Arrow
+            tables.
         shuffle_buffer: records in the shuffling buffer of a streamed training split.
         cache_dir: where ``datasets`` prepares the Arrow files of data files and Hub datasets;
             default: its own cache (``HF_DATASETS_CACHE``, ``~/.cache/huggingface/datasets``).
@@ -364,8 +366,9 @@ class TextDataModule(L.LightningDataModule):
             keys = list(self._encode(first, split))
             # Columns are checked in file order (so an error names the record's place), then shuffled.
             stream = records.map(functools.partial(self._check_streamed, split), with_indices=True)
-            if split == "train":
-                stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            if split == "train":  # shuffled in a buffer that a resumed run replays (see ShuffledStream)
+                encode = functools.partial(self._encode_at, split)
+                return ShuffledStream(stream, buffer_size=self.shuffle_buffer, seed=self.seed, encode=encode)
             return stream.map(functools.partial(self._encode_at, split)).select_columns(keys)
         data = records.data
         settings = {k: v for k, v in sorted(vars(self).items()) if isinstance(v, _SIMPLE) and not k.startswith("_")}

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, overload
+
+import torch
 
 from lightning_peft.tasks import datasets as named
 
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 
 Record = dict[str, Any]
 #: What a split's records are held in: an Arrow-backed table, or a stream.
-Data = Union["Dataset", "IterableDataset"]
+Data = Union["Dataset", "IterableDataset", "ShuffledStream"]
 
 #: suffix -> (``datasets`` builder, what the format is called in errors)
 FORMATS: dict[str, tuple[str, str]] = {
@@ -216,9 +219,71 @@ def open_dataset(value: str, *, field: str, streaming: bool = False, cache_dir: 
 
 
 def is_stream(data: object) -> bool:
+    """Whether ``data`` is read lazily: a ``datasets.IterableDataset`` or a :class:`ShuffledStream`."""
     from datasets import IterableDataset
 
-    return isinstance(data, IterableDataset)
+    return isinstance(data, (IterableDataset, ShuffledStream))
+
+
+class ShuffledStream(torch.utils.data.IterableDataset):
+    """A stream's records shuffled in a buffer, encoded as they leave it, with a state that resumes exactly.
+
+    The buffer holds ``buffer_size`` records; each record read after it is full takes the place of
+    one drawn at random, which is handed out, and the buffer is emptied in random order at the end
+    of the stream (what ``datasets``' ``IterableDataset.shuffle`` does). The draws come from a
+    generator seeded with ``seed`` (and the DataLoader worker's id), so every pass gives the same
+    order. ``datasets`` does not save its shuffle buffer, so a run resumed from its stream position
+    would never see the records that were waiting in it; here the state is the number of records
+    handed out this pass, and a restored stream reads the source again from its start, replaying the
+    buffer's draws without encoding what it skips: a resumed run sees exactly the records an
+    uninterrupted one sees, for the price of reading (not tokenizing) the records already trained on.
+    The ``StatefulDataLoader`` saves and restores that state (per worker) in Lightning checkpoints.
+    """
+
+    def __init__(
+        self, records: Iterable[Record], *, buffer_size: int, seed: int, encode: Callable[[Record], dict[str, Any]]
+    ) -> None:
+        super().__init__()
+        self.records, self.buffer_size, self.seed, self.encode = records, buffer_size, seed, encode
+        self._handed_out = 0  # records this pass has handed out (in this worker)
+        self._skip = 0  # records the next pass skips (restored state)
+        self._keep: list[tuple[Callable[[Any], bool], str]] = []
+
+    def filter(self, keep: Callable[[Any], bool], input_columns: str) -> ShuffledStream:
+        """The stream without the examples for which ``keep(example[input_columns])`` is false (as ``datasets``)."""
+        kept = ShuffledStream(self.records, buffer_size=self.buffer_size, seed=self.seed, encode=self.encode)
+        kept._keep = [*self._keep, (keep, input_columns)]
+        return kept
+
+    def _shuffled(self) -> Iterator[Record]:
+        worker = torch.utils.data.get_worker_info()
+        draws = random.Random(self.seed * 1_000_003 + (worker.id if worker is not None else 0))
+        buffer: list[Record] = []
+        for record in self.records:
+            if len(buffer) < self.buffer_size:
+                buffer.append(record)
+                continue
+            at = draws.randrange(self.buffer_size)
+            yield buffer[at]
+            buffer[at] = record
+        draws.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        skip, self._skip, self._handed_out = self._skip, 0, 0
+        for number, record in enumerate(self._shuffled()):
+            self._handed_out = number + 1
+            if number < skip:
+                continue
+            example = self.encode(record)
+            if all(keep(example[column]) for keep, column in self._keep):
+                yield example
+
+    def state_dict(self) -> dict[str, int]:
+        return {"handed_out": self._handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state["handed_out"])
 
 
 class Rows(Sequence[Record]):

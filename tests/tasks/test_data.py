@@ -444,16 +444,24 @@ def torch_equal(labels: object, ids: object, mask: object) -> bool:
     return bool(torch.equal(labels[mask == 1], ids[mask == 1]))
 
 
-def test_a_streamed_loader_resumes_from_its_saved_position(tokenizer_dir: Path, tmp_path: Path) -> None:
-    """A resumed stream never repeats a record; it loses at most the shuffle buffer (datasets does not save it)."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_streamed_loader_resumes_exactly(tokenizer_dir: Path, tmp_path: Path, workers: int) -> None:
+    """A resumed stream gives exactly the batches an uninterrupted one gives, shuffle buffer included."""
     words = hub._words()
-    texts = [f"{words[i % len(words)]} {words[(i * 7 + 3) % len(words)]}" for i in range(40)]
-    path = hub.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+    texts = [f"{words[i % len(words)]} {words[(i * 7 + 3) % len(words)]} {i}" for i in range(40)]
+    (tmp_path / "corpus").mkdir()  # two files: two shards, one per worker
+    paths = [hub.write_jsonl(tmp_path / "corpus" / f"c{k}.jsonl", [{"text": t} for t in texts[k::2]]) for k in range(2)]
 
     def loader(split: str) -> Any:
         options: dict[str, Any] = {"batch_size": 4, "shuffle_buffer": 8, "streaming": True, "val_split": 0.0}
+        source = {"dataset": str(tmp_path / "corpus")} if workers else {"train_file": str(paths[0])}
         dm = CausalLMData(
-            train_file=str(path), validation_file=str(path), text_column="text", tokenizer=str(tokenizer_dir), **options
+            **source,
+            validation_file=str(paths[0]),
+            text_column="text",
+            tokenizer=str(tokenizer_dir),
+            num_workers=workers,
+            **options,
         )
         dm.setup("fit")
         return dm.train_dataloader() if split == "train" else dm.val_dataloader()
@@ -461,20 +469,20 @@ def test_a_streamed_loader_resumes_from_its_saved_position(tokenizer_dir: Path, 
     def rows(batches: Any) -> list[tuple[int, ...]]:
         return [tuple(t for t in row if t != 0) for b in batches for row in b["input_ids"].tolist()]
 
+    total, order = {"train": 40 if workers else 20, "validation": 20}, {}
     for split in ("train", "validation"):
         straight = loader(split)
         batches = iter(straight)
         seen = rows(next(batches) for _ in range(3))
         state = straight.state_dict()
         rest = rows(batches)
+        assert len(set(seen + rest)) == len(seen + rest) == total[split], split
         resumed = loader(split)
         resumed.load_state_dict(state)
-        again = rows(resumed)
-        assert len(set(seen + rest)) == 40 and not set(seen) & set(again), split
-        if split == "validation":  # no buffer: exactly the rest
-            assert again == rest
-        else:
-            assert 40 - 8 <= len(seen) + len(again) <= 40 and set(again) <= set(rest)
+        assert rows(resumed) == rest, split
+        order[split] = seen + rest
+    file_order = order["validation"]  # the first file, as written
+    assert [row for row in order["train"] if row in file_order] != file_order  # the training records were shuffled
 
 
 @pytest.mark.slow
