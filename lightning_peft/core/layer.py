@@ -112,8 +112,14 @@ class AdapterModule(nn.Module):
         return self.peft_names.get(local, local)
 
     def to_peft_tensor(self, local: str, tensor: Tensor) -> Tensor:
-        """The tensor as peft stores it (same values; a method may lay it out differently)."""
+        """The tensor as peft stores it (laid out differently, or scaled: see :meth:`from_peft_tensor`)."""
         return tensor
+
+    def from_peft_tensor(self, local: str, stored: Tensor) -> Tensor | None:
+        """``stored`` (peft's tensor, of ``to_peft_tensor``'s shape) as this module holds it, where
+        ``to_peft_tensor`` changes values rather than only their order; ``None`` (the default): the
+        inverse is found from ``to_peft_tensor`` itself, as a rearrangement of the elements."""
+        return None
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(local name, parameter) for every declared parameter: what the optimizer trains."""

@@ -188,6 +188,10 @@ def _from_peft_layout(module: nn.Module, local: str, ours: Tensor, stored: Tenso
     The inverse of the module's own ``to_peft_tensor``, found by passing it the element indices:
     each value goes back to the position it was taken from, and nothing is reshaped to fit.
     """
+    inverse = getattr(module, "from_peft_tensor", None)  # a method whose peft layout changes values
+    converted = inverse(local, stored) if inverse is not None else None
+    if converted is not None:
+        return converted
     index = torch.arange(ours.numel()).view(ours.shape)
     laid = module.to_peft_tensor(local, index)  # type: ignore[operator]
     if laid.shape == ours.shape and torch.equal(laid, index):

@@ -94,9 +94,9 @@ class MlpUsingParameters(nn.Module):
 
 
 class MHA(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, batch_first: bool = False) -> None:
         super().__init__()
-        self.mha, self.lin0 = nn.MultiheadAttention(10, 2), nn.Linear(10, 2)
+        self.mha, self.lin0 = nn.MultiheadAttention(10, 2, batch_first=batch_first), nn.Linear(10, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin0(self.mha(x, x, x)[0])
@@ -196,6 +196,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "MlpUsingParameters": MlpUsingParameters,
     "Conv3d": lambda: Conv(3),
     "MHA": MHA,
+    "MHA-batch-first": lambda: MHA(batch_first=True),
     "Init": InitModule,
     "llama": _llama,
     "llama-tied": lambda: _llama(tie_word_embeddings=True),
@@ -227,7 +228,7 @@ def inputs(model: str) -> dict[str, torch.Tensor]:
     if model in ("Conv1d", "Conv2d", "Conv3d", "Conv2dGroups"):
         size = {"Conv1d": 15, "Conv2d": 45, "Conv3d": 135, "Conv2dGroups": 144}[model]
         return {"x": torch.randn(4, size, generator=g)}
-    if model == "MHA":
+    if model.startswith("MHA"):
         return {"x": torch.randn(3, 4, 10, generator=g)}
     if model == "Init":
         return {"x": torch.rand(4, 40, generator=g) * 3}
@@ -306,6 +307,10 @@ class Case:
 LAYER = "layer types lightning_peft's method does not wrap (issue 16 point 5)"
 OPTION = "peft options not implemented yet (issue 16 point 5/6)"
 VARIANT = "LoRA variants lightning_peft does not have"
+MHA_REFUSED = (
+    "nn.MultiheadAttention: what peft refuses (DoRA) or accepts and never applies (lora_dropout; LoRA on out_proj "
+    "alone, whose forward the attention never calls)"
+)
 INIT = "data-driven or other inits not implemented"
 
 _L, _I, _A = "LoraConfig", "IA3Config", "AdaLoraConfig"
@@ -376,8 +381,21 @@ CASES: list[Case] = [
          refused=r"lora_bias=True", why=OPTION),
     Case("Conv3d 1 LoRA with lora_b bias", "Conv3d", _L,
          {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}, refused=r"lora_bias=True", why=OPTION),
-    Case("MHA 1 LoRA", "MHA", _L, {"target_modules": ["mha"]}, refused=_NOT_WRAPPED, why=LAYER),
-    Case("MHA 2 LoRA", "MHA", _L, {"target_modules": ["mha", "lin0"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("MHA 1 LoRA", "MHA", _L, {"target_modules": ["mha"]}),
+    Case("MHA 2 LoRA", "MHA", _L, {"target_modules": ["mha", "lin0"]}),
+    # nn.MultiheadAttention beyond peft's two rows: its unload test's config, options, batch_first, refusals
+    Case("MHA LoRA init False", "MHA", _L, {"target_modules": ["mha"], "init_lora_weights": False}),
+    Case("MHA LoRA modules_to_save", "MHA", _L, {"target_modules": ["mha"], "modules_to_save": ["lin0"]},
+         source="issue"),
+    Case("MHA LoRA rslora", "MHA", _L, {"target_modules": ["mha"], "r": 4, "lora_alpha": 6, "use_rslora": True},
+         source="issue"),
+    Case("MHA batch_first LoRA", "MHA-batch-first", _L, {"target_modules": ["mha", "lin0"]}, source="issue"),
+    Case("MHA LoRA with DoRA", "MHA", _L, {"target_modules": ["mha"]}, edit={"use_dora": True},
+         refused=r"MultiheadAttention, which lora with use_dora=True cannot wrap", why=MHA_REFUSED, source="issue"),
+    Case("MHA LoRA dropout", "MHA", _L, {"target_modules": ["mha"], "lora_dropout": 0.1},
+         refused=r"LoRAConfig\.dropout=0\.1 is refused on a MultiheadAttention", why=MHA_REFUSED, source="issue"),
+    Case("MHA out_proj LoRA", "MHA", _L, {"target_modules": ["out_proj"]},
+         refused=r"the out_proj of an nn\.MultiheadAttention", why=MHA_REFUSED, source="issue"),
     Case("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", _L, {"target_parameters": ["lin0.weight"]},
          refused=r"target_parameters=", why=OPTION),
     Case("MLP 2 using nn.Parameter LoRA", "MLP", _L, {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]},
