@@ -19,19 +19,20 @@ from torch import Tensor, nn
 from lightning_peft.api.inject import activate, inject, remove_added
 from lightning_peft.core import state
 from lightning_peft.methods import lora_combine
-from lightning_peft.methods.lora import LoRAConfig, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_peft.methods.lora import LoRAConfig, LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_peft.methods.lora_conv import LoRAConv
 
 M = TypeVar("M", bound=nn.Module)
 
 
 def _factors(layer: LoRALayer) -> lora_combine.Factors:
-    if isinstance(layer, LoRAConv2d):
+    if isinstance(layer, LoRAConv):
         return lora_combine.Factors(layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), layer.scaling)
     return lora_combine.Factors(layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling)
 
 
 def _params(layer: LoRALayer) -> tuple[Tensor, Tensor]:
-    if isinstance(layer, LoRAConv2d):
+    if isinstance(layer, LoRAConv):
         return layer.lora_A.weight, layer.lora_B.weight
     return layer.lora_A, layer.lora_B
 
@@ -131,6 +132,11 @@ def add_weighted_adapter(
                 f"add_weighted_adapter cannot combine DoRA adapters (their magnitudes do not add up); "
                 f"{info.name!r} has use_dora=True."
             )
+        if info.config.lora_bias:
+            raise ValueError(
+                f"add_weighted_adapter cannot combine adapters with lora_bias=True (peft's combinations read A and B "
+                f"only, and would drop the biases); {info.name!r} has lora_bias=True."
+            )
     if adapter_name in state.adapters(model):
         raise ValueError(
             f"{type(model).__name__} already has an adapter named {adapter_name!r}; pass another adapter_name, "
@@ -144,6 +150,14 @@ def add_weighted_adapter(
     rank = lora_combine.new_rank(combination, [info.config.r for info in infos], svd_rank)
 
     sources = [_sites(model, n) for n in adapters]
+    for name, sites in zip(adapters, sources, strict=True):
+        for site, layer in sites.items():
+            if isinstance(layer, LoRAConv) and layer.base.groups != 1:
+                raise ValueError(
+                    f"add_weighted_adapter cannot combine adapter {name!r} at {site!r}: it is a "
+                    f"{type(layer.base).__name__} with groups={layer.base.groups}, whose grouped B conv makes B A "
+                    "no product of two matrices to combine; exclude that layer from the adapters."
+                )
     union = list(dict.fromkeys(site for s in sources for site in s))
     targets, exclude = _union_targets([info.config for info in infos], union)
     config = infos[0].config.replace(

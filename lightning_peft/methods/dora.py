@@ -20,9 +20,11 @@ with, and merging is refused (see :mod:`lightning_peft.core.quantize`).
 
 The other layers, as peft 0.21 defines them:
 
-- ``nn.Conv2d`` (ungrouped): the kernel ``W`` (out, in, kh, kw) plus ``s B.A`` (LoRA's conv ``A``
-  composed with its 1x1 conv ``B``), the norm over every axis but the output channel, one
-  magnitude per output channel: ``h = m / ||W + s B.A|| * ((W + s B.A) * x) + b``.
+- ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (ungrouped): the kernel ``W`` (out, in, *k) plus
+  ``s B.A`` (LoRA's conv ``A`` composed with its pointwise conv ``B``), the norm over every axis
+  but the output channel, one magnitude per output channel (peft's layout: (1, out, 1, ...)):
+  ``h = m / ||W + s B.A|| * ((W + s B.A) * x) + b``. Grouped convs are refused: peft's DoRA
+  there takes the norm of ``B.A`` reshaped as if the conv were ungrouped, which is no weight norm.
 - ``nn.Embedding``: the table ``W`` (num, dim) plus ``s (B A)^T``, the norm over the tokens (each
   column of the table: peft takes it on the transposed ``(dim, num)`` weight, row-wise), one
   magnitude per embedding dimension; with the base layer's ``embed_scale`` ``c``:
@@ -42,7 +44,8 @@ from torch import Tensor, nn
 
 from lightning_peft.core.quantize import adapter_factory, dequantized_weight, is_quantized
 from lightning_peft.core.targeting import is_linear
-from lightning_peft.methods.lora import VARIANTS, LoRAConfig, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_peft.methods.lora import VARIANTS, LoRAConfig, LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_peft.methods.lora_conv import LoRAConv, conv_kind
 
 
 def _through_base(layer: LoRALayer, x: Tensor, add: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
@@ -145,8 +148,9 @@ class DoRALinear(LoRALinear):
         return f"{super().extra_repr()}, dora=True"
 
 
-class DoRAConv2d(LoRAConv2d):
-    """DoRA around an ungrouped ``nn.Conv2d``: LoRA's conv ``A`` and 1x1 conv ``B``, a magnitude per output channel."""
+class DoRAConv(LoRAConv):
+    """DoRA around an ungrouped ``nn.Conv1d/2d/3d``: LoRA's conv ``A`` and pointwise conv ``B``, a magnitude per
+    output channel."""
 
     adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude")  # type: ignore[assignment]
     stackable = False  # its norm reads the base weight, which another adapter on the layer would change
@@ -154,16 +158,18 @@ class DoRAConv2d(LoRAConv2d):
     peft_names = {"lora_magnitude": "lora_magnitude_vector"}
     gather_as_unit = True  # its norm reads the weights of the A and B convs outside their own forwards
 
-    def __init__(self, base_layer: nn.Conv2d, config: LoRAConfig) -> None:
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base_layer, config)
         factory = self.adapter_factory(base_layer.weight)
         self.lora_magnitude = nn.Parameter(torch.empty(base_layer.out_channels, **factory))
+        #: (1, -1, 1, ...): a per-channel vector laid along an output's channel axis.
+        self._channel_view = (1, -1) + (1,) * (base_layer.weight.dim() - 2)
         self.register_buffer("_merged_norm", None, persistent=False)  # the norm merge() divided by
         self._reset_magnitude()
 
     def reset_adapter_parameters(self) -> None:
         super().reset_adapter_parameters()
-        if "lora_magnitude" in self._parameters:  # absent while LoRAConv2d.__init__ runs
+        if "lora_magnitude" in self._parameters:  # absent while LoRAConv.__init__ runs
             self._reset_magnitude()
 
     def _reset_magnitude(self) -> None:
@@ -171,17 +177,20 @@ class DoRAConv2d(LoRAConv2d):
             self.lora_magnitude.copy_(self.weight_norm())
 
     def to_peft_tensor(self, local: str, tensor: Tensor) -> Tensor:
-        # peft keeps the conv magnitude as (1, out, 1, 1), the shape its norm has with keepdim.
-        return tensor.view(1, -1, 1, 1) if local == "lora_magnitude" else tensor
+        # peft keeps the conv magnitude as (1, out, 1, ...), the shape its norm has with keepdim.
+        return tensor.view(self._channel_view) if local == "lora_magnitude" else tensor
 
     def _combined(self) -> Tensor:
         weight: Tensor = self.base.weight
-        return weight + self.delta_weight().to(weight.dtype)  # (out, in, kh, kw)
+        return weight + self.delta_weight().to(weight.dtype)  # (out, in, *k)
+
+    def _norm(self, combined: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(combined, dim=tuple(range(1, combined.dim())))  # (out,)
 
     def weight_norm(self) -> Tensor:
-        """``||W + s B.A||`` per output channel (over in, kh, kw), as a constant (no gradient flows through it)."""
+        """``||W + s B.A||`` per output channel (over in, *k), as a constant (no gradient flows through it)."""
         with torch.no_grad():
-            return torch.linalg.vector_norm(self._combined(), dim=(1, 2, 3)).to(self.lora_magnitude.dtype)  # (out,)
+            return self._norm(self._combined()).to(self.lora_magnitude.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bypassed:
@@ -194,25 +203,25 @@ class DoRAConv2d(LoRAConv2d):
         dropped = self.dropout(x)
         if dropped.dtype != lora_A.dtype:
             dropped = dropped.to(lora_A.dtype)
-        scale = (self.lora_magnitude / self.weight_norm()).view(1, -1, 1, 1)
-        update = self.lora_B(self.lora_A(dropped)) * self.scaling  # (B, out, H', W')
+        scale = (self.lora_magnitude / self.weight_norm()).view(self._channel_view)
+        update = self.lora_B(self.lora_A(dropped)) * self.scaling  # (B, out, *spatial')
         if self.training and isinstance(self.dropout, nn.Dropout):
             base = self.base._conv_forward(dropped, self.base.weight.to(dropped.dtype), None)  # W * x'
         else:
             bias = self.bias
-            base = result if bias is None else result - bias.view(1, -1, 1, 1)  # W * x, without a second conv
+            base = result if bias is None else result - bias.view(self._channel_view)  # W * x, without a second conv
         return result + ((scale - 1) * base + scale * update).to(result.dtype)
 
     def _merge(self) -> None:
         weight: Tensor = self.base.weight
         combined = self._combined()
-        norm = torch.linalg.vector_norm(combined, dim=(1, 2, 3))
+        norm = self._norm(combined)
         self._merged_norm = norm
-        weight.copy_((self.lora_magnitude.to(weight.dtype) / norm).view(-1, 1, 1, 1) * combined)
+        weight.copy_((self.lora_magnitude.to(weight.dtype) / norm).view((-1,) + (1,) * (weight.dim() - 1)) * combined)
 
     def _unmerge(self) -> None:
         weight: Tensor = self.base.weight
-        scale = (self.lora_magnitude.to(weight.dtype) / self._merged_norm).view(-1, 1, 1, 1)
+        scale = (self.lora_magnitude.to(weight.dtype) / self._merged_norm).view((-1,) + (1,) * (weight.dim() - 1))
         weight.copy_(weight / scale - self.delta_weight().to(weight.dtype))
         self._merged_norm = None
 
@@ -280,19 +289,22 @@ class DoRAEmbedding(LoRAEmbedding):
         return f"{super().extra_repr()}, dora=True"
 
 
-_WRAPS = "DoRA wraps nn.Linear, transformers' Conv1D, nn.Embedding and ungrouped nn.Conv2d"
+_WRAPS = "DoRA wraps nn.Linear, transformers' Conv1D, nn.Embedding and ungrouped nn.Conv1d, nn.Conv2d and nn.Conv3d"
 
 
 def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
     """The DoRA wrapper for one selected module (``LoRAConfig.use_dora=True``)."""
     if isinstance(module, nn.Embedding):
         return DoRAEmbedding(module, config)
-    if isinstance(module, nn.Conv2d):
+    kind = conv_kind(module)
+    if kind is not None:
         if module.groups != 1:  # peft's DoRA norm there reads B.A as if the conv were ungrouped
             raise TypeError(
-                f"it is a Conv2d with groups={module.groups}, which lora with use_dora=True cannot wrap; {_WRAPS}"
+                f"it is a {kind.__name__} with groups={module.groups}, which lora with use_dora=True cannot wrap "
+                f"(peft's DoRA norm reshapes the grouped B.A as if the conv were ungrouped, which is no weight norm); "
+                f"{_WRAPS}"
             )
-        return DoRAConv2d(module, config)
+        return DoRAConv(module, config)
     if is_linear(module):
         return DoRALinear(module, config)
     raise TypeError(f"it is a {type(module).__name__}, which lora with use_dora=True cannot wrap; {_WRAPS}")

@@ -96,7 +96,11 @@ class LoRAConfig(LayerConfig):
             ``W - s B A`` and the rank-r SVD of the residual (see :func:`loftq`).
         use_dora: DoRA (Liu et al., 2024): split each weight into a trained magnitude per output
             feature and a direction that LoRA updates (see :mod:`lightning_peft.methods.dora`):
-            nn.Linear, transformers' Conv1D, ungrouped nn.Conv2d and nn.Embedding.
+            nn.Linear, transformers' Conv1D, ungrouped nn.Conv1d/Conv2d/Conv3d and nn.Embedding.
+        lora_bias: give B a bias ``c`` (peft's ``lora_B.bias``, zero at init): the update becomes
+            ``s (B A x + c)`` and merging adds ``s c`` to the base bias (refused on a base without
+            one). For adapters extracted from a full fine-tune, whose bias changed too. As peft:
+            on linear and conv layers, with ``init="kaiming"`` or ``"random"``, not with DoRA.
         target_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
         exclude_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
         modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
@@ -109,6 +113,7 @@ class LoRAConfig(LayerConfig):
     init: str = "kaiming"
     loftq_iter: int = 1
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,6 +126,12 @@ class LoRAConfig(LayerConfig):
         check_positive_int(self, "loftq_iter", self.loftq_iter)
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoRAConfig.use_dora must be True or False; got {self.use_dora!r}.")
+        if not isinstance(self.lora_bias, bool):
+            raise ValueError(f"LoRAConfig.lora_bias must be True or False; got {self.lora_bias!r}.")
+        if self.lora_bias and self.use_dora:
+            raise invalid(self, "lora_bias", True, "False with use_dora=True (DoRA rescales B A; peft refuses it too)")
+        if self.lora_bias and self.init not in ("kaiming", "random"):
+            raise invalid(self, "init", self.init, "'kaiming' or 'random' with lora_bias=True (as peft allows)")
         if self.init == "loftq" and self.use_dora:
             raise invalid(self, "init", self.init, "'kaiming' or 'gaussian' with use_dora=True (LoftQ is plain LoRA)")
         if self.init == "orthogonal" and self.r % 2:
@@ -269,7 +280,8 @@ class LoRALinear(LoRALayer):
     bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (QLoRA: the adapter in the layer's compute dtype).
     """
 
-    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    adapter_names = ("lora_A", "lora_B", "lora_B_bias")
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias"}
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base_layer, config)
@@ -283,6 +295,8 @@ class LoRALinear(LoRALayer):
             factory = self.adapter_factory(weight)
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, **factory))
+        #: ``lora_bias``: B's bias c (out,), so the update is ``s (B A x + c)``; None without it.
+        self.lora_B_bias = nn.Parameter(torch.zeros(out_features, **factory)) if config.lora_bias else None
         # PiSSA's/OLoRA's initial (A_0, B_0), kept to save the adapter converted to plain LoRA (lora_init).
         self.register_buffer("lora_A0", None, persistent=False)
         self.register_buffer("lora_B0", None, persistent=False)
@@ -301,6 +315,10 @@ class LoRALinear(LoRALayer):
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
+        bias = getattr(self, "lora_B_bias", None)
+        if bias is not None:  # zero, as peft's; "random" (peft's init False) draws it as nn.Linear(r, out) does
+            bound = 1 / math.sqrt(self.r) if self.init == "random" else 0.0
+            nn.init.uniform_(bias, -bound, bound)
         if self.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
         elif self.init == "random":  # peft's init_lora_weights=False: both as nn.Linear initializes its weight
@@ -381,6 +399,29 @@ class LoRALinear(LoRALayer):
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
+    @property
+    def mergeable(self) -> bool:
+        return not (self.lora_B_bias is not None and self.base.bias is None) and super().mergeable
+
+    def merge(self) -> None:
+        if self.lora_B_bias is not None and self.base.bias is None:
+            raise TypeError(
+                f"cannot merge LoRA with lora_bias=True into a {type(self.base).__name__} with bias=False: the "
+                "update's bias s * c has no base bias to go into (peft refuses this merge too). Keep the adapter "
+                "unmerged"
+            )
+        super().merge()
+
+    def _merge(self) -> None:
+        super()._merge()
+        if self.lora_B_bias is not None:
+            self.base.bias.add_((self.lora_B_bias * self.scaling).to(self.base.bias.dtype))
+
+    def _unmerge(self) -> None:
+        super()._unmerge()
+        if self.lora_B_bias is not None:
+            self.base.bias.sub_((self.lora_B_bias * self.scaling).to(self.base.bias.dtype))
+
     #: Whether :meth:`merge_requantized` can fold the update into a quantized base (DoRA's rescaled
     #: weight is not an additive update: no).
     requantizable: ClassVar[bool] = True
@@ -393,10 +434,11 @@ class LoRALinear(LoRALayer):
         :func:`lightning_peft.core.quantize.requantized`).
         """
         base = self.base
-        if not is_quantized(base) or not self.requantizable or self._merged:
+        if not is_quantized(base) or not self.requantizable or self._merged or self.lora_B_bias is not None:
             raise TypeError(
                 f"{type(self).__name__} on {type(base).__name__} cannot be merged by requantizing: it needs an "
-                "unmerged LoRA adapter (not DoRA) on a bitsandbytes layer; lightning_peft.merge merges float layers."
+                "unmerged LoRA adapter (not DoRA, no lora_bias) on a bitsandbytes layer; lightning_peft.merge merges "
+                "float layers."
             )
         new, error = requantized(base, self.delta_weight())
         holder: nn.Module = self
@@ -409,7 +451,8 @@ class LoRALinear(LoRALayer):
 
     def update(self, x: Tensor) -> Tensor:
         x = self.dropout(x).to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling  # (..., r) -> (..., out)
+        hidden = F.linear(x, self.lora_A)  # (..., r)
+        return F.linear(hidden, self.lora_B, self.lora_B_bias) * self.scaling  # (..., out)
 
     def _can_fuse(self, x: Tensor) -> bool:
         """Whether the fused path computes exactly what ``base_layer(x)`` + update would.
@@ -426,6 +469,7 @@ class LoRALinear(LoRALayer):
             or weight.requires_grad
             or (bias is not None and bias.requires_grad)
             or not isinstance(self.dropout, nn.Identity)
+            or self.lora_B_bias is not None
             or torch.is_autocast_enabled(x.device.type)
             or not x.dtype == weight.dtype == self.lora_A.dtype
         )
@@ -461,7 +505,9 @@ class LoRALinear(LoRALayer):
         x = self.dropout(x)
         if x.dtype != lora_A.dtype:
             x = x.to(lora_A.dtype)
-        return self._add_update(result, F.linear(x, lora_A))  # hidden: (..., r)
+        out = self._add_update(result, F.linear(x, lora_A))  # hidden: (..., r)
+        bias = self.lora_B_bias
+        return out if bias is None else out + (bias * self.scaling).to(out.dtype)
 
 
 class LoRAEmbedding(LoRALayer):
@@ -479,6 +525,11 @@ class LoRAEmbedding(LoRALayer):
 
     def __init__(self, base_layer: nn.Embedding, config: LoRAConfig) -> None:
         super().__init__(base_layer, config)
+        if config.lora_bias:
+            raise TypeError(
+                "it is an nn.Embedding, and LoRAConfig.lora_bias=True is for linear and conv layers (peft refuses it "
+                "on embeddings too); exclude the embedding from target_modules or set lora_bias=False"
+            )
         factory = self.adapter_factory(base_layer.weight)
         self.lora_A = nn.Parameter(torch.empty(config.r, base_layer.num_embeddings, **factory))
         self.lora_B = nn.Parameter(torch.empty(base_layer.embedding_dim, config.r, **factory))
@@ -530,77 +581,6 @@ class LoRAEmbedding(LoRALayer):
         return self._add_update(result, self._hidden(x))
 
 
-class LoRAConv2d(LoRALayer):
-    """LoRA around ``nn.Conv2d``: ``A`` is a conv with the base kernel into r channels, ``B`` a 1x1 conv."""
-
-    adapter_names = ("lora_A", "lora_B")
-
-    def __init__(self, base_layer: nn.Conv2d, config: LoRAConfig) -> None:
-        super().__init__(base_layer, config)
-        if base_layer.groups != 1:
-            raise TypeError(f"lora wraps only ungrouped Conv2d layers; this one has groups={base_layer.groups}")
-        if self.init not in ("kaiming", "gaussian", "random"):
-            raise TypeError(
-                f"LoRAConfig.init={self.init!r} is for linear layers (peft refuses it on convolutions too); a Conv2d "
-                "takes init='kaiming', 'gaussian' or 'random'. Exclude the conv layers from target_modules"
-            )
-        factory = self.adapter_factory(base_layer.weight)
-        self.lora_A = nn.Conv2d(
-            base_layer.in_channels,
-            config.r,
-            base_layer.kernel_size,
-            base_layer.stride,
-            base_layer.padding,
-            base_layer.dilation,
-            bias=False,
-            **factory,
-        )
-        self.lora_B = nn.Conv2d(config.r, base_layer.out_channels, 1, bias=False, **factory)
-        self.reset_adapter_parameters()
-
-    def reset_adapter_parameters(self) -> None:
-        if self.init == "random":  # peft's init_lora_weights=False: both as nn.Conv2d initializes its weight
-            self.lora_A.reset_parameters()
-            self.lora_B.reset_parameters()
-            return
-        if self.init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    @property
-    def mergeable(self) -> bool:
-        return self.base.padding_mode == "zeros" and super().mergeable
-
-    def merge(self) -> None:
-        mode = self.base.padding_mode
-        if mode != "zeros":  # the A conv pads with zeros (as peft's does); the merged kernel would not
-            raise TypeError(
-                f"cannot merge {type(self).__name__.removesuffix('Conv2d')} into a Conv2d with padding_mode={mode!r}: "
-                "its A conv pads with zeros, "
-                "as peft's does, so the merged kernel would give other outputs at the borders. Keep the adapter "
-                "unmerged (it computes what peft computes), or use padding_mode='zeros'."
-            )
-        super().merge()
-
-    def delta_weight(self) -> Tensor:
-        # Composing conv A (r, in, kh, kw) with 1x1 conv B (out, r, 1, 1) is one conv with weight B.A.
-        a, b = self.lora_A.weight, self.lora_B.weight
-        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling
-
-    def update(self, x: Tensor) -> Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))) * self.scaling
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.bypassed:
-            return self.base_layer(x)
-        if self.rows is not None:
-            return self.mixed_forward(x, self.update)
-        result = self.base_layer(x)  # (B, out, H', W')
-        return result + self.update(x).to(result.dtype)
-
-
 #: Wrappers for LoRA's variants, by the config flag that selects them: a variant's file builds on
 #: this one and adds itself here (``dora.py``: ``use_dora``), so LoRA never imports its variants.
 VARIANTS: dict[str, Callable[[nn.Module, LoRAConfig], LoRALayer]] = {}
@@ -619,13 +599,12 @@ def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
             return wrapper(module, config)
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding(module, config)
-    if isinstance(module, nn.Conv2d):
-        return LoRAConv2d(module, config)
     if is_linear(module):
         return LoRALinear(module, config)
+    more = "".join(f", {'nn.' * kind.__module__.startswith('torch.nn')}{kind.__name__}" for kind in LAYER_TYPES)
     raise TypeError(
         f"it is a {type(module).__name__}, which lora cannot wrap; lora wraps nn.Linear (bitsandbytes' "
-        "Linear4bit and Linear8bitLt too), transformers' Conv1D, nn.Embedding and nn.Conv2d"
+        f"Linear4bit and Linear8bitLt too), transformers' Conv1D, nn.Embedding{more}"
     )
 
 
@@ -641,7 +620,7 @@ def apply(model: nn.Module, config: LoRAConfig) -> list[str]:
     names = inject_layers(model, config, wrap=build)
     if config.dropout == 0:  # each layer's own dropout mask would make the inputs differ
         # Layers that read one input (q/k/v, gate/up) project it once (see core.shared_input).
-        attach(model, [layer for layer in built if type(layer) is LoRALinear])
+        attach(model, [layer for layer in built if type(layer) is LoRALinear and layer.lora_B_bias is None])
     return names
 
 
@@ -655,7 +634,7 @@ _PEFT_METADATA = frozenset(
 _PEFT_READ = frozenset(
     {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
-        "exclude_modules", "modules_to_save", "fan_in_fan_out",
+        "exclude_modules", "modules_to_save", "fan_in_fan_out", "lora_bias",
     }
 )  # fmt: skip
 #: Every other field of peft 0.21.2's LoraConfig, with its default: the one value lightning_peft
@@ -663,7 +642,7 @@ _PEFT_READ = frozenset(
 #: per-layer patterns, biases, trainable tokens, parameter targets, ...), never dropped.
 _PEFT_DEFAULTS: dict[str, Any] = {
     "bias": "none",
-    "lora_bias": False,
+    "lora_bias": False,  # read by from_peft (see _PEFT_READ); here for adalora, whose LoraConfig fields check it
     "rank_pattern": {},
     "alpha_pattern": {},
     "layers_to_transform": None,
@@ -729,6 +708,7 @@ def to_peft(config: LoRAConfig) -> dict[str, Any]:
         "lora_dropout": config.dropout,
         "use_rslora": config.rslora,
         "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
         "init_lora_weights": lora_init.to_peft(config.init),
         "target_modules": config.target_modules,
         "exclude_modules": config.exclude_modules,
@@ -754,6 +734,7 @@ def from_peft(options: dict[str, Any]) -> LoRAConfig:
         dropout=options.get("lora_dropout", 0.0),
         rslora=options.get("use_rslora", False),
         use_dora=options.get("use_dora", False),
+        lora_bias=options.get("lora_bias", False),
         init=init,
         target_modules=options.get("target_modules"),
         exclude_modules=options.get("exclude_modules"),

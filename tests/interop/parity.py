@@ -66,14 +66,16 @@ class EmbConv1D(nn.Module):
 
 
 class Conv(nn.Module):
-    """A conv layer (``conv1d``/``conv2d``/``conv3d``, grouped or not) feeding ``lin0``."""
+    """A conv layer (``conv1d``/``conv2d``/``conv3d``, grouped or not, kernel 3 or 1) on a 3 x ... x 3
+    input, feeding ``lin0``."""
 
-    def __init__(self, dims: int, groups: int = 1) -> None:
+    def __init__(self, dims: int, groups: int = 1, kernel: int = 3) -> None:
         super().__init__()
         cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
         self.dims, self.channels = dims, 16 if groups > 1 else 5
-        setattr(self, f"conv{dims}d", cls(self.channels, 16 if groups > 1 else 10, 3, groups=groups))
-        self.lin0 = nn.Linear(16 if groups > 1 else 10, 2)
+        out = 16 if groups > 1 else 10
+        setattr(self, f"conv{dims}d", cls(self.channels, out, kernel, groups=groups))
+        self.lin0 = nn.Linear(out * (4 - kernel) ** dims, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = getattr(self, f"conv{self.dims}d")
@@ -94,9 +96,9 @@ class MlpUsingParameters(nn.Module):
 
 
 class MHA(nn.Module):
-    def __init__(self, batch_first: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.mha, self.lin0 = nn.MultiheadAttention(10, 2, batch_first=batch_first), nn.Linear(10, 2)
+        self.mha, self.lin0 = nn.MultiheadAttention(10, 2), nn.Linear(10, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin0(self.mha(x, x, x)[0])
@@ -193,10 +195,12 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "Conv2d": lambda: Conv(2),
     "Conv2dGroups": lambda: Conv(2, groups=8),
     "Conv2dGroups2": lambda: Conv(2, groups=2),
+    "Conv1dGroups": lambda: Conv(1, groups=2),
+    "Conv3dGroups": lambda: Conv(3, groups=8),
+    "Conv3d1x1": lambda: Conv(3, kernel=1),
     "MlpUsingParameters": MlpUsingParameters,
     "Conv3d": lambda: Conv(3),
     "MHA": MHA,
-    "MHA-batch-first": lambda: MHA(batch_first=True),
     "Init": InitModule,
     "llama": _llama,
     "llama-tied": lambda: _llama(tie_word_embeddings=True),
@@ -225,10 +229,10 @@ def inputs(model: str) -> dict[str, torch.Tensor]:
         return {"x": torch.randn(4, 10, generator=g)}
     if model == "EmbConv1D":
         return {"x": torch.randint(0, 100, (4, 10), generator=g)}
-    if model in ("Conv1d", "Conv2d", "Conv3d", "Conv2dGroups"):
-        size = {"Conv1d": 15, "Conv2d": 45, "Conv3d": 135, "Conv2dGroups": 144}[model]
-        return {"x": torch.randn(4, size, generator=g)}
-    if model.startswith("MHA"):
+    if model.startswith("Conv"):
+        conv = build(model)
+        return {"x": torch.randn(4, conv.channels * 3**conv.dims, generator=g)}
+    if model == "MHA":
         return {"x": torch.randn(3, 4, 10, generator=g)}
     if model == "Init":
         return {"x": torch.rand(4, 40, generator=g) * 3}
@@ -281,6 +285,11 @@ class Case:
         source: where the row comes from.
         slow: mark the row slow.
         needs_peft: the oldest peft that has the row's option (older ones skip the row).
+        unmergeable: a regex our merge refusal must match, for a row whose adapter peft refuses to
+            merge too (LoRA on a grouped conv): both sides must refuse, leaving the outputs unmerged.
+        peft_merge_fails: a regex peft's own merge error must match, where peft fails to merge an
+            adapter we merge exactly (peft 0.21's delta of a pointwise Conv3d); newer pefts that
+            merge it are held to the merged parity as usual.
     """
 
     id: str
@@ -294,6 +303,8 @@ class Case:
     source: str = "custom_models"
     slow: bool = False
     needs_peft: str | None = None
+    unmergeable: str | None = None
+    peft_merge_fails: str | None = None
 
     def peft_config(self) -> Any:
         import peft
@@ -307,14 +318,14 @@ class Case:
 LAYER = "layer types lightning_peft's method does not wrap (issue 16 point 5)"
 OPTION = "peft options not implemented yet (issue 16 point 5/6)"
 VARIANT = "LoRA variants lightning_peft does not have"
-MHA_REFUSED = (
-    "nn.MultiheadAttention: what peft refuses (DoRA) or accepts and never applies (lora_dropout; LoRA on out_proj "
-    "alone, whose forward the attention never calls)"
-)
 INIT = "data-driven or other inits not implemented"
 
 _L, _I, _A = "LoraConfig", "IA3Config", "AdaLoraConfig"
-_NOT_WRAPPED = r"which lora (with use_dora=True )?cannot wrap|lora wraps only ungrouped Conv2d"
+_NOT_WRAPPED = r"which lora (with use_dora=True )?cannot wrap"
+#: LoRA on a grouped conv: A reads every input channel, so the update is no grouped kernel (peft refuses too).
+_GROUPED = r"cannot merge LoRA into a Conv\dd with groups=\d+"
+_PEFT_1X1 = r"The size of tensor a \(10\) must match the size of tensor b \(8\)"
+DORA_GROUPED = "peft's DoRA on a grouped conv takes the norm of B.A reshaped as if ungrouped, which is no weight norm"
 
 # fmt: off
 CASES: list[Case] = [
@@ -354,48 +365,50 @@ CASES: list[Case] = [
     Case("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D", _L,
          {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}},
          refused=r"trainable_token_indices=", why=OPTION),
-    Case("Conv1d LoRA", "Conv1d", _L, {"target_modules": ["conv1d"]}, refused=_NOT_WRAPPED, why=LAYER),
-    Case("Conv1d LoRA with DoRA", "Conv1d", _L, {"target_modules": ["conv1d"], "use_dora": True},
-         refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv1d LoRA", "Conv1d", _L, {"target_modules": ["conv1d"]}),
+    Case("Conv1d LoRA with DoRA", "Conv1d", _L, {"target_modules": ["conv1d"], "use_dora": True}),
     Case("Conv2d 1 LoRA", "Conv2d", _L, {"target_modules": ["conv2d"]}),
     Case("Conv2d 2 LoRA", "Conv2d", _L, {"target_modules": ["conv2d", "lin0"]}),
     Case("Conv2d 1 LoRA with DoRA", "Conv2d", _L, {"target_modules": ["conv2d"], "use_dora": True}),
     Case("Conv2d 2 LoRA with DoRA", "Conv2d", _L, {"target_modules": ["conv2d", "lin0"], "use_dora": True}),
-    Case("Conv2d Groups LoRA", "Conv2dGroups", _L, {"target_modules": ["conv2d"]}, refused=_NOT_WRAPPED, why=LAYER),
-    Case("Conv2d Groups2 LoRA", "Conv2dGroups2", _L, {"target_modules": ["conv2d"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("Conv2d Groups LoRA", "Conv2dGroups", _L, {"target_modules": ["conv2d"]}, unmergeable=_GROUPED),
+    Case("Conv2d Groups2 LoRA", "Conv2dGroups2", _L, {"target_modules": ["conv2d"]}, unmergeable=_GROUPED),
     Case("Conv2d Groups LoRA with DoRA", "Conv2dGroups", _L, {"target_modules": ["conv2d"], "use_dora": True},
-         refused=_NOT_WRAPPED, why=LAYER),
+         refused=r"it is a Conv2d with groups=8, which lora with use_dora=True cannot wrap", why=DORA_GROUPED),
     Case("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", _L, {"target_modules": ["conv2d"], "use_dora": True},
-         refused=_NOT_WRAPPED, why=LAYER),
-    Case("Conv3d 1 LoRA", "Conv3d", _L, {"target_modules": ["conv3d"]}, refused=_NOT_WRAPPED, why=LAYER),
-    Case("Conv3d 2 LoRA", "Conv3d", _L, {"target_modules": ["conv3d", "lin0"]}, refused=_NOT_WRAPPED, why=LAYER),
-    Case("Conv3d 1 LoRA with DoRA", "Conv3d", _L, {"target_modules": ["conv3d"], "use_dora": True},
-         refused=_NOT_WRAPPED, why=LAYER),
-    Case("Conv3d 2 LoRA with DoRA", "Conv3d", _L, {"target_modules": ["conv3d", "lin0"], "use_dora": True},
-         refused=_NOT_WRAPPED, why=LAYER),
+         refused=r"it is a Conv2d with groups=2, which lora with use_dora=True cannot wrap", why=DORA_GROUPED),
+    Case("Conv3d 1 LoRA", "Conv3d", _L, {"target_modules": ["conv3d"]}),
+    Case("Conv3d 2 LoRA", "Conv3d", _L, {"target_modules": ["conv3d", "lin0"]}),
+    Case("Conv3d 1 LoRA with DoRA", "Conv3d", _L, {"target_modules": ["conv3d"], "use_dora": True}),
+    Case("Conv3d 2 LoRA with DoRA", "Conv3d", _L, {"target_modules": ["conv3d", "lin0"], "use_dora": True}),
+    # peft 0.21 merges a pointwise Conv3d's B.A as if it were a Conv2d's and fails (peft #3768); ours merges exactly
+    Case("Conv3d 1x1 LoRA", "Conv3d1x1", _L, {"target_modules": ["conv3d"]}, peft_merge_fails=_PEFT_1X1),
+    Case("Conv3d 1x1 LoRA with DoRA", "Conv3d1x1", _L, {"target_modules": ["conv3d"], "use_dora": True},
+         peft_merge_fails=_PEFT_1X1),
     Case("Vanilla MLP 1 LoRA with lora_b bias", "MLP", _L,
-         {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32},
-         refused=r"lora_bias=True", why=OPTION),
+         {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}),
     Case("Conv2d 1 LoRA with lora_b bias", "Conv2d", _L,
-         {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32},
-         refused=r"lora_bias=True", why=OPTION),
+         {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
     Case("Conv3d 1 LoRA with lora_b bias", "Conv3d", _L,
-         {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}, refused=r"lora_bias=True", why=OPTION),
-    Case("MHA 1 LoRA", "MHA", _L, {"target_modules": ["mha"]}),
-    Case("MHA 2 LoRA", "MHA", _L, {"target_modules": ["mha", "lin0"]}),
-    # nn.MultiheadAttention beyond peft's two rows: its unload test's config, options, batch_first, refusals
-    Case("MHA LoRA init False", "MHA", _L, {"target_modules": ["mha"], "init_lora_weights": False}),
-    Case("MHA LoRA modules_to_save", "MHA", _L, {"target_modules": ["mha"], "modules_to_save": ["lin0"]},
+         {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
+    # ---- more conv cases (peft's table has these layers, not these combinations)
+    Case("Conv1d Groups LoRA", "Conv1dGroups", _L, {"target_modules": ["conv1d"], "r": 4}, unmergeable=_GROUPED,
          source="issue"),
-    Case("MHA LoRA rslora", "MHA", _L, {"target_modules": ["mha"], "r": 4, "lora_alpha": 6, "use_rslora": True},
+    Case("Conv3d Groups LoRA", "Conv3dGroups", _L, {"target_modules": ["conv3d"]}, unmergeable=_GROUPED,
          source="issue"),
-    Case("MHA batch_first LoRA", "MHA-batch-first", _L, {"target_modules": ["mha", "lin0"]}, source="issue"),
-    Case("MHA LoRA with DoRA", "MHA", _L, {"target_modules": ["mha"]}, edit={"use_dora": True},
-         refused=r"MultiheadAttention, which lora with use_dora=True cannot wrap", why=MHA_REFUSED, source="issue"),
-    Case("MHA LoRA dropout", "MHA", _L, {"target_modules": ["mha"], "lora_dropout": 0.1},
-         refused=r"LoRAConfig\.dropout=0\.1 is refused on a MultiheadAttention", why=MHA_REFUSED, source="issue"),
-    Case("MHA out_proj LoRA", "MHA", _L, {"target_modules": ["out_proj"]},
-         refused=r"the out_proj of an nn\.MultiheadAttention", why=MHA_REFUSED, source="issue"),
+    Case("Conv1d LoRA with lora_b bias rslora", "Conv1d", _L,
+         {"target_modules": ["conv1d", "lin0"], "lora_bias": True, "use_rslora": True, "r": 4, "lora_alpha": 6},
+         source="issue"),
+    Case("Conv2d Groups LoRA with lora_b bias", "Conv2dGroups", _L,
+         {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}, unmergeable=_GROUPED, source="issue"),
+    Case("Conv2d LoRA with lora_b bias and DoRA", "Conv2d", _L, {"target_modules": ["conv2d"]},
+         edit={"lora_bias": True, "use_dora": True}, refused=r"LoRAConfig.lora_bias is invalid|lora_bias.*use_dora",
+         why="peft refuses it too: DoRA rescales B A, a bias has no place in its norm", source="issue"),
+    Case("Embedding LoRA with lora_b bias", "EmbConv1D", _L, {"target_modules": ["conv1d"]},
+         edit={"lora_bias": True, "target_modules": ["emb"]}, refused=r"nn.Embedding, and LoRAConfig.lora_bias=True",
+         why="peft refuses it too: lora_bias is for linear and conv layers", source="issue"),
+    Case("MHA 1 LoRA", "MHA", _L, {"target_modules": ["mha"]}, refused=_NOT_WRAPPED, why=LAYER),
+    Case("MHA 2 LoRA", "MHA", _L, {"target_modules": ["mha", "lin0"]}, refused=_NOT_WRAPPED, why=LAYER),
     Case("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", _L, {"target_parameters": ["lin0.weight"]},
          refused=r"target_parameters=", why=OPTION),
     Case("MLP 2 using nn.Parameter LoRA", "MLP", _L, {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]},
@@ -601,9 +614,14 @@ def run(case: Case, tmp_path: Path) -> str:
     torch.manual_seed(SEED)
     ours = load_peft_adapter(fresh, tmp_path / "peft").eval()
     assert_parity(outputs(ours, batch), ref, f"{case.id}: peft's adapter loaded here")
-    lp.merge(ours)
-    assert_parity(outputs(ours, batch), ref, f"{case.id}: peft's adapter loaded here, merged")
-    lp.unmerge(ours)
+    if case.unmergeable:
+        with pytest.raises(TypeError, match=case.unmergeable):
+            lp.merge(ours)
+        assert_parity(outputs(ours, batch), ref, f"{case.id}: peft's adapter loaded here, merge refused")
+    else:
+        lp.merge(ours)
+        assert_parity(outputs(ours, batch), ref, f"{case.id}: peft's adapter loaded here, merged")
+        lp.unmerge(ours)
     # 2. we save -> peft loads
     _randomize(ours, seed=2)
     mine = outputs(ours, batch)
@@ -611,6 +629,14 @@ def run(case: Case, tmp_path: Path) -> str:
     torch.manual_seed(SEED)
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     assert_parity(outputs(back, batch), mine, f"{case.id}: our adapter loaded by peft")
+    if case.unmergeable:
+        with pytest.raises(NotImplementedError, match="groups > 1"):
+            back.merge_adapter()
+        return "pass"
+    if case.peft_merge_fails and Version(peft.__version__) < Version("0.22"):
+        with pytest.raises(RuntimeError, match=case.peft_merge_fails):
+            back.merge_adapter()
+        return "pass"
     back.merge_adapter()
     assert_parity(outputs(back, batch), mine, f"{case.id}: our adapter loaded by peft, merged by peft")
     return "pass"

@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lightning_peft as lp
 from lightning_peft.core import state
-from lightning_peft.methods.dora import DoRAConv2d, DoRAEmbedding, DoRALinear
+from lightning_peft.methods.dora import DoRAConv, DoRAEmbedding, DoRALinear
 from lightning_peft.methods.lora import LoRAConfig
 from tests import tiny
 from tests.peft_reference import copy_into_peft, randomize_adapter
@@ -153,15 +153,16 @@ def test_unsupported_layers_are_named() -> None:
         lp.inject(tiny.build("llama"), "lora", target_modules=["input_layernorm"], use_dora=True)
 
 
-def test_grouped_conv2d_conv3d_and_a_bad_flag_are_named() -> None:
+def test_grouped_convs_and_a_bad_flag_are_named() -> None:
     with pytest.raises(
         TypeError, match=r"'0': it is a Conv2d with groups=2, which lora with use_dora=True cannot wrap"
     ):
         lp.inject(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "lora", target_modules=["0"], use_dora=True)
     with pytest.raises(
-        TypeError, match=r"it is a Conv3d, which lora with use_dora=True cannot wrap; .*ungrouped nn.Conv2d"
+        TypeError,
+        match=r"it is a Conv3d with groups=2, which lora with use_dora=True cannot wrap \(peft's DoRA norm.*nn.Conv3d",
     ):
-        lp.inject(nn.Sequential(nn.Conv3d(3, 4, 3)), "lora", target_modules=["0"], use_dora=True)
+        lp.inject(nn.Sequential(nn.Conv3d(4, 4, 3, groups=2)), "lora", target_modules=["0"], use_dora=True)
     with pytest.raises(ValueError, match=r"LoRAConfig.use_dora must be True or False; got 'yes'"):
         LoRAConfig(use_dora="yes")  # type: ignore[arg-type]
 
@@ -183,7 +184,7 @@ def test_conv2d_follows_the_formula_with_a_detached_norm() -> None:
     """h = m / ||W + s B.A||_(in,kh,kw) * ((W + s B.A) * x) + b, and the norm takes no gradient."""
     torch.manual_seed(0)
     base = nn.Conv2d(3, 5, 3, stride=2, padding=1).requires_grad_(False)
-    layer = DoRAConv2d(copy.deepcopy(base), LoRAConfig(r=2, alpha=4, use_dora=True))
+    layer = DoRAConv(copy.deepcopy(base), LoRAConfig(r=2, alpha=4, use_dora=True))
     torch.testing.assert_close(layer.lora_magnitude, base.weight.flatten(1).norm(dim=1))  # m starts as ||W||
     _randomize_factors(layer)
     x = torch.randn(2, 3, 7, 7)
@@ -202,7 +203,7 @@ def test_conv2d_follows_the_formula_with_a_detached_norm() -> None:
 
 def test_conv2d_dropout_rescales_the_dropped_base_term_in_training() -> None:
     torch.manual_seed(0)
-    layer = DoRAConv2d(nn.Conv2d(3, 4, 3, padding=1), LoRAConfig(r=2, dropout=0.5, use_dora=True))
+    layer = DoRAConv(nn.Conv2d(3, 4, 3, padding=1), LoRAConfig(r=2, dropout=0.5, use_dora=True))
     _randomize_factors(layer)
     x = torch.randn(2, 3, 5, 5)
     layer.train()

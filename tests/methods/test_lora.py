@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import lightning_peft as lp
-from lightning_peft.methods.lora import LoRAConfig, LoRAConv2d, LoRAEmbedding, LoRALinear
+from lightning_peft.methods.lora import LoRAConfig, LoRAEmbedding, LoRALinear
+from lightning_peft.methods.lora_conv import LoRAConv
 from tests import more_archs, tiny
 from tests.peft_reference import copy_into_peft, randomize_adapter
 
@@ -88,7 +89,7 @@ def test_conv2d_parity_with_peft() -> None:
     copy_into_peft(ours, reference, lambda m, local: f"{m}.default.{local}")
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-5)
-    assert isinstance(ours.conv, LoRAConv2d)
+    assert isinstance(ours.conv, LoRAConv)
 
 
 def test_linear_follows_the_formula() -> None:
