@@ -247,6 +247,14 @@ class PEFTCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        others = [c for c in trainer.callbacks if isinstance(c, PEFTCallback) and c is not self]
+        if others:
+            raise ValueError(
+                f"the Trainer has {len(others) + 1} PEFTCallbacks ({self.state_key}, "
+                f"{', '.join(c.state_key for c in others)}); one trains one adapter per fit (each restricts the "
+                "optimizer to its own adapter and checkpoints only it, so the others would not train). Train one "
+                "adapter per fit and load the others beside it with lightning_peft.load_adapter(..., adapter_name=...)."
+            )
         self.check_strategy(trainer)
         self._sharded = isinstance(trainer.strategy, strategies.PEFTStrategy)
         strategies.secure_checkpoints(trainer.strategy)  # before any checkpoint is read

@@ -220,8 +220,20 @@ def test_sharded_strategies_refuse_other_adapters(
     class FakeTrainer:
         strategy = strategies.PEFTFSDPStrategy.__new__(strategies.PEFTFSDPStrategy)
         precision_plugin = None
+        callbacks: list = []
 
     module = TwoTaskLM([("task_a", task_a["folder"])], into_self=into_self)
     callback = PEFTCallback("lora", adapter_name=name, r=4, verbose=False)
     with pytest.raises(ValueError, match=where + r", and the sharded PEFT strategies checkpoint"):
         callback.setup(FakeTrainer(), module, "fit")  # type: ignore[arg-type]
+
+
+def test_two_callbacks_in_one_trainer_are_refused(tmp_path: Path) -> None:
+    """Each PEFTCallback restricts the optimizer to its adapter: two would leave one untrained, so they are refused."""
+    callbacks = [PEFTCallback("lora", r=4, verbose=False), PEFTCallback("lora", adapter_name="b", verbose=False)]
+    t = trainer(tmp_path, max_steps=1, callbacks=callbacks)
+    module = TinyLM()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=r"the Trainer has 2 PEFTCallbacks \(PEFTCallback\{'method': 'lora'\}, "):
+        t.fit(module, token_loader(n=4))
+    assert module.state_dict().keys() == before.keys()  # refused before any adapter was added
