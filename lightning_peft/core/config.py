@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -62,6 +63,26 @@ def check_module_keys(config: object, field: str, value: object, *, allow_str: b
         if not allow_str:
             expected = "None or a list of module names"
         raise invalid(config, field, value, expected)
+
+
+def check_patterns(
+    config: object, field: str, value: object, check_value: Callable[[object, str, object], None]
+) -> None:
+    """A per-layer option (LoRA's ``rank_pattern``): a dict from module-name regexes to values.
+
+    Each key must compile as a regular expression and each value pass ``check_value``; an error
+    names the field, the key and the bad value (``LoRAConfig.rank_pattern['q_proj'] must be ...``).
+    """
+    if not isinstance(value, dict):
+        raise invalid(config, field, value, "a dict from module-name regexes to values ({} for none)")
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise invalid(config, field, value, "a dict whose keys are non-empty strings (module-name regexes)")
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise invalid(config, f"{field}[{key!r}]", key, f"keyed by a valid regular expression ({error})") from None
+        check_value(config, f"{field}[{key!r}]", item)
 
 
 #: Field metadata of options that only choose initial values (see :func:`init_only`).
@@ -152,20 +173,81 @@ class LayerConfig(AdapterConfig):
             expression matched against the whole name; ``"all-linear"`` takes every linear layer
             but the output head. ``None`` uses the method's default for the model's architecture.
         exclude_modules: modules never to wrap, matched like ``target_modules``.
+        layers_to_transform: wrap only the targets in these layers (an index or a list of them), as
+            peft does: a module's layer index is the number after the first ``layers_pattern`` name
+            in its full name (``model.layers.3.self_attn.q_proj`` -> 3 for ``"layers"``) or, with no
+            pattern, the number in the first ``.<name>.<int>.`` of it. ``None`` wraps every layer.
+            Needs ``target_modules`` as a list (a regex can name the layers itself), as in peft.
+        layers_pattern: the name(s) of the module list that holds the layers (``"layers"``, ``"h"``,
+            ``"block"``), each a regex; only with ``layers_to_transform``.
         modules_to_save: see :class:`AdapterConfig`.
     """
 
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_module_keys(self, "target_modules", self.target_modules, allow_str=True)
         check_module_keys(self, "exclude_modules", self.exclude_modules, allow_str=True)
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, tuple):
                 object.__setattr__(self, name, list(value))
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if (
+            layers is not None
+            and not _is_index(layers)
+            and (not isinstance(layers, list) or not layers or not all(_is_index(i) for i in layers))
+        ):
+            raise invalid(
+                self, "layers_to_transform", layers, "None, a layer index (int >= 0) or a non-empty list of them"
+            )
+        if pattern is not None:
+            patterns = [pattern] if isinstance(pattern, str) else pattern
+            if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+                raise invalid(
+                    self, "layers_pattern", pattern, "None, a name such as 'layers', or a non-empty list of them"
+                )
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as error:
+                    raise invalid(
+                        self, "layers_pattern", pattern, f"names or valid regular expressions ({p!r}: {error})"
+                    ) from None
+            if layers is None:
+                raise invalid(
+                    self, "layers_pattern", pattern, "None unless layers_to_transform is set (it says which layers)"
+                )
+        if layers is not None and isinstance(self.target_modules, str):
+            raise invalid(
+                self, "layers_to_transform", layers,
+                f"None when target_modules is a regex or keyword ({self.target_modules!r}; as in peft): pass "
+                "target_modules as a list of names, or name the layers in the regex",
+            )  # fmt: skip
+
+    def for_layer(self, name: str) -> LayerConfig:
+        """The options for the module named ``name`` (its full name): ``self`` unless the method
+        has per-layer options (LoRA's ``rank_pattern``), which return a new config, never an edit
+        of this one. :func:`lightning_peft.core.wrapping.inject_layers` calls it before each wrap."""
+        return self
+
+    @property
+    def bias_scope(self) -> Literal["none", "adapted", "all"]:
+        """Which base-model biases the adapter trains beside its own tensors (LoRA's ``bias``):
+        none, those of the layers it wraps, or every module's own ``bias`` parameter. The state
+        code (:mod:`lightning_peft.core.state`) declares them from this."""
+        return "none"
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 #: How a distributed strategy lays out the base model's weights, by name: FSDP1 (flat parameters),

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core import quantize
+from lightning_peft.core import biases, quantize
 from lightning_peft.core.config import AdapterConfig
 from lightning_peft.core.layer import AdapterLayer, AdapterModule
 from lightning_peft.core.targeting import find_base_model
@@ -292,18 +292,46 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _declared(model: nn.Module, kind: str, adapter: str | None = None) -> Iterator[tuple[str, Tensor]]:
+def _declared(
+    model: nn.Module, kind: str, adapter: str | None = None, *, with_biases: bool = True
+) -> Iterator[tuple[str, Tensor]]:
     seen: set[int] = set()
     for prefix, module in adapter_modules(model, adapter):
         for local, tensor in getattr(module, kind)():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 yield _join(prefix, local), tensor
+    if kind == "adapter_state" and with_biases:
+        for name, bias in trained_biases(model, adapter):
+            if id(bias) not in seen:
+                seen.add(id(bias))
+                yield name, bias
 
 
 def adapter_state(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, Tensor]]:
-    """(full name, tensor) for every declared adapter parameter and buffer (of ``adapter`` only, if given)."""
+    """(full name, tensor) for every declared adapter parameter and buffer (of ``adapter`` only, if given),
+    and the base-model biases the adapter trains (:func:`trained_biases`)."""
     return _declared(model, "adapter_state", adapter)
+
+
+def trained_biases(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    """(full name, bias) of the base-model biases that adapters (``adapter`` only, if given) train.
+
+    Declared by each adapter's config (``LayerConfig.bias_scope``, LoRA's ``bias``), found by module
+    (a module's own ``bias`` parameter, see :mod:`lightning_peft.core.biases`), never by a name.
+    """
+    for root_name, root in model.named_modules():
+        for name, info in adapters(root).items():
+            scope = getattr(info.config, "bias_scope", "none")
+            if (adapter is not None and name != adapter) or scope == "none":
+                continue
+            if scope == "all":
+                found = biases.base_biases(root)
+            else:
+                layers = [(p, m) for p, m in adapter_modules(root, name) if isinstance(m, AdapterLayer)]
+                found = biases.layer_biases(layers)
+            for local, bias in found:
+                yield _join(root_name, local), bias
 
 
 def training_state(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, Tensor]]:
@@ -375,7 +403,8 @@ def _structure(entries: Mapping[str, Tensor]) -> str:
 def fingerprint(model: nn.Module) -> BaseFingerprint:
     """Fingerprint of the frozen base weights of ``model`` (adapter state excluded)."""
     base_path, base = find_base_model(model)
-    adapter_ids = {id(t) for _, t in [*adapter_state(model), *training_state(model)]}
+    # Trained biases stay in: they are the base's own weights, sampled as injection found them.
+    adapter_ids = {id(t) for _, t in [*_declared(model, "adapter_state", with_biases=False), *training_state(model)]}
     # A module that keeps a trained copy of a base module (modules_to_save) holds no identifying weight.
     adapter_ids |= {
         id(t) for _, m in adapter_modules(model) if not m.fingerprinted for t in [*m.parameters(), *m.buffers()]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 from torch import nn
 
@@ -40,6 +40,54 @@ def name_matches(name: str, key: str | Sequence[str]) -> bool:
     if isinstance(key, str):
         return re.fullmatch(key, name) is not None
     return any(name == k or name.endswith("." + k) for k in key)
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first key of a per-layer pattern dict (LoRA's ``rank_pattern``) that selects module ``name``.
+
+    peft's rule (``get_pattern_key``): a key is a regular expression that must match the whole
+    name or its end after a dot (``"q_proj"`` selects ``model.layers.0.self_attn.q_proj``, not
+    ``model.qq_proj``; ``"layers\\.0\\..*"`` the modules of layer 0). ``None`` when none does.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
+    """The layer index of the module named ``name``, as peft reads it for ``layers_to_transform``.
+
+    With ``layers_pattern`` (a name or regex, or several tried in order): the number right after
+    the first ``<pattern>.`` segment (``"layers"`` in ``model.layers.3.mlp.up_proj`` gives 3). Without:
+    the number in the first ``.<name>.<int>.`` (the lazy first one, so ``layers.1.experts.0.w1``
+    is layer 1, not expert 0). ``None`` when the name holds no such index.
+    """
+    if layers_pattern is None or not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def in_layers(name: str, layers: int | Sequence[int] | None, layers_pattern: str | Sequence[str] | None = None) -> bool:
+    """Whether ``name`` lies in one of ``layers`` (peft's ``layers_to_transform``); every name does for ``None``."""
+    if layers is None:
+        return True
+    index = layer_index(name, layers_pattern)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def relative_name(name: str, base_path: str) -> str:
+    """A module's name inside the transformers model at ``base_path`` (see :func:`find_base_model`),
+    as peft names it: per-layer options (patterns, layer indices) read these names."""
+    return name[len(base_path) + 1 :] if base_path and name.startswith(base_path + ".") else name
 
 
 def find_base_model(root: nn.Module) -> tuple[str, nn.Module]:
@@ -211,8 +259,10 @@ def select(
     field: str = "target_modules",
     owner: str = "config",
     skip: Sequence[str] = (),
+    layers: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
 ) -> list[str]:
-    """Full names of the modules selected by ``target`` minus ``exclude``.
+    """Full names of the modules selected by ``target`` minus ``exclude``, in ``layers`` only.
 
     Args:
         root: the module tree to search.
@@ -221,6 +271,9 @@ def select(
         field: the option being resolved, named in errors.
         owner: the config class name, named in errors.
         skip: names whose subtrees are never selected (e.g. ``modules_to_save``).
+        layers: only modules whose layer index (:func:`layer_index`) is one of these
+            (``layers_to_transform``); ``None`` for every module.
+        layers_pattern: the name(s) of the layer list, for :func:`layer_index`.
 
     Metrics and losses (see :func:`model_named_modules`) are never selected. Each entry of a list
     is not checked here (a method's default list may name modules a model variant lacks); see
@@ -230,6 +283,7 @@ def select(
         ValueError: when nothing matches; the message lists module names the model has.
     """
     outputs = output_layer_names(root) if target == ALL_LINEAR else set()
+    base_path = find_base_model(root)[0] if layers is not None else ""
     selected: list[str] = []
     saved: list[str] = []  # modules kept whole as a trained copy (modules_to_save): their inside is never a target
     for name, module in model_named_modules(root):
@@ -245,10 +299,18 @@ def select(
             hit = not kept and is_linear(inner) and name not in outputs
         else:
             hit = name_matches(name, target)
-        if hit and not (exclude is not None and name_matches(name, exclude)):
+        if (
+            hit
+            and not (exclude is not None and name_matches(name, exclude))
+            and in_layers(relative_name(name, base_path), layers, layers_pattern)
+        ):
             selected.append(name)
     if not selected:
         excluded = f" (after exclude_modules={exclude!r})" if exclude else ""
+        if layers is not None:
+            excluded += f" in layers_to_transform={layers!r}" + (
+                f" (layers_pattern={layers_pattern!r})" if layers_pattern else " (the index after the first .<name>.)"
+            )
         raise ValueError(
             f"{owner}.{field}={target!r} matched no module of {type(root).__name__}{excluded}. "
             f"Module names it has include: {', '.join(leaf_names(root))}."

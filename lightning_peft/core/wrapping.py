@@ -86,14 +86,65 @@ def resolve_targets(model: nn.Module, config: L, *, defaults: Mapping[str, str |
     return config.replace(target_modules=targeting.architecture_default(model, defaults, method=method))
 
 
-def inject_layers(model: nn.Module, config: LayerConfig, *, wrap: WrapFn) -> list[str]:
-    """``apply`` for layer methods: wrap every module that ``config`` selects."""
+def select_targets(model: nn.Module, config: LayerConfig) -> list[str]:
+    """The full names of the modules ``config`` selects: ``target_modules`` minus ``exclude_modules``,
+    in ``layers_to_transform`` only (see :func:`lightning_peft.core.targeting.select`)."""
     assert config.target_modules is not None, "resolve() fills target_modules before apply()"
-    names = targeting.select(model, config.target_modules, config.exclude_modules, owner=type(config).__name__)
+    return targeting.select(
+        model,
+        config.target_modules,
+        config.exclude_modules,
+        owner=type(config).__name__,
+        layers=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+    )
+
+
+def check_biases(model: nn.Module, config: LayerConfig, names: Sequence[str]) -> None:
+    """Refuse a ``bias_scope`` that would train no bias at all (a bias option silently doing nothing).
+
+    Raises:
+        ValueError: naming the option, the modules it looked at and what to do instead.
+    """
+    scope = config.bias_scope
+    if scope == "none":
+        return
+    if scope == "adapted":
+        found = any(_own_bias(_unwrapped(model.get_submodule(n))) for n in names)
+        where = f"none of the {len(names)} adapted layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    else:
+        found = any(_own_bias(m) for _, m in targeting.model_named_modules(model))
+        where = f"no module of {type(model).__name__}"
+    if not found:
+        field = getattr(config, "bias", scope)
+        raise ValueError(
+            f"{type(config).__name__}.bias={field!r} would train no bias: {where} has a bias parameter. "
+            "Use bias='none', or target layers that have biases."
+        )
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, AdapterLayer) else module
+
+
+def _own_bias(module: nn.Module) -> bool:
+    return isinstance(module._parameters.get("bias"), nn.Parameter)
+
+
+def inject_layers(model: nn.Module, config: LayerConfig, *, wrap: WrapFn) -> list[str]:
+    """``apply`` for layer methods: wrap every module that ``config`` selects.
+
+    Each module is wrapped with ``config.for_layer(name)``, its name inside the transformers model
+    as peft spells it: the options for that layer (LoRA's ``rank_pattern``/``alpha_pattern``), a
+    new config where they differ from ``config``.
+    """
+    names = select_targets(model, config)
+    check_biases(model, config, names)
+    base_path, _ = targeting.find_base_model(model)
 
     def build(name: str, module: nn.Module) -> nn.Module:
         try:
-            return wrap(module, config)
+            return wrap(module, config.for_layer(targeting.relative_name(name, base_path)))
         except TypeError as err:
             raise TypeError(f"{type(config).__name__}.target_modules selected {name!r}: {err}") from None
 

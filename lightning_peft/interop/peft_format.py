@@ -54,7 +54,8 @@ from torch import Tensor, nn
 
 from lightning_peft import registry
 from lightning_peft.api.inject import inject, remove_added, resolve
-from lightning_peft.core import files, state
+from lightning_peft.core import biases, files, state
+from lightning_peft.core.layer import AdapterLayer, AdapterModule
 from lightning_peft.core.targeting import find_base_model
 from lightning_peft.interop import peft_layouts as layouts
 from lightning_peft.methods import lora_init
@@ -175,9 +176,37 @@ def _peft_tensors(
 def _peft_names(
     model: nn.Module,
     adapter_name: str,
+    for full, bias in state.trained_biases(model, adapter_name):
+        if not full.startswith(base):
+            raise ValueError(
+                f"bias {full!r} that adapter {adapter_name!r} trains lies outside the transformers model "
+                f"({info.base_path!r}); peft's format only holds tensors of the base model."
+            )
+        key = clean(PREFIX + _bias_key(model, full, adapter_name)[len(base) :])
+        if values is not None:
+            if clean(full) not in values:
+                raise ValueError(f"the gathered adapter state lacks {clean(full)!r} of adapter {adapter_name!r}")
+            bias = values[clean(full)]
+        owner = model.get_submodule(full.rpartition(".")[0]) if "." in full else model
+        names[full] = (key, bias, owner, "bias")
     values: Mapping[str, Tensor] | None = None,
     clean: Callable[[str], str] | None = None,
 ) -> dict[str, tuple[str, Tensor]]:
+def _bias_key(model: nn.Module, full: str, adapter_name: str) -> str:
+    """peft's name for a trained base bias (``bias="lora_only"|"all"``): ``<site>.base_layer.bias``
+    where this adapter wraps the layer, ``<site>.bias`` where it does not (other adapters' wrappers
+    taken out, as for every tensor of the file)."""
+    owner, wrapped = full.removesuffix(".bias"), False
+    while owner.endswith(".base_layer"):
+        outer = model.get_submodule(owner.removesuffix(".base_layer"))
+        if not isinstance(outer, AdapterLayer):
+            break
+        wrapped = wrapped or outer.adapter_name == adapter_name
+        owner = owner.removesuffix(".base_layer")
+    owner = re.sub(r"(\.base_layer)+\.", ".base_layer.", owner)  # a wrapped module's inside, as peft's wrapper has it
+    return f"{owner}.base_layer.bias" if wrapped else f"{owner}.bias"
+
+
     """Our full tensor name -> (peft key, the tensor as peft lays it out), for adapter ``adapter_name``."""
     return {full: (key, t) for full, (key, t, _, _) in _peft_tensors(model, adapter_name, values, clean).items()}
 
@@ -193,7 +222,9 @@ def _from_peft_layout(module: nn.Module, local: str, ours: Tensor, stored: Tenso
     if converted is not None:
         return converted
     index = torch.arange(ours.numel()).view(ours.shape)
-    laid = module.to_peft_tensor(local, index)  # type: ignore[operator]
+    laid = module.to_peft_tensor(local, index)
+    if not isinstance(module, AdapterModule):  # a trained base bias: peft stores it as it is
+        return stored
     if laid.shape == ours.shape and torch.equal(laid, index):
         return stored  # the same layout (LoRA's A and B): the stored tensor as it is
     if laid.numel() != ours.numel() or not torch.equal(laid.flatten().sort().values, index.flatten()):
@@ -207,7 +238,8 @@ def _converted(model: nn.Module, info: state.PEFTInfo, tensors: dict[str, Tensor
     """Rewrite a PiSSA/OLoRA adapter's tensors as peft's converted rank-2r LoRA (in place); its config changes.
 
     ``A' = [A; A_0]`` and ``B' = [B, -B_0]`` per layer, so ``s' B' A' = s (B A - B_0 A_0)`` with
-    ``s' = s`` (``alpha' = 2 alpha``, or ``sqrt(2) alpha`` with rslora): the update that turns the
+    ``s' = s`` (``alpha' = 2 alpha``, or ``sqrt(2) alpha`` with rslora; ``rank_pattern`` and
+    ``alpha_pattern`` entries alike): the update that turns the
     original base weight ``W = W_res + s B_0 A_0`` into the trained ``W_res + s B A``. A layer
     without ``A_0, B_0`` (an embedding, whose init leaves ``B_0 A_0 = 0``) gets zeros there.
     """
@@ -232,8 +264,15 @@ def _converted(model: nn.Module, info: state.PEFTInfo, tensors: dict[str, Tensor
             tensors[key] = torch.cat([tensors[key], initial.to(tensors[key])], dim=0).contiguous()
         elif local == "lora_B":
             tensors[key] = torch.cat([tensors[key], -initial.to(tensors[key])], dim=1).contiguous()
-    alpha = config.alpha * (2**0.5 if config.rslora else 2)  # type: ignore[attr-defined]
-    return {"init_lora_weights": True, "r": 2 * config.r, "lora_alpha": alpha}  # type: ignore[attr-defined]
+    factor = 2**0.5 if config.rslora else 2  # type: ignore[attr-defined]
+    return {
+        "init_lora_weights": True,
+        "r": 2 * config.r,  # type: ignore[attr-defined]
+        "lora_alpha": config.alpha * factor,  # type: ignore[attr-defined]
+        # Per-layer ranks and alphas double the same way, so each layer keeps its scale.
+        "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},  # type: ignore[attr-defined]
+        "alpha_pattern": {k: v * factor for k, v in config.alpha_pattern.items()},  # type: ignore[attr-defined]
+    }
 
 
 def _peft_config(
@@ -442,6 +481,33 @@ def check_peft_fields(options: dict[str, Any], where: str) -> None:
     Raises:
         ValueError: naming the field and the closest peft field, if one is close.
     """
+def _saved_bias_copies(model: nn.Module, adapter_name: str, stored: dict[str, Tensor]) -> set[str]:
+    """Keys of copies peft writes beside a ``bias="all"`` adapter's saved modules, each checked.
+
+    peft 0.21.2 then also stores each saved module's bias as ``<site>.modules_to_save.bias`` (the
+    trained copy's again, besides ``<site>.bias``) and ``<site>.original_module.bias`` (the frozen
+    original's, which it does not train). A key counts as such a copy only where its values equal
+    the file's trained bias, or this model's original bias; any other stays unexpected.
+    """
+    info = state.adapter_of(model, adapter_name)
+    if getattr(info.config, "bias_scope", "none") != "all":
+        return set()
+    base = f"{info.base_path}." if info.base_path else ""
+    same = set()
+    for prefix, module in state.adapter_modules(model, adapter_name):
+        if module.method != "modules_to_save":
+            continue
+        site = PREFIX + state.site_name(model, prefix)[len(base) :]
+        trained, copy, original = f"{site}.bias", f"{site}.modules_to_save.bias", f"{site}.original_module.bias"
+        if copy in stored and trained in stored and torch.equal(stored[copy], stored[trained]):
+            same.add(copy)
+        mine = biases.own_bias(module.base_layer)
+        fits = original in stored and mine is not None and stored[original].shape == mine.shape
+        if fits and torch.equal(stored[original].to(mine), mine.detach()):  # type: ignore[union-attr]
+            same.add(original)
+    return same
+
+
     peft_type = str(options.get("peft_type"))
     known = PEFT_FIELDS.get(peft_type)
     if known is None:
@@ -583,7 +649,8 @@ def _load_into(
             stored = layouts.adalora_from_peft(ours, stored, options.get("rank_pattern"), PREFIX, str(weights_file))
         names = {full: (key, peft) for full, (key, peft, _, _) in tensors.items()}
         missing = [key for key, _ in names.values() if key not in stored]
-        extra = sorted(set(stored) - {key for key, _ in names.values()} - _same_base_weights(model, stored))
+        known = {key for key, _ in names.values()} | _same_base_weights(model, stored)
+        extra = sorted(set(stored) - known - _saved_bias_copies(model, info.name, stored))
         if missing or extra:
             raise ValueError(
                 f"the peft adapter in {folder} does not match this model's {method.name} adapter: "
@@ -594,8 +661,9 @@ def _load_into(
         state.check_tensors({key: peft.shape for key, peft in names.values()}, stored, str(weights_file))
         ours = dict(state.adapter_state(model, info.name))
         weights: OrderedDict[str, Tensor] = OrderedDict(
-            (full, _from_peft_layout(module, local, ours[full], stored[key]))
-            for full, (key, _, module, local) in tensors.items()
+            # A tied bias (BERT's decoder.bias is cls.predictions.bias) is under each of its names, as in peft's file.
+            (full, _from_peft_layout(module, local, ours.get(full, laid), stored[key]))
+            for full, (key, laid, module, local) in tensors.items()
         )
         # This adapter's record: the load hooks then require its tensors only, not the other adapters'.
         weights._metadata = {"": {state.METADATA_KEY: info.metadata()}}  # type: ignore[attr-defined]

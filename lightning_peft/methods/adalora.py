@@ -405,7 +405,7 @@ def from_peft(options: dict[str, Any]) -> AdaLoRAConfig:
     for name, value in options.items():
         if name in lora._PEFT_METADATA or name in _PEFT_NAMES or name in ("r", "target_modules", "exclude_modules"):
             continue
-        if name in ("modules_to_save", "fan_in_fan_out", "rank_pattern") or name in lora._PEFT_INERT:
+        if name in ("modules_to_save", "fan_in_fan_out", "rank_pattern", "layers_to_transform", "layers_pattern"):
             continue  # fan_in_fan_out: set per layer type, by peft as here; rank_pattern: the interop layer's
         supported = {"init_lora_weights": True, "use_dora": False, "use_rslora": False}
         if name == "init_lora_weights":
@@ -450,6 +450,8 @@ register(
         regularization=regularization,
         # The hooks read whole parameters and param.grad: the strategies make them whole for the hooks
         # (FSDP2's shards are gathered here) and write the penalty's and on_step's edits back.
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
         sharding=ALL_SHARDINGS,
         peft=PeftFormat("ADALORA", to_peft, from_peft),
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
@@ -457,3 +459,7 @@ register(
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
     )
 )
+        if name in lora._PEFT_INERT:
+            continue
+        layers_to_transform=None if options.get("layers_to_transform") == [] else options.get("layers_to_transform"),
+        layers_pattern=options.get("layers_pattern") or None,

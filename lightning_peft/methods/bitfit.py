@@ -20,8 +20,8 @@ from torch import nn
 from lightning_peft.core.config import LayerConfig
 from lightning_peft.core.delta import DeltaLayer
 from lightning_peft.core.layer import AdapterModule
-from lightning_peft.core.targeting import iter_named_modules, name_matches, select
-from lightning_peft.core.wrapping import replace_modules
+from lightning_peft.core.targeting import find_base_model, in_layers, iter_named_modules, name_matches, relative_name
+from lightning_peft.core.wrapping import replace_modules, select_targets
 from lightning_peft.registry import Method, register
 
 
@@ -90,13 +90,19 @@ def apply(model: nn.Module, config: BitFitConfig) -> list[str]:
         names = _every_bias(model)
         if config.exclude_modules is not None:
             names = [n for n in names if not name_matches(n, config.exclude_modules)]
+        base_path, _ = find_base_model(model)
+        names = [
+            n
+            for n in names
+            if in_layers(relative_name(n, base_path), config.layers_to_transform, config.layers_pattern)
+        ]
         if not names:
             raise ValueError(
                 f"bitfit found no bias term to train in {type(model).__name__}: this architecture has no biases "
                 "(LLaMA and T5 have none). Use another method, e.g. lora, or last_k to train whole blocks."
             )
     else:
-        names = select(model, config.target_modules, config.exclude_modules, owner=owner)
+        names = select_targets(model, config)
         without = [n for n in names if not _has_bias(model.get_submodule(n))]
         if without:
             raise TypeError(

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, check_choice, check_positive
 from lightning_peft.core.layer import AdapterLayer
-from lightning_peft.core.targeting import architecture_default, find_base_model, is_linear, model_type, select
-from lightning_peft.core.wrapping import replace_modules
+from lightning_peft.core.targeting import architecture_default, find_base_model, is_linear, model_type
+from lightning_peft.core.wrapping import replace_modules, select_targets
 from lightning_peft.registry import Method, register
 
 Targets = str | list[str]
@@ -269,7 +269,7 @@ def resolve(model: nn.Module, config: BottleneckConfig) -> BottleneckConfig:
 def apply(model: nn.Module, config: BottleneckConfig) -> list[str]:
     """Wrap every module that ``target_modules`` selects."""
     assert config.target_modules is not None, "resolve() runs first"
-    names = select(model, config.target_modules, config.exclude_modules, owner=type(config).__name__)
+    names = select_targets(model, config)
     hidden_size = getattr(getattr(find_base_model(model)[1], "config", None), "hidden_size", None)
 
     def build(name: str, module: nn.Module) -> nn.Module:

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, check_module_keys, invalid
 from lightning_peft.core.quantize import WeightMergingLayer, adapter_factory, disable_cpu_repacking, is_quantized
-from lightning_peft.core.targeting import ALL_LINEAR, architecture_default, is_linear, name_matches, select
-from lightning_peft.core.wrapping import replace_modules
+from lightning_peft.core.targeting import ALL_LINEAR, architecture_default, is_linear, name_matches
+from lightning_peft.core.wrapping import replace_modules, select_targets
 from lightning_peft.registry import Method, PeftFormat, register
 
 # BERT-style encoders name both the attention and the feed-forward output projection
@@ -261,7 +261,7 @@ def apply(model: nn.Module, config: IA3Config) -> list[str]:
     """Wrap every target; those that ``feedforward_modules`` matches scale their input."""
     assert config.target_modules is not None and config.feedforward_modules is not None, "resolve() runs first"
     disable_cpu_repacking(model)  # see lightning_peft.core.quantize: else an eval forward stops training
-    names = select(model, config.target_modules, config.exclude_modules, owner=type(config).__name__)
+    names = select_targets(model, config)
     feedforward = {n for n in names if name_matches(n, config.feedforward_modules)}
 
     def build(name: str, module: nn.Module) -> nn.Module:
@@ -277,7 +277,19 @@ _PAPER = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better an
 
 
 def to_peft(config: IA3Config) -> dict[str, Any]:
-    """Our options as peft's ``IA3Config`` fields."""
+    """Our options as peft's ``IA3Config`` fields.
+
+    Raises:
+        ValueError: for ``layers_to_transform``/``layers_pattern``, which peft's IA3Config (0.21.2)
+            lacks: peft would adapt every layer of the file's targets.
+    """
+    for name in ("layers_to_transform", "layers_pattern"):
+        if getattr(config, name) is not None:
+            raise ValueError(
+                f"IA3Config.{name}={getattr(config, name)!r} has no place in peft's format: peft's IA3Config has no "
+                f"{name} field, so peft would adapt the targets in every layer. Save it with "
+                "lightning_peft.save_adapter, or name the layers in target_modules instead (full names, or a regex)."
+            )
     return {
         "target_modules": config.target_modules,
         "feedforward_modules": config.feedforward_modules,

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,9 @@ from torch import Tensor, nn
 from lightning_peft.core import saved_input
 from lightning_peft.core.config import (
     LayerConfig,
+    check_choice,
+    check_module_keys,
+    check_patterns,
     check_positive,
     check_positive_int,
     check_probability,
@@ -41,7 +43,7 @@ from lightning_peft.core.quantize import (
     requantized,
 )
 from lightning_peft.core.shared_input import SharedInputs, attach
-from lightning_peft.core.targeting import is_linear
+from lightning_peft.core.targeting import is_linear, pattern_key
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.methods import lora_init
 from lightning_peft.registry import Method, PeftFormat, register
@@ -101,8 +103,26 @@ class LoRAConfig(LayerConfig):
             ``s (B A x + c)`` and merging adds ``s c`` to the base bias (refused on a base without
             one). For adapters extracted from a full fine-tune, whose bias changed too. As peft:
             on linear and conv layers, with ``init="kaiming"`` or ``"random"``, not with DoRA.
+        target_parameters: bare ``nn.Parameter`` tensors to adapt, matched by full name or dotted
+            suffix (``["experts.gate_up_proj", "experts.down_proj"]``: a mixture-of-experts
+            layer's 2-D or 3-D expert tensors), as peft's ``target_parameters``; see
+            :mod:`lightning_peft.methods.lora_param`. With it, ``target_modules=[]`` wraps no module.
+        trainable_token_indices: also train these rows of an embedding (new special tokens), as
+            peft's option of that name: a list of token ids for the input embedding, or a dict
+            ``{embedding module name: ids}``; see :mod:`lightning_peft.methods.trainable_tokens`.
+        rank_pattern: per-layer ranks, ``{regex: r}``, as peft's: a layer takes the value of the
+            first key that matches its name inside the transformers model whole or after a dot
+            (``{"q_proj": 4, "layers\\.0\\.mlp\\..*": 16}``), else ``r``.
+        alpha_pattern: per-layer ``alpha``, ``{regex: alpha}``, matched as ``rank_pattern``; a layer's
+            scale is its alpha over its r (or sqrt(r) with rslora).
+        bias: which base biases train with the adapter (peft's ``bias``): ``"none"``, ``"lora_only"``
+            (the adapted layers' own) or ``"all"`` (every module's own ``bias`` parameter). They are
+            saved with the adapter (peft's format keeps peft's names) and merging leaves them in
+            place; switching the adapter off does not undo them (as in peft).
         target_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
         exclude_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
+        layers_to_transform: see :class:`~lightning_peft.core.config.LayerConfig`.
+        layers_pattern: see :class:`~lightning_peft.core.config.LayerConfig`.
         modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
     """
 
@@ -113,12 +133,29 @@ class LoRAConfig(LayerConfig):
     init: str = "kaiming"
     loftq_iter: int = 1
     use_dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
     lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
+        no_modules = self.target_modules == [] and bool(self.target_parameters or self.trainable_token_indices)
+        if no_modules:  # LayerConfig refuses an empty target list; here the other targets are the adapter
+            object.__setattr__(self, "target_modules", None)
         super().__post_init__()
+        if no_modules:
+            object.__setattr__(self, "target_modules", [])
+        check_module_keys(self, "target_parameters", self.target_parameters, allow_str=False)
+        if self.target_parameters is not None:
+            object.__setattr__(self, "target_parameters", list(self.target_parameters))
+        _check_token_indices(self, self.trainable_token_indices)
         check_positive_int(self, "r", self.r)
         check_positive(self, "alpha", self.alpha)
+        check_patterns(self, "rank_pattern", self.rank_pattern, check_positive_int)
+        check_patterns(self, "alpha_pattern", self.alpha_pattern, check_positive)
+        check_choice(self, "bias", self.bias, _BIAS_SCOPES)
         check_probability(self, "dropout", self.dropout)
         if not isinstance(self.rslora, bool):
             raise ValueError(f"LoRAConfig.rslora must be True or False; got {self.rslora!r}.")
@@ -140,6 +177,46 @@ class LoRAConfig(LayerConfig):
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    @property
+    def bias_scope(self) -> Literal["none", "adapted", "all"]:
+        return _BIAS_SCOPES[self.bias]
+
+    def for_layer(self, name: str) -> LoRAConfig:
+        """This config with the ``r`` and ``alpha`` that ``rank_pattern``/``alpha_pattern`` give layer ``name``."""
+        r_key, alpha_key = pattern_key(self.rank_pattern, name), pattern_key(self.alpha_pattern, name)
+        r = self.r if r_key is None else self.rank_pattern[r_key]
+        alpha = self.alpha if alpha_key is None else self.alpha_pattern[alpha_key]
+        if (r, alpha) == (self.r, self.alpha):
+            return self
+        try:
+            return self.replace(r=r, alpha=alpha, rank_pattern={}, alpha_pattern={})
+        except ValueError as error:
+            keys = f"rank_pattern[{r_key!r}]={r}" if r_key is not None else f"alpha_pattern[{alpha_key!r}]={alpha}"
+            raise ValueError(f"LoRAConfig.{keys} for layer {name!r}: {error}") from None
+
+
+#: peft's ``bias`` values and the base biases each trains (``LayerConfig.bias_scope``).
+_BIAS_SCOPES: dict[str, Literal["none", "adapted", "all"]] = {"none": "none", "lora_only": "adapted", "all": "all"}
+
+
+def _check_token_indices(config: LoRAConfig, value: object) -> None:
+    """``trainable_token_indices``: None, a non-empty list of token ids, or {module name: such a list}."""
+    groups = value.values() if isinstance(value, dict) else [value]
+    names_ok = not isinstance(value, dict) or (value and all(isinstance(k, str) and k for k in value))
+    ids_ok = all(
+        isinstance(ids, (list, tuple))
+        and ids
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        for ids in groups
+    )
+    if value is not None and not (names_ok and ids_ok):
+        raise invalid(
+            config,
+            "trainable_token_indices",
+            value,
+            "None, a non-empty list of token ids (ints >= 0) or a dict {embedding module name: such a list}",
+        )
 
 
 class LoRALayer(WeightMergingLayer):
@@ -587,6 +664,10 @@ VARIANTS: dict[str, Callable[[nn.Module, LoRAConfig], LoRALayer]] = {}
 #: Wrappers for more layer types, by the type they wrap: a file that builds on this one adds itself
 #: here (as variants do), so this file stays the plain linear/embedding/conv core.
 LAYER_TYPES: dict[type[nn.Module], Callable[[nn.Module, LoRAConfig], LoRALayer]] = {}
+#: More steps of :func:`apply`, by the config field that asks for them (run when it is set): a file
+#: that builds on this one adds itself here (``lora_param.py``: ``target_parameters``,
+#: ``trainable_tokens.py``: ``trainable_token_indices``). Each returns the names it wrapped.
+OPTIONS: dict[str, Callable[[nn.Module, LoRAConfig], list[str]]] = {}
 
 
 def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
@@ -617,7 +698,16 @@ def apply(model: nn.Module, config: LoRAConfig) -> list[str]:
         built.append(wrap(module, config))
         return built[-1]
 
-    names = inject_layers(model, config, wrap=build)
+    for option in ("target_parameters", "trainable_token_indices"):
+        if getattr(config, option) is not None and option not in OPTIONS:
+            raise ValueError(
+                f"LoRAConfig.{option} is set, but lightning_peft.methods.lora_param / trainable_tokens, which "
+                "implement it, are not imported; import lightning_peft.methods"
+            )
+    names = inject_layers(model, config, wrap=build) if config.target_modules != [] else []
+    for option, step in OPTIONS.items():
+        if getattr(config, option) is not None:
+            names += step(model, config)
     if config.dropout == 0:  # each layer's own dropout mask would make the inputs differ
         # Layers that read one input (q/k/v, gate/up) project it once (see core.shared_input).
         attach(model, [layer for layer in built if type(layer) is LoRALinear and layer.lora_B_bias is None])
@@ -634,14 +724,15 @@ _PEFT_METADATA = frozenset(
 _PEFT_READ = frozenset(
     {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
-        "exclude_modules", "modules_to_save", "fan_in_fan_out", "lora_bias",
+        "exclude_modules", "modules_to_save", "fan_in_fan_out", "lora_bias", "target_parameters",
+        "trainable_token_indices", "rank_pattern", "alpha_pattern", "bias", "layers_to_transform", "layers_pattern",
     }
 )  # fmt: skip
 #: Every other field of peft 0.21.2's LoraConfig, with its default: the one value lightning_peft
 #: implements. Any other value is refused by name (BD-LoRA, KaSA, VeLoRA, MonteCLoRA, weight tying,
 #: per-layer patterns, biases, trainable tokens, parameter targets, ...), never dropped.
 _PEFT_DEFAULTS: dict[str, Any] = {
-    "bias": "none",
+    "bias": "none",  # read by from_peft (see _PEFT_READ); here for adalora (see lora_bias)
     "lora_bias": False,  # read by from_peft (see _PEFT_READ); here for adalora, whose LoraConfig fields check it
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -649,8 +740,8 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "layers_pattern": None,
     "layer_replication": None,
     "use_qalora": False,
-    "trainable_token_indices": None,
-    "target_parameters": None,
+    "trainable_token_indices": None,  # read by from_peft; here for adalora (see lora_bias)
+    "target_parameters": None,  # read by from_peft; here for adalora (see lora_bias)
     "alora_invocation_tokens": None,
     "megatron_config": None,
     "loftq_config": {},
@@ -713,8 +804,14 @@ def to_peft(config: LoRAConfig) -> dict[str, Any]:
         "target_modules": config.target_modules,
         "exclude_modules": config.exclude_modules,
         "modules_to_save": config.modules_to_save or None,
-        "bias": "none",
+        "bias": config.bias,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
         "fan_in_fan_out": False,
+        "target_parameters": config.target_parameters,
+        "trainable_token_indices": config.trainable_token_indices,
     }
 
 
@@ -739,7 +836,30 @@ def from_peft(options: dict[str, Any]) -> LoRAConfig:
         target_modules=options.get("target_modules"),
         exclude_modules=options.get("exclude_modules"),
         modules_to_save=list(options.get("modules_to_save") or []),
+        target_parameters=options.get("target_parameters") or None,
+        trainable_token_indices=options.get("trainable_token_indices") or None,
+        rank_pattern=dict(options.get("rank_pattern") or {}),
+        alpha_pattern=dict(options.get("alpha_pattern") or {}),
+        bias=options.get("bias", "none"),
+        layers_to_transform=_layers(options.get("layers_to_transform")),
+        layers_pattern=options.get("layers_pattern") or None,
     )
+
+
+def _layers(value: Any) -> Any:
+    """peft's ``layers_to_transform`` as ours: peft reads ``[]`` as every layer, which is ``None`` here."""
+    return None if value == [] else value
+
+
+def _resolve(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
+    """The architecture's default targets where none are given; with ``target_parameters`` and no
+    default (a model that is not a known transformers architecture), no module: peft's rule."""
+    if config.target_modules is None and config.target_parameters:
+        try:
+            return resolve_targets(model, config, defaults=DEFAULT_TARGETS, method="lora")
+        except ValueError:
+            return config.replace(target_modules=[])
+    return resolve_targets(model, config, defaults=DEFAULT_TARGETS, method="lora")
 
 
 register(
@@ -748,7 +868,7 @@ register(
         config_cls=LoRAConfig,
         kind="layer",
         apply=apply,
-        resolve=partial(resolve_targets, defaults=DEFAULT_TARGETS, method="lora"),
+        resolve=_resolve,
         summary="low-rank update B A added to frozen linear, embedding and conv weights; mergeable",
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models",
         peft=PeftFormat("LORA", to_peft, from_peft),
