@@ -45,6 +45,11 @@ def site_keys(model: nn.Module, adapter_name: str, *, training_state: bool) -> d
         declared = [*module.adapter_state(), *(module.training_state() if training_state else ())]
         for local, tensor in declared:
             keys[f"{site}.{local}" if site else local] = (f"{path}.{local}" if path else local, tensor)
+    declared_ids = {id(t) for _, t in keys.values()}
+    for full, bias in state.trained_biases(model, adapter_name):  # base biases the adapter trains (LoRA's bias)
+        if id(bias) not in declared_ids:
+            declared_ids.add(id(bias))
+            keys[state.bias_site(model, full, adapter_name)] = (full, bias)
     return keys
 
 

@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import hashlib
 import math
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -332,6 +333,21 @@ def trained_biases(model: nn.Module, adapter: str | None = None) -> Iterator[tup
                 found = biases.layer_biases(layers)
             for local, bias in found:
                 yield _join(root_name, local), bias
+
+
+def bias_site(model: nn.Module, full: str, adapter: str) -> str:
+    """Where a bias that ``adapter`` trains sits, as files name it (peft's names): ``<site>.base_layer.bias``
+    where this adapter wraps the layer, ``<site>.bias`` where it does not, other adapters' wrappers
+    taken out (see :func:`site_name`), so the name does not depend on what else the model holds."""
+    owner, wrapped = full.removesuffix(".bias"), False
+    while owner.endswith(".base_layer"):
+        outer = model.get_submodule(owner.removesuffix(".base_layer"))
+        if not isinstance(outer, AdapterLayer):
+            break
+        wrapped = wrapped or outer.adapter_name == adapter
+        owner = owner.removesuffix(".base_layer")
+    owner = re.sub(r"(\.base_layer)+\.", ".base_layer.", owner)  # a wrapped module's inside, as peft's wrapper has it
+    return f"{owner}.base_layer.bias" if wrapped else f"{owner}.bias"
 
 
 def training_state(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, Tensor]]:

@@ -15,7 +15,8 @@ cache), and ``unload`` removes the hooks. A method subclasses one of two mechani
   and values are put into the attention cache of every layer before the real tokens, so
   attention sees them at every layer. The attention mask gets N ones; positions start after the
   prefix (as transformers counts a cache). In encoder-decoder models the decoder's
-  self-attention gets the prefix (as in peft with transformers 5).
+  self-attention gets the prefix (as in peft with transformers 5), and on request the encoder's
+  self-attention gets one of its own (see :class:`KeyValuePrefix`).
 
 Where the sequence classifier of a decoder pools the last real token (``score`` heads), that token
 is found in ``input_ids`` as transformers does and shifted by N, so right padding stays right.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -94,12 +95,20 @@ def position_limit(base: nn.Module) -> tuple[int, str] | None:
     return limit, source
 
 
-def kv_layout(base: nn.Module) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of the attention cache that a prefix fills.
+#: Where a key/value prefix can go: the self-attention of the decoder (the only stack of a
+#: decoder-only or encoder-only model) and, in encoder-decoder models, of the encoder.
+PREFIX_SIDES: tuple[str, ...] = ("decoder", "encoder")
+
+
+def kv_layout(base: nn.Module, side: str = "decoder") -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the attention that a prefix fills.
 
     Read from the config by transformers' standard names (``head_dim`` is T5's ``d_kv``); in
-    encoder-decoder models, of the decoder.
+    encoder-decoder models, of the decoder, or with ``side="encoder"`` of the encoder
+    (``encoder_layers``/``encoder_attention_heads``, T5's ``num_layers``/``num_heads``).
     """
+    if side not in PREFIX_SIDES:
+        raise ValueError(f"kv_layout: side={side!r}; valid: {', '.join(map(repr, PREFIX_SIDES))}")
     config = base.config.get_text_config()
 
     def first(*names: str) -> int | None:
@@ -109,16 +118,53 @@ def kv_layout(base: nn.Module) -> tuple[int, int, int]:
                 return value
         return None
 
-    if is_encoder_decoder(base):
+    if side == "encoder":
+        # T5 maps num_hidden_layers/num_attention_heads to its encoder's num_layers/num_heads,
+        # BART to encoder_layers/encoder_attention_heads.
+        layers = first("encoder_layers", "num_hidden_layers")
+        heads = first("encoder_attention_heads", "num_attention_heads")
+    elif is_encoder_decoder(base):
         layers = first("num_decoder_layers", "decoder_layers", "num_hidden_layers")
         heads = first("decoder_attention_heads", "num_attention_heads")
     else:
         layers, heads = first("num_hidden_layers"), first("num_attention_heads")
     if layers is None or heads is None:
-        raise ValueError(f"cannot tell the attention layout of {type(base).__name__} from its config")
+        raise ValueError(f"cannot tell the {side} attention layout of {type(base).__name__} from its config")
     kv_heads = first("num_key_value_heads") or heads
     head_dim = first("head_dim") or config.hidden_size // heads
     return layers, kv_heads, head_dim
+
+
+def encoder_self_attentions(base: nn.Module, method: str) -> list[nn.Module]:
+    """The self-attention modules of an encoder-decoder model's encoder, by layer index.
+
+    They are the innermost encoder modules with an integer ``layer_idx`` whose forward takes an
+    attention cache (T5's ``T5Attention``, BART's ``BartAttention``); there must be one per layer
+    the config counts, numbered 0..L-1, each taking an attention mask, or a clear error says why not.
+    """
+    layers = kv_layout(base, "encoder")[0]
+    encoder = base.get_encoder()
+    found = [
+        m for m in encoder.modules() if isinstance(getattr(m, "layer_idx", None), int) and cache_argument(m) is not None
+    ]
+    ids = {id(m) for m in found}
+    attentions = sorted(
+        (m for m in found if not any(id(s) in ids for s in list(m.modules())[1:])), key=lambda m: m.layer_idx
+    )
+    numbers = [m.layer_idx for m in attentions]
+    if numbers != list(range(layers)) or any(_mask_argument(m) is None for m in attentions):
+        raise ValueError(
+            f"{method} puts an encoder prefix into each encoder self-attention layer, which it finds as modules with a "
+            f"layer_idx whose forward takes a cache and an attention mask; in {type(encoder).__name__} it found "
+            f"layers {numbers} ({sorted({type(m).__name__ for m in attentions})}), while the config has {layers}. "
+            "Leave 'encoder' out of sides for this architecture."
+        )
+    return attentions
+
+
+def _mask_argument(module: nn.Module) -> str | None:
+    names = _positional_names(type(module)) + tuple(inspect.signature(type(module).forward).parameters)
+    return next((name for name in ("attention_mask", "mask") if name in names), None)
 
 
 # --------------------------------------------------------------------------- hooks
@@ -351,25 +397,67 @@ class VirtualTokens(InputAdapter):
 
 
 class KeyValuePrefix(InputAdapter):
-    """N keys and values put into every attention layer's cache before the real tokens (prefix tuning)."""
+    """N keys and values put into attention layers before the real tokens' own (prefix tuning).
 
-    def __init__(self, num_virtual_tokens: int, layout: tuple[int, int, int]) -> None:
+    Each prefixed self-attention layer l computes, per head::
+
+        softmax(Q [K^P_l; K]^T * scale + B + M) [V^P_l; V],    K^P_l, V^P_l: (N, head_dim)
+
+    where the mask M admits every prefix position (N zeros, or ``True``, before the real keys'
+    padding mask) and B is the model's own position bias over the N + T keys.
+
+    ``layouts`` names the sides (:data:`PREFIX_SIDES`) that get a prefix, each with its
+    ``(layers, kv heads, head dim)``; one trained tensor holds all of them, the decoder's part first:
+
+    * ``"decoder"``: the prefix goes into the attention cache the model's forward takes (the
+      decoder's self-attention cache in encoder-decoder models). Positions start after it, as
+      transformers counts a cache, so a model with learned positions has N fewer for tokens.
+    * ``"encoder"`` (encoder-decoder models): the encoder takes no cache, so each encoder
+      self-attention module is handed one holding its layer's prefix, and its attention mask is
+      extended by N admitted positions. The encoder prefix takes no positions: the real tokens
+      keep positions 0..T-1 (BART's learned positions are unchanged). T5 computes its relative bias
+      from that cache as it does for any cache of N: prefix keys at positions 0..N-1, queries at
+      N..N+T-1, so query i and prefix key j get ``b(j - N - i)`` (bidirectional buckets) and the
+      bias between real tokens, ``b(j - i)``, is unchanged; its shape is (1, heads, T, N + T).
+    """
+
+    def __init__(self, num_virtual_tokens: int, layouts: Mapping[str, tuple[int, int, int]]) -> None:
         super().__init__(num_virtual_tokens)
-        self.layout = layout  # (layers, kv heads, head dim)
+        unknown = sorted(set(layouts) - set(PREFIX_SIDES))
+        if unknown or not layouts:
+            raise ValueError(f"prefix sides {sorted(layouts)}; valid: a non-empty subset of {PREFIX_SIDES}")
+        #: (layers, kv heads, head dim) per prefixed side, in PREFIX_SIDES order (the tensor's)
+        self.layouts = {side: layouts[side] for side in PREFIX_SIDES if side in layouts}
         self._drop_cache = False
+        self._encoder_cache: Any = None  # the encoder prefix while the encoder runs
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """The first prefixed side's ``(layers, kv heads, head dim)`` (the decoder's by default)."""
+        return next(iter(self.layouts.values()))
 
     @property
     def state_size(self) -> int:
-        """Size of one virtual token's keys and values over all layers: ``L * 2 * kv_heads * head_dim``."""
-        layers, heads, head_dim = self.layout
-        return layers * 2 * heads * head_dim
+        """Size of one virtual token's keys and values over all prefixed layers: ``sum L * 2 * kv_heads * head_dim``."""
+        return sum(layers * 2 * heads * head_dim for layers, heads, head_dim in self.layouts.values())
 
     def prefix_states(self) -> Tensor:
-        """``(N, L * 2 * kv_heads * head_dim)``: per token, layer by layer, the key then the value."""
+        """``(N, state_size)``: per token, side by side (decoder, encoder), layer by layer, the key then the value."""
         raise NotImplementedError
 
     def forward(self) -> Tensor:
         return _fresh(self.prefix_states())
+
+    def _side_states(self, states: Tensor, side: str) -> Tensor:
+        """One side's part of ``prefix_states()`` as ``(L, 2, kv_heads, N, head_dim)``."""
+        start = 0
+        for name, (layers, heads, head_dim) in self.layouts.items():
+            size = layers * 2 * heads * head_dim
+            if name == side:
+                part = states[:, start : start + size].reshape(self.num_virtual_tokens, layers, 2, heads, head_dim)
+                return part.permute(1, 2, 3, 0, 4)
+            start += size
+        raise KeyError(side)
 
     @staticmethod
     def attention_stack(base: nn.Module, method: str) -> tuple[nn.Module, str]:
@@ -388,17 +476,29 @@ class KeyValuePrefix(InputAdapter):
 
     def install(self, base: nn.Module) -> None:
         self._limit = position_limit(base)
-        stack, name = self.attention_stack(base, self.method)
-        self._hook(stack, functools.partial(self._add_prefix, base, name))
-        drop = functools.partial(self._drop_unwanted_cache, name)
-        self._handles.append(stack.register_forward_hook(drop, always_call=True))
+        if "decoder" in self.layouts:
+            stack, name = self.attention_stack(base, self.method)
+            self._hook(stack, functools.partial(self._add_prefix, base, name))
+            drop = functools.partial(self._drop_unwanted_cache, name)
+            self._handles.append(stack.register_forward_hook(drop, always_call=True))
+        if "encoder" in self.layouts:
+            encoder = base.get_encoder()
+            self._hook(encoder, functools.partial(self._open_encoder_prefix, base))
+            self._handles.append(encoder.register_forward_hook(self._close_encoder_prefix, always_call=True))
+            for attention in encoder_self_attentions(base, self.method):
+                cache_name, mask = cache_argument(attention), _mask_argument(attention)
+                assert cache_name is not None and mask is not None, "encoder_self_attentions checked both"
+                self._hook(attention, functools.partial(self._add_encoder_prefix, cache_name, mask))
 
-    def _add_prefix(self, base: nn.Module, name: str, module: nn.Module, kwargs: Kwargs) -> Kwargs:
+    def _refuse_checkpointing(self, module: nn.Module, base: nn.Module) -> None:
         if module.training and any(getattr(m, "gradient_checkpointing", False) for m in base.modules()):
             raise ValueError(
                 f"{self.method} does not work with gradient checkpointing: recomputing a layer would add the prefix "
                 "to its cache twice. Call model.gradient_checkpointing_disable() or use prompt_tuning."
             )
+
+    def _add_prefix(self, base: nn.Module, name: str, module: nn.Module, kwargs: Kwargs) -> Kwargs:
+        self._refuse_checkpointing(module, base)
         batch, length = _batch_and_length(kwargs, self.method)
         cache = take_cache(kwargs, name)
         if cache is None:
@@ -423,13 +523,12 @@ class KeyValuePrefix(InputAdapter):
         return None
 
     def _fill(self, cache: Any, base: nn.Module, batch: int) -> Any:
-        """Put the prefix into ``cache`` (an empty one passed by ``generate``) or into a new cache."""
+        """Put the decoder prefix into ``cache`` (an empty one passed by ``generate``) or into a new cache."""
         from transformers import DynamicCache, EncoderDecoderCache
 
-        layers, heads, head_dim = self.layout
+        layers, heads, head_dim = self.layouts["decoder"]
         n = self.num_virtual_tokens
-        states = self._compute().to(base.dtype).view(n, layers, 2, heads, head_dim)
-        states = states.permute(1, 2, 3, 0, 4)  # (L, 2, kv_heads, N, head_dim)
+        states = self._side_states(self._compute().to(base.dtype), "decoder")  # (L, 2, kv_heads, N, head_dim)
         if cache is None:
             if is_encoder_decoder(base):
                 cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -440,6 +539,66 @@ class KeyValuePrefix(InputAdapter):
             keys, values = states[layer][:, None].expand(2, batch, heads, n, head_dim)
             target.update(keys, values, layer)
         return cache
+
+    # ------------------------------------------------------------------ the encoder side
+
+    def _open_encoder_prefix(self, base: nn.Module, module: nn.Module, kwargs: Kwargs) -> Kwargs:
+        """Before the encoder runs: a fresh cache holding each encoder layer's prefix for this batch."""
+        from transformers import DynamicCache
+
+        self._refuse_checkpointing(module, base)
+        batch, _ = _batch_and_length(kwargs, self.method)
+        layers, heads, head_dim = self.layouts["encoder"]
+        n = self.num_virtual_tokens
+        states = self._side_states(self._compute().to(base.dtype), "encoder")  # (L, 2, kv_heads, N, head_dim)
+        cache = DynamicCache()
+        for layer in range(layers):
+            keys, values = states[layer][:, None].expand(2, batch, heads, n, head_dim)
+            cache.update(keys, values, layer)
+        self._encoder_cache = cache
+        return kwargs
+
+    def _close_encoder_prefix(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._encoder_cache = None
+
+    def _add_encoder_prefix(self, name: str, mask: str, module: nn.Module, kwargs: Kwargs) -> Kwargs:
+        """Before an encoder self-attention: its keys and values get the prefix, its mask N admitted positions."""
+        cache = self._encoder_cache
+        if cache is None:
+            raise ValueError(
+                f"{self.method}: encoder self-attention layer {module.layer_idx} ({type(module).__name__}) was called "
+                "outside the encoder's forward; the encoder prefix is put in when the encoder runs as a whole."
+            )
+        if take_cache(kwargs, name) is not None:
+            raise ValueError(
+                f"{self.method}: encoder self-attention layer {module.layer_idx} was given an attention cache "
+                f"({name}=); an encoder keeps none, and the encoder prefix needs that argument."
+            )
+        kwargs[name] = cache
+        kwargs[mask] = self._extend_key_mask(kwargs.get(mask), module)
+        return kwargs
+
+    def _extend_key_mask(self, mask: Any, module: nn.Module) -> Any:
+        """N admitted key positions before a self-attention mask over the T real keys.
+
+        ``None`` (every key admitted) stays ``None``; a 4D mask ``(B, 1, T, T)`` gets N ``True``
+        (boolean, sdpa) or N zeros (additive, eager) in front along the key axis; a 2D padding
+        mask ``(B, T)`` (flash attention) N ones.
+        """
+        if mask is None:
+            return None
+        n = self.num_virtual_tokens
+        if not isinstance(mask, Tensor) or mask.dim() not in (2, 4):
+            kind = f"a {mask.dim()}D tensor" if isinstance(mask, Tensor) else type(mask).__name__
+            implementation = getattr(getattr(module, "config", None), "_attn_implementation", "?")
+            raise ValueError(
+                f"{self.method} extends each encoder self-attention mask by its {n} prefix positions and handles "
+                f"2D and 4D tensor masks; encoder layer {module.layer_idx} got {kind} "
+                f"(attn_implementation={implementation!r}). Use attn_implementation='eager' or 'sdpa'."
+            )
+        admitted = 0 if mask.dim() == 4 and mask.is_floating_point() else 1  # additive masks admit with 0
+        front = mask.new_full((*mask.shape[:-1], n), admitted)
+        return torch.cat([front, mask], dim=-1)  # (..., N + T)
 
 
 def attach(model: nn.Module, method: str, build: Callable[[nn.Module], InputAdapter]) -> list[str]:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from lightning_peft import registry
 from lightning_peft.api.inject import inject, remove_added, resolve
 from lightning_peft.core import biases, files, state
-from lightning_peft.core.layer import AdapterLayer, AdapterModule
+from lightning_peft.core.layer import AdapterModule
 from lightning_peft.core.targeting import find_base_model
 from lightning_peft.interop import peft_layouts as layouts
 from lightning_peft.methods import lora_init
@@ -170,43 +170,28 @@ def _peft_tensors(
                     raise ValueError(f"the gathered adapter state lacks {clean(full)!r} of adapter {adapter_name!r}")
                 tensor = values[clean(full)]
             names[full] = (key, module.to_peft_tensor(local, tensor), module, local)
-    return names
-
-
-def _peft_names(
-    model: nn.Module,
-    adapter_name: str,
     for full, bias in state.trained_biases(model, adapter_name):
         if not full.startswith(base):
             raise ValueError(
                 f"bias {full!r} that adapter {adapter_name!r} trains lies outside the transformers model "
                 f"({info.base_path!r}); peft's format only holds tensors of the base model."
             )
-        key = clean(PREFIX + _bias_key(model, full, adapter_name)[len(base) :])
+        key = clean(PREFIX + state.bias_site(model, full, adapter_name)[len(base) :])
         if values is not None:
             if clean(full) not in values:
                 raise ValueError(f"the gathered adapter state lacks {clean(full)!r} of adapter {adapter_name!r}")
             bias = values[clean(full)]
         owner = model.get_submodule(full.rpartition(".")[0]) if "." in full else model
         names[full] = (key, bias, owner, "bias")
+    return names
+
+
+def _peft_names(
+    model: nn.Module,
+    adapter_name: str,
     values: Mapping[str, Tensor] | None = None,
     clean: Callable[[str], str] | None = None,
 ) -> dict[str, tuple[str, Tensor]]:
-def _bias_key(model: nn.Module, full: str, adapter_name: str) -> str:
-    """peft's name for a trained base bias (``bias="lora_only"|"all"``): ``<site>.base_layer.bias``
-    where this adapter wraps the layer, ``<site>.bias`` where it does not (other adapters' wrappers
-    taken out, as for every tensor of the file)."""
-    owner, wrapped = full.removesuffix(".bias"), False
-    while owner.endswith(".base_layer"):
-        outer = model.get_submodule(owner.removesuffix(".base_layer"))
-        if not isinstance(outer, AdapterLayer):
-            break
-        wrapped = wrapped or outer.adapter_name == adapter_name
-        owner = owner.removesuffix(".base_layer")
-    owner = re.sub(r"(\.base_layer)+\.", ".base_layer.", owner)  # a wrapped module's inside, as peft's wrapper has it
-    return f"{owner}.base_layer.bias" if wrapped else f"{owner}.bias"
-
-
     """Our full tensor name -> (peft key, the tensor as peft lays it out), for adapter ``adapter_name``."""
     return {full: (key, t) for full, (key, t, _, _) in _peft_tensors(model, adapter_name, values, clean).items()}
 
@@ -217,14 +202,14 @@ def _from_peft_layout(module: nn.Module, local: str, ours: Tensor, stored: Tenso
     The inverse of the module's own ``to_peft_tensor``, found by passing it the element indices:
     each value goes back to the position it was taken from, and nothing is reshaped to fit.
     """
+    if not isinstance(module, AdapterModule):  # a trained base bias: peft stores it as it is
+        return stored
     inverse = getattr(module, "from_peft_tensor", None)  # a method whose peft layout changes values
     converted = inverse(local, stored) if inverse is not None else None
     if converted is not None:
         return converted
     index = torch.arange(ours.numel()).view(ours.shape)
     laid = module.to_peft_tensor(local, index)
-    if not isinstance(module, AdapterModule):  # a trained base bias: peft stores it as it is
-        return stored
     if laid.shape == ours.shape and torch.equal(laid, index):
         return stored  # the same layout (LoRA's A and B): the stored tensor as it is
     if laid.numel() != ours.numel() or not torch.equal(laid.flatten().sort().values, index.flatten()):
@@ -475,12 +460,6 @@ def _same_base_weights(model: nn.Module, stored: dict[str, Tensor]) -> set[str]:
     return same
 
 
-def check_peft_fields(options: dict[str, Any], where: str) -> None:
-    """Refuse a field that is not one of peft's for the config's ``peft_type`` (see :data:`PEFT_FIELDS`).
-
-    Raises:
-        ValueError: naming the field and the closest peft field, if one is close.
-    """
 def _saved_bias_copies(model: nn.Module, adapter_name: str, stored: dict[str, Tensor]) -> set[str]:
     """Keys of copies peft writes beside a ``bias="all"`` adapter's saved modules, each checked.
 
@@ -508,6 +487,12 @@ def _saved_bias_copies(model: nn.Module, adapter_name: str, stored: dict[str, Te
     return same
 
 
+def check_peft_fields(options: dict[str, Any], where: str) -> None:
+    """Refuse a field that is not one of peft's for the config's ``peft_type`` (see :data:`PEFT_FIELDS`).
+
+    Raises:
+        ValueError: naming the field and the closest peft field, if one is close.
+    """
     peft_type = str(options.get("peft_type"))
     known = PEFT_FIELDS.get(peft_type)
     if known is None:

@@ -388,6 +388,8 @@ def to_peft(config: AdaLoRAConfig) -> dict[str, Any]:
         "use_dora": False,
         "use_rslora": False,
         "rank_pattern": None,
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
     }
 
 
@@ -407,6 +409,8 @@ def from_peft(options: dict[str, Any]) -> AdaLoRAConfig:
             continue
         if name in ("modules_to_save", "fan_in_fan_out", "rank_pattern", "layers_to_transform", "layers_pattern"):
             continue  # fan_in_fan_out: set per layer type, by peft as here; rank_pattern: the interop layer's
+        if name in lora._PEFT_INERT:
+            continue
         supported = {"init_lora_weights": True, "use_dora": False, "use_rslora": False}
         if name == "init_lora_weights":
             if not isinstance(value, bool):
@@ -432,6 +436,8 @@ def from_peft(options: dict[str, Any]) -> AdaLoRAConfig:
         target_modules=options.get("target_modules"),
         exclude_modules=options.get("exclude_modules"),
         modules_to_save=list(options.get("modules_to_save") or []),
+        layers_to_transform=None if options.get("layers_to_transform") == [] else options.get("layers_to_transform"),
+        layers_pattern=options.get("layers_pattern") or None,
     )
 
 
@@ -450,8 +456,6 @@ register(
         regularization=regularization,
         # The hooks read whole parameters and param.grad: the strategies make them whole for the hooks
         # (FSDP2's shards are gathered here) and write the penalty's and on_step's edits back.
-        "layers_to_transform": config.layers_to_transform,
-        "layers_pattern": config.layers_pattern,
         sharding=ALL_SHARDINGS,
         peft=PeftFormat("ADALORA", to_peft, from_peft),
         summary="SVD-form low-rank updates P diag(lambda) Q whose rank budget is pruned by importance "
@@ -459,7 +463,3 @@ register(
         paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
     )
 )
-        if name in lora._PEFT_INERT:
-            continue
-        layers_to_transform=None if options.get("layers_to_transform") == [] else options.get("layers_to_transform"),
-        layers_pattern=options.get("layers_pattern") or None,

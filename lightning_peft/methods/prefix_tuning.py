@@ -12,7 +12,16 @@ over N trained embeddings ``E`` (N x kv_dim), which the paper found to stabilize
 training :func:`fold_projection` replaces the MLP by the prefix it computes (the same outputs, fewer
 parameters, and the adapter becomes a plain ``projection=False`` one). Positions start after the
 prefix, as transformers counts a cache. In encoder-decoder models the decoder's self-attention gets
-the prefix (as Hugging Face peft does with transformers 5). Nothing to merge.
+the prefix (as Hugging Face peft does with transformers 5); ``sides=("decoder", "encoder")`` gives
+the encoder's self-attention layers prefixes of their own, as P-Tuning v2 prefixes every layer
+(the formula, masks and T5's relative bias: :class:`~lightning_peft.core.virtual.KeyValuePrefix`).
+Nothing to merge.
+
+The decoder's cross-attention gets no prefix. P-Tuning v2 prefixes each layer's self-attention
+(its models are encoders), and with an encoder prefix the memory the cross-attention reads is
+already prefix-conditioned in every encoder layer. Li & Liang's BART code also gave the
+cross-attention a prefix; that is not offered here (its keys would have to enter the cross-attention
+cache, which ``generate`` fills once from the encoder output).
 """
 
 from __future__ import annotations
@@ -25,7 +34,14 @@ from torch import Tensor, nn
 
 from lightning_peft.core import state
 from lightning_peft.core.config import AdapterConfig, check_positive_int, invalid
-from lightning_peft.core.virtual import KeyValuePrefix, attach, kv_layout, transformer_of
+from lightning_peft.core.virtual import (
+    PREFIX_SIDES,
+    KeyValuePrefix,
+    attach,
+    is_encoder_decoder,
+    kv_layout,
+    transformer_of,
+)
 from lightning_peft.methods.prompt_tuning import peft_prompt_fields, peft_tokens, refuse_peft_fields
 from lightning_peft.registry import ALL_SHARDINGS, Method, PeftFormat, register
 
@@ -42,15 +58,33 @@ class PrefixTuningConfig(AdapterConfig):
             reparameterization); fold it away after training with :func:`fold_projection`.
         projection_hidden_size: hidden size of that MLP; ``None`` uses the attention's key size
             (kv_heads * head_dim). Only with ``projection=True``.
+        sides: which self-attention stacks get a prefix: ``("decoder",)`` (Hugging Face peft's
+            behaviour: the decoder of an encoder-decoder model, the only stack of any other), or,
+            for encoder-decoder models (T5, BART), ``("decoder", "encoder")`` or ``("encoder",)``:
+            every encoder self-attention layer gets N keys and values of its own (P-Tuning v2's
+            prefix in every layer). peft's adapter format holds only ``("decoder",)``.
         modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
     """
 
     num_virtual_tokens: int = 20
     projection: bool = False
     projection_hidden_size: int | None = None
+    sides: tuple[str, ...] = ("decoder",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        valid = f"a non-empty tuple of distinct sides out of {PREFIX_SIDES}"
+        sides = self.sides
+        if isinstance(sides, list):  # from JSON / YAML
+            sides = tuple(sides)
+        if (
+            not isinstance(sides, tuple)
+            or not sides
+            or any(not isinstance(side, str) or side not in PREFIX_SIDES for side in sides)
+            or len(set(sides)) != len(sides)
+        ):
+            raise invalid(self, "sides", self.sides, valid)
+        object.__setattr__(self, "sides", sides)
         check_positive_int(self, "num_virtual_tokens", self.num_virtual_tokens)
         if not isinstance(self.projection, bool):
             raise invalid(self, "projection", self.projection, "True or False")
@@ -62,11 +96,22 @@ class PrefixTuningConfig(AdapterConfig):
             check_positive_int(self, "projection_hidden_size", self.projection_hidden_size)
 
 
+def prefix_layouts(base: nn.Module, config: PrefixTuningConfig) -> dict[str, tuple[int, int, int]]:
+    """(layers, kv heads, head dim) of each side ``config.sides`` names, in the prefix tensor's order."""
+    if "encoder" in config.sides and not is_encoder_decoder(base):
+        raise ValueError(
+            f"PrefixTuningConfig.sides={config.sides!r}: 'encoder' prefixes the encoder of an encoder-decoder model "
+            f"(T5, BART), and {type(base).__name__} (model_type {getattr(base.config, 'model_type', '?')!r}) is not "
+            "one. Use sides=('decoder',): it prefixes every attention layer of this model."
+        )
+    return {side: kv_layout(base, side) for side in PREFIX_SIDES if side in config.sides}
+
+
 def resolve(model: nn.Module, config: PrefixTuningConfig) -> PrefixTuningConfig:
-    """Fill ``projection_hidden_size`` with the attention's key size."""
+    """Fill ``projection_hidden_size`` with the attention's key size (of the first prefixed side)."""
     if not config.projection or config.projection_hidden_size is not None:
         return config
-    _, heads, head_dim = kv_layout(transformer_of(model, "prefix_tuning")[1])
+    _, heads, head_dim = next(iter(prefix_layouts(transformer_of(model, "prefix_tuning")[1], config).values()))
     return config.replace(projection_hidden_size=heads * head_dim)
 
 
@@ -77,7 +122,7 @@ class PrefixEncoder(KeyValuePrefix):
     method = "prefix_tuning"
 
     def __init__(self, config: PrefixTuningConfig, base: nn.Module) -> None:
-        super().__init__(config.num_virtual_tokens, kv_layout(base))
+        super().__init__(config.num_virtual_tokens, prefix_layouts(base, config))
         weight = base.get_input_embeddings().weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
         n, (_, heads, head_dim) = config.num_virtual_tokens, self.layout
@@ -95,7 +140,7 @@ class PrefixEncoder(KeyValuePrefix):
                 nn.Linear(hidden, self.state_size, **factory),
             )
         else:
-            self.prefix = nn.Parameter(torch.randn(n, self.state_size, **factory))  # (N, L * 2 * kv_dim)
+            self.prefix = nn.Parameter(torch.randn(n, self.state_size, **factory))  # (N, sum L * 2 * kv_dim)
             self.register_parameter("embedding", None)
             self.projection = None
 
@@ -103,7 +148,7 @@ class PrefixEncoder(KeyValuePrefix):
         if self.prefix is not None:
             return self.prefix
         assert self.embedding is not None and self.projection is not None
-        return self.projection(self.embedding)  # (N, L * 2 * kv_dim)
+        return self.projection(self.embedding)  # (N, sum L * 2 * kv_dim)
 
     def fold(self) -> None:
         """Replace the reparameterization MLP by the prefix it computes (same outputs)."""
@@ -140,7 +185,9 @@ def fold_projection(model: M) -> M:
 
 def apply(model: nn.Module, config: PrefixTuningConfig) -> list[str]:
     def build(base: nn.Module) -> PrefixEncoder:
-        KeyValuePrefix.attention_stack(base, "prefix_tuning")  # refuse architectures without a cache first
+        layouts = prefix_layouts(base, config)  # refuses 'encoder' for a model without an encoder first
+        if "decoder" in layouts:
+            KeyValuePrefix.attention_stack(base, "prefix_tuning")  # refuse architectures without a cache first
         return PrefixEncoder(config, base)
 
     return attach(model, "prefix_tuning", build)
@@ -152,7 +199,18 @@ def to_peft(config: PrefixTuningConfig) -> dict[str, Any]:
     The file's tensor is the prefix itself (with ``projection=True``, what the MLP computes, as
     peft saves it); ``token_dim``/``num_layers``/``num_attention_heads`` are left for peft to read
     from the model, as it does for its own configs.
+
+    Raises:
+        ValueError: for ``sides`` other than ``("decoder",)``: peft's prefix tuning puts prefixes
+            into the decoder's self-attention only, so its format cannot hold an encoder prefix
+            (our own format, :func:`lightning_peft.save_adapter`, does).
     """
+    if config.sides != ("decoder",):
+        raise ValueError(
+            f"peft's PREFIX_TUNING format cannot hold PrefixTuningConfig.sides={config.sides!r}: peft puts prefixes "
+            "into the decoder's self-attention only (sides=('decoder',)), and an encoder prefix would be dropped. "
+            "Save with lightning_peft.save_adapter, which keeps it."
+        )
     return {
         **peft_prompt_fields(config),
         "num_virtual_tokens": config.num_virtual_tokens,

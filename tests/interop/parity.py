@@ -204,6 +204,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "Init": InitModule,
     "llama": _llama,
     "llama-tied": lambda: _llama(tie_word_embeddings=True),
+    "llama-bias": lambda: _llama(attention_bias=True, mlp_bias=True),
     "mistral": _mistral,
     "gemma": _gemma,
     "gpt2": _gpt2,
@@ -226,7 +227,6 @@ def build(model: str) -> nn.Module:
 def inputs(model: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     if model in ("MLP",):
-    "llama-bias": lambda: _llama(attention_bias=True, mlp_bias=True),
         return {"x": torch.randn(4, 10, generator=g)}
     if model == "EmbConv1D":
         return {"x": torch.randint(0, 100, (4, 10), generator=g)}
@@ -320,6 +320,8 @@ LAYER = "layer types lightning_peft's method does not wrap (issue 16 point 5)"
 OPTION = "peft options not implemented yet (issue 16 point 5/6)"
 VARIANT = "LoRA variants lightning_peft does not have"
 INIT = "data-driven or other inits not implemented"
+NOTHING = "a bias option that would train no bias (peft accepts it and trains nothing)"
+ADALORA_BIAS = "lightning_peft's adalora trains its SVD triplets only (bias is LoRA's option)"
 
 _L, _I, _A = "LoraConfig", "IA3Config", "AdaLoraConfig"
 _NOT_WRAPPED = r"which lora (with use_dora=True )?cannot wrap"
@@ -346,8 +348,6 @@ CASES: list[Case] = [
     Case("Vanilla MLP 1 LoRA with MiCA", "MLP", _L, {"target_modules": ["lin0"], "init_lora_weights": "mica", "r": 4},
          refused=r"init_lora_weights='mica' is refused: MiCA", why=INIT, needs_peft="0.21"),
     Case("Vanilla MLP 10 LoRA with VeLoRA random", "MLP", _L,
-NOTHING = "a bias option that would train no bias (peft accepts it and trains nothing)"
-ADALORA_BIAS = "lightning_peft's adalora trains its SVD triplets only (bias is LoRA's option)"
          {"target_modules": ["lin0"], "velora_config": Obj("VeloraConfig", {"num_groups": 2, "init_type": "random"})},
          refused=r"velora_config=", why=VARIANT, needs_peft="0.21"),
     Case("Vanilla MLP 11 LoRA with VeLoRA batch_average", "MLP", _L,
@@ -522,6 +522,57 @@ ADALORA_BIAS = "lightning_peft's adalora trains its SVD triplets only (bias is L
          refused=r"ensure_weight_tying=True", why=OPTION, source="issue"),
     Case("layers_to_transform", "llama", _L, {"target_modules": ["q_proj"], "layers_to_transform": [0]},
          source="issue"),
+    Case("bias all", "llama-bias", _L, {"target_modules": ["q_proj"], "bias": "all"}, source="issue"),
+    Case("bias all without biases", "llama", _L, {"target_modules": ["q_proj"], "bias": "all"},
+         refused=r"LoRAConfig.bias='all' would train no bias: no module of LlamaForCausalLM has a bias", why=NOTHING,
+         source="issue"),
+    Case("bias lora_only without biases", "llama", _L, {"target_modules": ["q_proj"], "bias": "lora_only"},
+         refused=r"LoRAConfig.bias='lora_only' would train no bias", why=NOTHING, source="issue"),
+    # ---- per-layer control (issue 16 point 6): patterns, layer indices, biases, in peft's TEST_CASES style
+    Case("Vanilla MLP rank_pattern LoRA", "MLP", _L, {"target_modules": ["lin0", "lin1"], "rank_pattern": {"lin0": 4}},
+         source="patterns"),
+    Case("Vanilla MLP alpha_pattern LoRA", "MLP", _L,
+         {"target_modules": ["lin0", "lin1"], "alpha_pattern": {"lin1": 4}}, source="patterns"),
+    Case("Vanilla MLP rank_pattern alpha_pattern rslora LoRA", "MLP", _L,
+         {"target_modules": ["lin0", "lin1"], "rank_pattern": {"lin.": 2, "lin1": 6}, "alpha_pattern": {"lin0": 3},
+          "use_rslora": True}, source="patterns"),
+    Case("Vanilla MLP rank_pattern alpha_pattern DoRA", "MLP", _L,
+         {"target_modules": ["lin0", "lin1"], "rank_pattern": {"lin0": 4}, "alpha_pattern": {"lin0": 2},
+          "use_dora": True}, source="patterns"),
+    Case("Embedding + transformers Conv1D rank_pattern LoRA", "EmbConv1D", _L,
+         {"target_modules": ["emb", "conv1d"], "rank_pattern": {"emb": 2}, "alpha_pattern": {"conv1d": 5}},
+         source="patterns"),
+    Case("Conv2d rank_pattern LoRA", "Conv2d", _L,
+         {"target_modules": ["conv2d", "lin0"], "rank_pattern": {"conv2d": 3}}, source="patterns"),
+    Case("llama rank_pattern alpha_pattern regex", "llama", _L,
+         {"target_modules": ["q_proj", "v_proj"], "rank_pattern": {r"layers\.0\.self_attn\.q_proj": 2, "v_proj": 6},
+          "alpha_pattern": {"q_proj": 4}}, source="patterns"),
+    Case("llama layers_to_transform layers_pattern", "llama", _L,
+         {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+         source="patterns"),
+    Case("gpt2 layers_to_transform int", "gpt2", _L,
+         {"target_modules": ["c_attn", "c_fc"], "layers_to_transform": 1, "layers_pattern": ["h"]}, source="patterns"),
+    Case("bert layers_to_transform", "bert", _L, {"target_modules": ["query", "value"], "layers_to_transform": [0]},
+         source="patterns"),
+    Case("llama layers_to_transform DoRA", "llama", _L,
+         {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0], "use_dora": True}, source="patterns"),
+    Case("Vanilla MLP bias all LoRA", "MLP", _L, {"target_modules": ["lin0"], "bias": "all"}, source="patterns"),
+    Case("Vanilla MLP bias lora_only LoRA", "MLP", _L, {"target_modules": ["lin0"], "bias": "lora_only"},
+         source="patterns"),
+    Case("Vanilla MLP bias lora_only DoRA", "MLP", _L,
+         {"target_modules": ["lin0", "lin1"], "bias": "lora_only", "use_dora": True}, source="patterns"),
+    Case("Vanilla MLP bias lora_only modules_to_save", "MLP", _L,
+         {"target_modules": ["lin0"], "bias": "lora_only", "modules_to_save": ["lin1"]}, source="patterns"),
+    Case("Vanilla MLP bias all modules_to_save", "MLP", _L,
+         {"target_modules": ["lin0"], "bias": "all", "modules_to_save": ["lin1"]}, source="patterns"),
+    Case("Embedding + transformers Conv1D bias all", "EmbConv1D", _L,
+         {"target_modules": ["emb", "conv1d"], "bias": "all"}, source="patterns"),
+    Case("Conv2d bias lora_only", "Conv2d", _L, {"target_modules": ["conv2d"], "bias": "lora_only"},
+         source="patterns"),
+    Case("gpt2 bias lora_only", "gpt2", _L, {"target_modules": ["c_attn"], "bias": "lora_only"}, source="patterns"),
+    Case("bert bias all layers_to_transform", "bert", _L,
+         {"target_modules": ["query"], "bias": "all", "layers_to_transform": [1], "rank_pattern": {"query": 2}},
+         source="patterns"),
     # ---- scaled embeddings (embed_scale): Gemma's embed_tokens, BART with scale_embedding=True
     Case("gemma embed_tokens", "gemma", _L, {"target_modules": ["embed_tokens", "q_proj"], "r": 4},
          source="embed_scale"),
@@ -599,57 +650,6 @@ def run(case: Case, tmp_path: Path) -> str:
     theirs.save_pretrained(tmp_path / "peft")
     if case.edit:
         config_file = tmp_path / "peft" / "adapter_config.json"
-    Case("bias all", "llama-bias", _L, {"target_modules": ["q_proj"], "bias": "all"}, source="issue"),
-    Case("bias all without biases", "llama", _L, {"target_modules": ["q_proj"], "bias": "all"},
-         refused=r"LoRAConfig.bias='all' would train no bias: no module of LlamaForCausalLM has a bias", why=NOTHING,
-         source="issue"),
-    Case("bias lora_only without biases", "llama", _L, {"target_modules": ["q_proj"], "bias": "lora_only"},
-         refused=r"LoRAConfig.bias='lora_only' would train no bias", why=NOTHING, source="issue"),
-    # ---- per-layer control (issue 16 point 6): patterns, layer indices, biases, in peft's TEST_CASES style
-    Case("Vanilla MLP rank_pattern LoRA", "MLP", _L, {"target_modules": ["lin0", "lin1"], "rank_pattern": {"lin0": 4}},
-         source="patterns"),
-    Case("Vanilla MLP alpha_pattern LoRA", "MLP", _L,
-         {"target_modules": ["lin0", "lin1"], "alpha_pattern": {"lin1": 4}}, source="patterns"),
-    Case("Vanilla MLP rank_pattern alpha_pattern rslora LoRA", "MLP", _L,
-         {"target_modules": ["lin0", "lin1"], "rank_pattern": {"lin.": 2, "lin1": 6}, "alpha_pattern": {"lin0": 3},
-          "use_rslora": True}, source="patterns"),
-    Case("Vanilla MLP rank_pattern alpha_pattern DoRA", "MLP", _L,
-         {"target_modules": ["lin0", "lin1"], "rank_pattern": {"lin0": 4}, "alpha_pattern": {"lin0": 2},
-          "use_dora": True}, source="patterns"),
-    Case("Embedding + transformers Conv1D rank_pattern LoRA", "EmbConv1D", _L,
-         {"target_modules": ["emb", "conv1d"], "rank_pattern": {"emb": 2}, "alpha_pattern": {"conv1d": 5}},
-         source="patterns"),
-    Case("Conv2d rank_pattern LoRA", "Conv2d", _L,
-         {"target_modules": ["conv2d", "lin0"], "rank_pattern": {"conv2d": 3}}, source="patterns"),
-    Case("llama rank_pattern alpha_pattern regex", "llama", _L,
-         {"target_modules": ["q_proj", "v_proj"], "rank_pattern": {r"layers\.0\.self_attn\.q_proj": 2, "v_proj": 6},
-          "alpha_pattern": {"q_proj": 4}}, source="patterns"),
-    Case("llama layers_to_transform layers_pattern", "llama", _L,
-         {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
-         source="patterns"),
-    Case("gpt2 layers_to_transform int", "gpt2", _L,
-         {"target_modules": ["c_attn", "c_fc"], "layers_to_transform": 1, "layers_pattern": ["h"]}, source="patterns"),
-    Case("bert layers_to_transform", "bert", _L, {"target_modules": ["query", "value"], "layers_to_transform": [0]},
-         source="patterns"),
-    Case("llama layers_to_transform DoRA", "llama", _L,
-         {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0], "use_dora": True}, source="patterns"),
-    Case("Vanilla MLP bias all LoRA", "MLP", _L, {"target_modules": ["lin0"], "bias": "all"}, source="patterns"),
-    Case("Vanilla MLP bias lora_only LoRA", "MLP", _L, {"target_modules": ["lin0"], "bias": "lora_only"},
-         source="patterns"),
-    Case("Vanilla MLP bias lora_only DoRA", "MLP", _L,
-         {"target_modules": ["lin0", "lin1"], "bias": "lora_only", "use_dora": True}, source="patterns"),
-    Case("Vanilla MLP bias lora_only modules_to_save", "MLP", _L,
-         {"target_modules": ["lin0"], "bias": "lora_only", "modules_to_save": ["lin1"]}, source="patterns"),
-    Case("Vanilla MLP bias all modules_to_save", "MLP", _L,
-         {"target_modules": ["lin0"], "bias": "all", "modules_to_save": ["lin1"]}, source="patterns"),
-    Case("Embedding + transformers Conv1D bias all", "EmbConv1D", _L,
-         {"target_modules": ["emb", "conv1d"], "bias": "all"}, source="patterns"),
-    Case("Conv2d bias lora_only", "Conv2d", _L, {"target_modules": ["conv2d"], "bias": "lora_only"},
-         source="patterns"),
-    Case("gpt2 bias lora_only", "gpt2", _L, {"target_modules": ["c_attn"], "bias": "lora_only"}, source="patterns"),
-    Case("bert bias all layers_to_transform", "bert", _L,
-         {"target_modules": ["query"], "bias": "all", "layers_to_transform": [1], "rank_pattern": {"query": 2}},
-         source="patterns"),
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **case.edit}))
     fresh = copy.deepcopy(base)
     if case.refused is not None:
