@@ -29,6 +29,14 @@ On a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` base (QLoRA) the adapter is 
 layer's compute dtype and trains on top of the dequantized weight; merging is refused there (it
 would mean requantizing), as for LoRA.
 
+On an ungrouped ``nn.Conv2d`` (as peft's ``SVDConv2d``) ``Q`` is ``r x (in kh kw)`` and the update
+is a conv whose kernel is ``P diag(lambda) Q`` laid out as the base kernel (out, in, kh, kw), with
+the base layer's stride, padding (zeros) and dilation::
+
+    h = W * x + b + (alpha / init_r) * reshape(P diag(lambda) Q) * dropout(x)
+
+so merging adds that kernel to ``W`` (refused where the base pads other than with zeros).
+
 Where it runs: :func:`lightning_peft.api.training.on_step` and ``regularization`` (PEFTCallback
 calls both). The kept/pruned pattern is the ``rank_mask`` buffer, saved with the adapter, so loading
 restores the pruned ranks; the importance statistics are training state (in checkpoints, not in
@@ -193,13 +201,7 @@ class SVDLinear(WeightMergingLayer):
         super().__init__(base_layer)
         base = self.base
         weight = base.weight
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D: y = x @ W + b
-        if is_quantized(base):  # a packed weight: its shape is not (out, in); bitsandbytes layers are nn.Linear
-            in_features, out_features = features(base)
-            factory = adapter_factory(base)
-        else:
-            in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
-            factory = self.adapter_factory(weight)
+        in_features, out_features, factory = self._features(base)
         self.r = config.init_r
         self.scaling = config.scaling
         self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -212,6 +214,15 @@ class SVDLinear(WeightMergingLayer):
                 shape = getattr(self, f"lora_{m}").shape
                 self.register_buffer(f"{kind}_{m}", torch.zeros(shape, dtype=torch.float32, device=weight.device))
         self.reset_adapter_parameters()
+
+    def _features(self, base: nn.Module) -> tuple[int, int, dict[str, Any]]:
+        """``(in, out, factory)``: the sizes of ``Q`` (r x in) and ``P`` (out x r), their device and dtype."""
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D: y = x @ W + b
+        if is_quantized(base):  # a packed weight: its shape is not (out, in); bitsandbytes layers are nn.Linear
+            in_features, out_features = features(base)
+            return in_features, out_features, adapter_factory(base)
+        in_features, out_features = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
+        return in_features, out_features, self.adapter_factory(base.weight)
 
     def reset_adapter_parameters(self) -> None:
         nn.init.zeros_(self.lora_E)
@@ -278,13 +289,64 @@ class SVDLinear(WeightMergingLayer):
         return f"init_r={self.r}, scaling={self.scaling:g}"
 
 
+class SVDConv2d(SVDLinear):
+    """AdaLoRA around an ungrouped ``nn.Conv2d`` (peft's ``SVDConv2d``): ``Q`` is r x (in kh kw) and
+    ``h = W * x + b + scaling * reshape(P diag(lambda) Q) * dropout(x)``, a conv with the base's
+    stride, zero padding and dilation."""
+
+    def __init__(self, base_layer: nn.Conv2d, config: AdaLoRAConfig) -> None:
+        if base_layer.groups != 1:  # peft reshapes the (out, in kh kw) update into the grouped kernel and fails
+            raise TypeError(
+                f"it is a Conv2d with groups={base_layer.groups}, which adalora cannot wrap (its update "
+                "P diag(lambda) Q reads every input channel, and peft's SVDConv2d fails to lay it out as a grouped "
+                "kernel); adalora wraps ungrouped nn.Conv2d"
+            )
+        super().__init__(base_layer, config)
+
+    def _features(self, base: nn.Module) -> tuple[int, int, dict[str, Any]]:
+        self.fan_in_fan_out = False
+        weight: Tensor = base.weight  # (out, in, kh, kw)
+        return math.prod(weight.shape[1:]), weight.shape[0], self.adapter_factory(weight)
+
+    def delta_weight(self) -> Tensor:
+        delta = self.lora_B @ (self.lora_A * self.lora_E[:, None]) * self.scaling  # (out, in kh kw)
+        return delta.reshape(self.base.weight.shape)  # (out, in, kh, kw)
+
+    @property
+    def mergeable(self) -> bool:
+        return self.base.padding_mode == "zeros" and super().mergeable
+
+    def merge(self) -> None:
+        mode = self.base.padding_mode
+        if mode != "zeros":  # the update's conv pads with zeros (as peft's does); a merged kernel would not
+            raise TypeError(
+                f"cannot merge AdaLoRA into a Conv2d with padding_mode={mode!r}: its update's conv pads with zeros, as "
+                "peft's does, so the merged kernel would give other outputs at the borders. Keep the adapter "
+                "unmerged, or use padding_mode='zeros'."
+            )
+        super().merge()
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (B, out, H', W')
+        if self.bypassed:
+            return result
+        base = self.base
+        x = self.dropout(x)
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        update = F.conv2d(x, self.delta_weight(), None, base.stride, base.padding, base.dilation)
+        return result + update.to(result.dtype)
+
+
 def wrap(module: nn.Module, config: AdaLoRAConfig) -> SVDLinear:
     """The AdaLoRA wrapper for one selected module."""
+    if isinstance(module, nn.Conv2d):
+        return SVDConv2d(module, config)
     if is_linear(module):
         return SVDLinear(module, config)
     raise TypeError(
         f"it is a {type(module).__name__}, which adalora cannot wrap; adalora wraps nn.Linear (bitsandbytes' "
-        "Linear4bit and Linear8bitLt too) and transformers' Conv1D"
+        "Linear4bit and Linear8bitLt too), transformers' Conv1D and ungrouped nn.Conv2d"
     )
 
 

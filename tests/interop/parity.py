@@ -83,22 +83,33 @@ class Conv(nn.Module):
         return torch.log_softmax(self.lin0(torch.relu(h).flatten(1)), dim=-1)
 
 
+class LinearUsingParameter(nn.Module):
+    """peft's ``_LinearUsingParameter``: ``x @ W + b`` with ``W`` a bare (in, out) parameter."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(in_features, out_features))
+        self.bias = nn.Parameter(torch.ones(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
 class MlpUsingParameters(nn.Module):
-    """peft's MLP whose layers are bare parameters (``x @ W + b``): only ``target_parameters`` reaches them."""
+    """peft's MLP whose layers are bare parameters: only ``target_parameters`` reaches them."""
 
     def __init__(self) -> None:
         super().__init__()
-        weights = {"weight": nn.Parameter(torch.randn(10, 20)), "bias": nn.Parameter(torch.ones(20))}
-        self.lin0 = nn.ParameterDict(weights)
+        self.lin0, self.relu, self.lin1 = LinearUsingParameter(10, 20), nn.ReLU(), LinearUsingParameter(20, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.lin0["weight"] + self.lin0["bias"]
+        return torch.log_softmax(self.lin1(self.relu(self.lin0(x))), dim=-1)
 
 
 class MHA(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, batch_first: bool = False) -> None:
         super().__init__()
-        self.mha, self.lin0 = nn.MultiheadAttention(10, 2), nn.Linear(10, 2)
+        self.mha, self.lin0 = nn.MultiheadAttention(10, 2, batch_first=batch_first), nn.Linear(10, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin0(self.mha(x, x, x)[0])
@@ -138,6 +149,14 @@ def _gemma() -> nn.Module:
         num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False,
     )  # fmt: skip
     return tf.GemmaForCausalLM(config)
+
+
+def _moe(name: str) -> nn.Module:
+    """A mixture-of-experts model whose experts are 3-D parameters: Mixtral's (E, out, in), GPT-OSS's (E, in, out)."""
+    shapes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2}
+    config = getattr(tf, f"{name}Config")(vocab_size=VOCAB, pad_token_id=0, **shapes)
+    return getattr(tf, f"{name}ForCausalLM")(config)
 
 
 def _gpt2() -> nn.Module:
@@ -199,8 +218,11 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "Conv3dGroups": lambda: Conv(3, groups=8),
     "Conv3d1x1": lambda: Conv(3, kernel=1),
     "MlpUsingParameters": MlpUsingParameters,
+    "mixtral": lambda: _moe("Mixtral"),
+    "gpt-oss": lambda: _moe("GptOss"),
     "Conv3d": lambda: Conv(3),
     "MHA": MHA,
+    "MHA-batch-first": lambda: MHA(batch_first=True),
     "Init": InitModule,
     "llama": _llama,
     "llama-tied": lambda: _llama(tie_word_embeddings=True),
@@ -226,14 +248,14 @@ def build(model: str) -> nn.Module:
 
 def inputs(model: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    if model in ("MLP",):
+    if model in ("MLP", "MlpUsingParameters"):
         return {"x": torch.randn(4, 10, generator=g)}
     if model == "EmbConv1D":
         return {"x": torch.randint(0, 100, (4, 10), generator=g)}
     if model.startswith("Conv"):
         conv = build(model)
         return {"x": torch.randn(4, conv.channels * 3**conv.dims, generator=g)}
-    if model == "MHA":
+    if model.startswith("MHA"):
         return {"x": torch.randn(3, 4, 10, generator=g)}
     if model == "Init":
         return {"x": torch.rand(4, 40, generator=g) * 3}
@@ -319,11 +341,15 @@ class Case:
 LAYER = "layer types lightning_peft's method does not wrap (issue 16 point 5)"
 OPTION = "peft options not implemented yet (issue 16 point 5/6)"
 VARIANT = "LoRA variants lightning_peft does not have"
+MHA_REFUSED = (
+    "nn.MultiheadAttention: what peft refuses (DoRA) or accepts and never applies (lora_dropout; LoRA on out_proj "
+    "alone, whose forward the attention never calls)"
+)
 INIT = "data-driven or other inits not implemented"
 NOTHING = "a bias option that would train no bias (peft accepts it and trains nothing)"
 ADALORA_BIAS = "lightning_peft's adalora trains its SVD triplets only (bias is LoRA's option)"
 
-_L, _I, _A = "LoraConfig", "IA3Config", "AdaLoraConfig"
+_L, _I, _A, _T = "LoraConfig", "IA3Config", "AdaLoraConfig", "TrainableTokensConfig"
 _NOT_WRAPPED = r"which lora (with use_dora=True )?cannot wrap"
 #: LoRA on a grouped conv: A reads every input channel, so the update is no grouped kernel (peft refuses too).
 _GROUPED = r"cannot merge LoRA into a Conv\dd with groups=\d+"
@@ -366,8 +392,24 @@ CASES: list[Case] = [
     Case("Embedding + transformers Conv1D 3 DoRA", "EmbConv1D", _L,
          {"target_modules": ["emb", "conv1d"], "use_dora": True}),
     Case("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D", _L,
-         {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}},
-         refused=r"trainable_token_indices=", why=OPTION),
+         {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}),
+    # peft's TrainableTokens rows (custom models, tests/test_trainable_tokens.py): standalone and inside LoRA,
+    # tied input/output embeddings, Gemma's scaled embedding
+    Case("Embedding + transformers Conv1D 1 trainable_tokens", "EmbConv1D", _T,
+         {"target_modules": ["emb"], "token_indices": [3, 10, 13], "init_weights": False}),  # ids the inputs hold
+    Case("llama trainable_tokens default target", "llama", _T, {"token_indices": [0, 5, 8]}, source="trainable_tokens"),
+    Case("llama tied trainable_tokens", "llama-tied", _T, {"token_indices": [5, 8]}, source="trainable_tokens",
+         refused=r"unexpected \['base_model\.model\.lm_head\.trainable_tokens_delta'\]",
+         why="peft stores a tied output layer's copy of the trained rows again, which the loader does not check yet"),
+    Case("llama tied LoRA trainable_token_indices list", "llama-tied", _L,
+         {"target_modules": ["q_proj"], "trainable_token_indices": [5, 8]}, source="trainable_tokens"),
+    Case("llama LoRA trainable_token_indices all-linear", "llama", _L,
+         {"target_modules": "all-linear", "trainable_token_indices": [1, 2, 3]}, source="trainable_tokens"),
+    Case("gemma scaled trainable_tokens", "gemma", _T,
+         {"target_modules": ["embed_tokens"], "token_indices": [0, 5, 13]}, source="trainable_tokens"),
+    Case("gemma scaled LoRA trainable_token_indices", "gemma", _L,
+         {"target_modules": ["q_proj"], "trainable_token_indices": {"embed_tokens": [0, 5, 13]}},
+         source="trainable_tokens"),
     Case("Conv1d LoRA", "Conv1d", _L, {"target_modules": ["conv1d"]}),
     Case("Conv1d LoRA with DoRA", "Conv1d", _L, {"target_modules": ["conv1d"], "use_dora": True}),
     Case("Conv2d 1 LoRA", "Conv2d", _L, {"target_modules": ["conv2d"]}),
@@ -405,17 +447,45 @@ CASES: list[Case] = [
     Case("Conv2d Groups LoRA with lora_b bias", "Conv2dGroups", _L,
          {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}, unmergeable=_GROUPED, source="issue"),
     Case("Conv2d LoRA with lora_b bias and DoRA", "Conv2d", _L, {"target_modules": ["conv2d"]},
-         edit={"lora_bias": True, "use_dora": True}, refused=r"LoRAConfig.lora_bias is invalid|lora_bias.*use_dora",
+         edit={"lora_bias": True, "use_dora": True}, refused=r"LoRAConfig.lora_bias must be False with use_dora=True",
          why="peft refuses it too: DoRA rescales B A, a bias has no place in its norm", source="issue"),
     Case("Embedding LoRA with lora_b bias", "EmbConv1D", _L, {"target_modules": ["conv1d"]},
          edit={"lora_bias": True, "target_modules": ["emb"]}, refused=r"nn.Embedding, and LoRAConfig.lora_bias=True",
          why="peft refuses it too: lora_bias is for linear and conv layers", source="issue"),
-    Case("MHA 1 LoRA", "MHA", _L, {"target_modules": ["mha"]}, refused=_NOT_WRAPPED, why=LAYER),
-    Case("MHA 2 LoRA", "MHA", _L, {"target_modules": ["mha", "lin0"]}, refused=_NOT_WRAPPED, why=LAYER),
-    Case("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", _L, {"target_parameters": ["lin0.weight"]},
-         refused=r"target_parameters=", why=OPTION),
-    Case("MLP 2 using nn.Parameter LoRA", "MLP", _L, {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]},
-         refused=r"target_parameters=", why=OPTION),
+    Case("MHA 1 LoRA", "MHA", _L, {"target_modules": ["mha"]}),
+    Case("MHA 2 LoRA", "MHA", _L, {"target_modules": ["mha", "lin0"]}),
+    # nn.MultiheadAttention beyond peft's two rows: its unload test's config, options, batch_first, refusals
+    Case("MHA LoRA init False", "MHA", _L, {"target_modules": ["mha"], "init_lora_weights": False}),
+    Case("MHA LoRA modules_to_save", "MHA", _L, {"target_modules": ["mha"], "modules_to_save": ["lin0"]},
+         source="issue"),
+    Case("MHA LoRA rslora", "MHA", _L, {"target_modules": ["mha"], "r": 4, "lora_alpha": 6, "use_rslora": True},
+         source="issue"),
+    Case("MHA batch_first LoRA", "MHA-batch-first", _L, {"target_modules": ["mha", "lin0"]}, source="issue"),
+    Case("MHA LoRA with DoRA", "MHA", _L, {"target_modules": ["mha"]}, edit={"use_dora": True},
+         refused=r"MultiheadAttention, which lora with use_dora=True cannot wrap", why=MHA_REFUSED, source="issue"),
+    Case("MHA LoRA dropout", "MHA", _L, {"target_modules": ["mha"], "lora_dropout": 0.1},
+         refused=r"LoRAConfig\.dropout=0\.1 is refused on a MultiheadAttention", why=MHA_REFUSED, source="issue"),
+    Case("MHA out_proj LoRA", "MHA", _L, {"target_modules": ["out_proj"]},
+         refused=r"the out_proj of an nn\.MultiheadAttention", why=MHA_REFUSED, source="issue"),
+    Case("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", _L, {"target_parameters": ["lin0.weight"]}),
+    Case("MLP 2 using nn.Parameter LoRA", "MLP", _L, {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
+    # peft's multi-adapter rows' configs (one adapter each here), then MoE experts as 3-D parameters (peft 0.19
+    # reads every 3-D tensor as (E, in, out), Mixtral's (E, out, in) too; 0.21 reads the module's is_transposed)
+    Case("MLP using nn.Parameter LoRA init False", "MlpUsingParameters", _L,
+         {"target_parameters": ["lin0.weight", "lin1.weight"], "init_lora_weights": False}),
+    Case("MLP using nn.Parameter LoRA rslora", "MlpUsingParameters", _L,
+         {"target_parameters": ["lin1.weight"], "use_rslora": True, "r": 2, "lora_alpha": 4}),
+    Case("mixtral experts target_parameters", "mixtral", _L,
+         {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "r": 2},
+         source="issue", needs_peft="0.21"),
+    Case("mixtral experts and default modules", "mixtral", _L,
+         {"target_parameters": ["experts.down_proj"], "r": 2}, source="issue", needs_peft="0.21"),
+    Case("gpt-oss experts target_parameters", "gpt-oss", _L,
+         {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "r": 2},
+         source="issue", needs_peft="0.21"),
+    Case("target_parameters with dropout", "MlpUsingParameters", _L, {"target_parameters": ["lin0.weight"]},
+         edit={"lora_dropout": 0.1}, refused=r"dropout must be 0 with target_parameters",
+         why="peft refuses it too: dropout cannot reach a weight's input from outside the module", source="issue"),
     Case("Vanilla MLP 1 LoRA with Monteclora", "MLP", _L,
          {"target_modules": ["lin0"], "monteclora_config": Obj("MontecloraConfig", {"num_samples": 2})},
          refused=r"monteclora_config=", why=VARIANT, needs_peft="0.21"),
@@ -448,10 +518,17 @@ CASES: list[Case] = [
     Case("Vanilla MLP 2 AdaLoRA", "MLP", _A,
          {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "total_step": 1}),
     Case("Conv2d 1 AdaLoRA", "Conv2d", _A, {"target_modules": ["conv2d"], "init_lora_weights": False, "total_step": 1},
-         refused=r"it is a Conv2d, which adalora cannot wrap", why=LAYER, needs_peft="0.21"),
+         needs_peft="0.21"),
     Case("Conv2d 2 AdaLoRA", "Conv2d", _A,
-         {"target_modules": ["conv2d", "lin0"], "init_lora_weights": False, "total_step": 1},
-         refused=r"it is a Conv2d, which adalora cannot wrap", why=LAYER, needs_peft="0.21"),
+         {"target_modules": ["conv2d", "lin0"], "init_lora_weights": False, "total_step": 1}, needs_peft="0.21"),
+    Case("Conv2d AdaLoRA options", "Conv2d", _A,
+         {"target_modules": ["conv2d", "lin0"], "init_lora_weights": False, "total_step": 4, "init_r": 4,
+          "target_r": 2, "lora_alpha": 12, "lora_dropout": 0.1}, needs_peft="0.21", source="issue"),
+    Case("Conv2d Groups AdaLoRA", "Conv2dGroups", _A,
+         {"target_modules": ["conv2d"], "init_lora_weights": False, "total_step": 1},
+         refused=r"it is a Conv2d with groups=8, which adalora cannot wrap",
+         why="peft fails too: its SVDConv2d cannot lay out the update as a grouped kernel", needs_peft="0.21",
+         source="issue"),
     Case("llama default AdaLoRA", "llama", _A, {"total_step": 10, "init_r": 6, "target_r": 4}, source="defaults"),
     Case("gpt2 AdaLoRA", "gpt2", _A, {"total_step": 10, "init_r": 4, "target_r": 2, "lora_dropout": 0.1},
          source="defaults"),
