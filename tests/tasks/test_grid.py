@@ -241,7 +241,7 @@ TASK_CASES: dict[str, TaskCase] = {
         refusals=_media_refusals(
             ("vit", "resnet", "cnn"),
             {
-                **{(m, "resnet"): (TypeError, _CONV_ONLY.format(m)) for m in ("bottleneck", "adalora")},
+                ("bottleneck", "resnet"): (TypeError, _CONV_ONLY.format("bottleneck")),  # adalora wraps Conv2d
                 ("topk", "resnet"): (ValueError, r"TopKConfig.target_modules='all-linear' matched no module"),
                 ("last_k", "cnn"): (ValueError, r"last_k found no list of repeated blocks in ImageClassification"),
             },
