@@ -187,10 +187,16 @@ class LoRAMultiheadAttention(LoRALayer):
                 f"adapter {self.adapter_name!r} (LoRA on a MultiheadAttention) cannot serve single rows of a mixed "
                 "batch; serve it in a batch of its own with set_adapter"
             )
+        attention = self.base_layer
+        if not isinstance(attention, nn.MultiheadAttention):  # a strategy's wrapper in between: no such names there
+            raise TypeError(
+                f"LoRA on a MultiheadAttention runs the attention's own forward with its adapted weights, but its "
+                f"base layer is a {type(attention).__name__} around it; wrap the LoRA layer, not the attention inside"
+            )
         w_in, w_out = self._effective()
         # The base module's own forward, with the effective weights in place of its two parameters.
         weights = {"in_proj_weight": w_in, "out_proj.weight": w_out}
-        return torch.func.functional_call(self.base_layer, weights, (query, *args), kwargs, strict=False)
+        return torch.func.functional_call(attention, weights, (query, *args), kwargs, strict=False)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, in_proj and out_proj"

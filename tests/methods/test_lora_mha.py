@@ -298,3 +298,21 @@ def test_fits_in_a_trainer_and_peft_loads_the_result(tmp_path: Path) -> None:
     theirs.train()  # peft's wrapper answers the fused eval path with its base weights: compare on the module path
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_put_between_the_wrapper_and_the_attention_is_refused() -> None:
+    model = build()
+    layer = model.mha
+
+    class Around(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self.inner(*args, **kwargs)
+
+    layer.base_layer = Around(layer.base_layer)  # as a strategy's wrapper would be: the weight names miss it
+    q, kv, _ = inputs(False)
+    with pytest.raises(TypeError, match=r"its base layer is a Around around it"):
+        layer(q, kv, kv)
