@@ -264,3 +264,62 @@ def test_a_conv_adapter_trains_in_a_lightning_run(tmp_path: object) -> None:
     lp.merge(module)
     assert torch.allclose(module(x), out, atol=1e-5)
     assert [n for n, _ in state.adapter_modules(module)] == ["net.0"]
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 27, 2))
+
+
+def test_own_format_round_trip_with_lora_bias(tmp_path: object) -> None:
+    model = lp.inject(_conv_net(), "lora", target_modules=["0", "3"], r=2, lora_bias=True)
+    _randomize(model[0])
+    _randomize(model[3], seed=4)
+    x = _input(3, channels=3, size=3)
+    out = model(x)
+    lp.save_adapter(model, tmp_path)
+    back = lp.load_adapter(_conv_net(), tmp_path)
+    assert isinstance(back[0], LoRAConv) and back[0].lora_B.bias is not None
+    assert back[3].lora_B_bias is not None
+    assert torch.equal(back(x), out)
+
+
+def test_combining_refuses_lora_bias_and_grouped_convs_by_name() -> None:
+    model = lp.inject(_conv_net(), "lora", target_modules=["0"], r=2, lora_bias=True, adapter_name="a")
+    with pytest.raises(ValueError, match=r"cannot combine adapters with lora_bias=True.*'a' has lora_bias=True"):
+        lp.add_weighted_adapter(model, ["a"], [1.0], "mix", combination="cat")
+    torch.manual_seed(0)
+    grouped = lp.inject(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "lora", target_modules=["0"], r=2)
+    with pytest.raises(ValueError, match=r"cannot combine adapter 'default' at '0': it is a Conv2d with groups=2"):
+        lp.add_weighted_adapter(grouped, ["default"], [1.0], "mix", combination="cat")
+    assert lp.get_info(grouped) is not None and "mix" not in state.adapters(grouped)
+
+
+@pytest.mark.slow
+def test_adalora_on_conv2d_with_pruned_ranks_loads_in_peft(tmp_path: object) -> None:
+    """The pruned ranks reach peft's file as its rank_pattern, and peft computes our outputs from it."""
+    import peft
+    from packaging.version import Version
+
+    from lightning_peft.interop import save_peft_adapter
+
+    if Version(peft.__version__) < Version("0.21"):
+        pytest.skip(f"peft {peft.__version__} has no AdaLoRA on Conv2d (peft 0.21 has)")
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 2)).eval()
+
+    model = lp.inject(build(), "adalora", target_modules=["0", "3"], init_r=4, target_r=2, total_step=4).eval()
+    _randomize(model[0])
+    _randomize(model[3], seed=5)
+    with torch.no_grad():
+        model[0].rank_mask.copy_(torch.tensor([True, False, True, False]))
+        model[0].apply_rank_mask()
+    x = _input(2, channels=3, size=4)
+    out = model(x)
+    save_peft_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+    with torch.no_grad():
+        ref = theirs(x)
+    assert torch.allclose(ref, out, atol=1e-5 * max(1.0, float(ref.abs().max())))
