@@ -54,7 +54,8 @@ INITS = ("kaiming", "gaussian", "random")
 class LoRAMultiheadAttention(LoRALayer):
     """LoRA around ``nn.MultiheadAttention``: one pair on the packed in-projection, one on ``out_proj``."""
 
-    adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "out_proj_lora_A", "out_proj_lora_B")
+    # (LoRALayer's own declaration is inferred as a pair of names)
+    adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "out_proj_lora_A", "out_proj_lora_B")  # type: ignore[assignment]
     #: peft keeps the in-projection pair on its wrapper and wraps ``out_proj`` in a LoRA linear inside it.
     peft_names = {
         "lora_A": "lora_A.weight",
@@ -146,6 +147,11 @@ class LoRAMultiheadAttention(LoRALayer):
     @property
     def _active(self) -> bool:
         return not self._merged and self._enabled
+
+    @property
+    def dropout(self) -> float:  # type: ignore[override]
+        """The attention's dropout probability, as on nn.MultiheadAttention (LoRA's own dropout is refused here)."""
+        return self.attention.dropout
 
     # nn.TransformerEncoder(Layer) in inference reads these attributes itself and calls a fused kernel
     # with them instead of this module's forward: they answer with the weights the layer computes with.

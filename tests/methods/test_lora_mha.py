@@ -105,6 +105,31 @@ def test_follows_the_formula(batch_first: bool) -> None:
         torch.testing.assert_close(layer(q, kv, kv, key_padding_mask=mask)[0], out, rtol=1e-5, atol=1e-5)
 
 
+def test_unbatched_inputs_follow_the_formula() -> None:
+    """A (L, E) query without a batch dimension, as peft's custom-model tests feed nn.MultiheadAttention."""
+    model = build()
+    layer = model.mha
+    q, kv, _ = inputs(False)
+    out, _ = layer(q[:, 0], kv[:, 0], kv[:, 0])
+    w_in, w_o = adapted(layer)
+    base = layer.attention
+    expected, _ = attention(q[:, :1], kv[:, :1], kv[:, :1], w_in, base.in_proj_bias, w_o, base.out_proj.bias, None)
+    torch.testing.assert_close(out, expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_wrapper_answers_as_the_attention() -> None:
+    """Code that reads the attention's attributes through the wrapper gets the attention's values."""
+    torch.manual_seed(0)
+    model = Attend()
+    model.mha = nn.MultiheadAttention(E, HEADS, dropout=0.25)
+    lp.inject(model, "lora", r=2, target_modules=["mha"])
+    layer = model.mha
+    assert (layer.dropout, layer.num_heads, layer.embed_dim, layer.batch_first) == (0.25, HEADS, E, False)
+    assert layer.in_proj_bias is layer.attention.in_proj_bias and layer.out_proj is not layer.attention.out_proj
+    lp.merge(model)  # merged (or switched off), the base weights are what it computes with
+    assert layer.in_proj_weight is layer.attention.in_proj_weight and layer.out_proj is layer.attention.out_proj
+
+
 def test_identity_at_init() -> None:
     torch.manual_seed(0)
     base = Attend().eval()
