@@ -306,10 +306,10 @@ def test_fits_in_a_trainer_and_peft_loads_the_result(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(3)
     data = DataLoader(TensorDataset(torch.randn(16, 5, E, generator=g), torch.randn(16, 5, generator=g)), batch_size=4)
     callback = lp.PEFTCallback("lora", r=2, alpha=4, target_modules=["self_attn"], verbose=False)
-    run = trainer(tmp_path, callbacks=[callback], max_steps=3, enable_checkpointing=False)
+    run = trainer(tmp_path, callbacks=[callback], max_epochs=1)  # one epoch: 4 steps, then a checkpoint
     run.fit(module, data)
     layer = module.encoder.self_attn
-    assert run.global_step == 3 and isinstance(layer, LoRAMultiheadAttention)
+    assert run.global_step == 4 and isinstance(layer, LoRAMultiheadAttention)
     assert layer.lora_B.abs().sum() > 0 and layer.out_proj_lora_B.abs().sum() > 0
     for name, tensor in base.encoder.self_attn.named_parameters():  # the base weights did not move
         assert torch.equal(layer.attention.get_parameter(name), tensor), name
@@ -318,8 +318,11 @@ def test_fits_in_a_trainer_and_peft_loads_the_result(tmp_path: Path) -> None:
     with torch.no_grad():
         ours = module(x)
         assert (base.eval()(x) - ours).abs().max() > 1e-3
-    save_peft_adapter(module, tmp_path / "peft")
-    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    with torch.no_grad():  # the checkpoint loads back here (strict, weights only) with the same outputs
+        torch.testing.assert_close(lp.load_adapter(Regress(), checkpoint).eval()(x), ours, rtol=0, atol=0)
+    # The peft folder PEFTCallback writes beside the checkpoint, read by peft itself.
+    theirs = peft.PeftModel.from_pretrained(base, checkpoint.with_suffix(".peft"))
     theirs.train()  # peft's wrapper answers the fused eval path with its base weights: compare on the module path
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours, rtol=1e-5, atol=1e-5)
