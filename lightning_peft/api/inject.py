@@ -387,6 +387,9 @@ def summary_dict(model: nn.Module) -> dict[str, Any]:
             key += f" [{module.adapter_name}{'' if active else ', inactive'}]"
         groups[key][0] += 1
         groups[key][1] += sum(p.numel() for _, p in module.adapter_parameters())
+    for _, bias in state.trained_biases(model):  # base biases an adapter trains (LoRA's bias option)
+        groups["bias (base biases trained)"][0] += 1
+        groups["bias (base biases trained)"][1] += bias.numel()
     return {
         "method": info.method,
         "config": info.config.to_dict(),

@@ -238,6 +238,10 @@ class LayerConfig(AdapterConfig):
         of this one. :func:`lightning_peft.core.wrapping.inject_layers` calls it before each wrap."""
         return self
 
+    def check_selected(self, names: Sequence[str]) -> None:
+        """Raise when per-layer options do not fit the modules selected (their names inside the
+        transformers model, as :meth:`for_layer` gets them); nothing to check unless a method has them."""
+
     @property
     def bias_scope(self) -> Literal["none", "adapted", "all"]:
         """Which base-model biases the adapter trains beside its own tensors (LoRA's ``bias``):

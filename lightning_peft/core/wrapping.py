@@ -141,6 +141,7 @@ def inject_layers(model: nn.Module, config: LayerConfig, *, wrap: WrapFn) -> lis
     names = select_targets(model, config)
     check_biases(model, config, names)
     base_path, _ = targeting.find_base_model(model)
+    config.check_selected([targeting.relative_name(n, base_path) for n in names])
 
     def build(name: str, module: nn.Module) -> nn.Module:
         try:

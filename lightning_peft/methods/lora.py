@@ -12,7 +12,7 @@ so the model starts out unchanged. With ``rslora`` the scale is ``alpha / sqrt(r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -181,6 +181,19 @@ class LoRAConfig(LayerConfig):
     @property
     def bias_scope(self) -> Literal["none", "adapted", "all"]:
         return _BIAS_SCOPES[self.bias]
+
+    def check_selected(self, names: Sequence[str]) -> None:
+        """Refuse a ``rank_pattern``/``alpha_pattern`` key that matches none of the targeted modules (a
+        typo would silently leave those layers at ``r``/``alpha``; peft only warns)."""
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(self, field_name)
+            unused = [key for key in patterns if not any(pattern_key([key], name) for name in names)]
+            if unused:
+                shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                raise ValueError(
+                    f"LoRAConfig.{field_name} key {unused[0]!r} matches none of the {len(names)} targeted modules "
+                    f"({shown}); a key must match a targeted module's name whole or after a dot. Fix or remove it."
+                )
 
     def for_layer(self, name: str) -> LoRAConfig:
         """This config with the ``r`` and ``alpha`` that ``rank_pattern``/``alpha_pattern`` give layer ``name``."""

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lightning_peft as lp
+from lightning_peft.api.inject import summary_dict
 from lightning_peft.core import state
 from lightning_peft.core.targeting import layer_index, pattern_key
 from lightning_peft.interop import load_peft_adapter, save_peft_adapter
@@ -149,6 +150,15 @@ def test_bad_patterns_and_bias_name_the_field_key_and_value(options: dict, messa
         LoRAConfig(target_modules=["q_proj"], **options)
 
 
+def test_a_pattern_key_that_matches_no_targeted_module_is_refused() -> None:
+    model = tiny.build("llama")
+    with pytest.raises(ValueError, match=r"LoRAConfig.alpha_pattern key 'k_proj' matches none of the 4 targeted"):
+        lp.inject(
+            model, "lora", target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"k_proj": 2}
+        )
+    assert lp.get_info(model) is None and not list(state.adapter_modules(model))
+
+
 def test_a_pattern_rank_the_init_refuses_names_the_pattern_key() -> None:
     with pytest.raises(ValueError, match=r"LoRAConfig.rank_pattern\['q_proj'\]=3 for layer 'model.layers.0.self_attn"):
         lp.inject(tiny.build("llama"), "lora", target_modules=["q_proj"], init="orthogonal", rank_pattern={"q_proj": 3})
@@ -247,6 +257,10 @@ def test_gradients_reach_exactly_the_adapter_and_the_chosen_biases(bias: str, tr
     assert set(state.trainable_state_dict(model)) == {"lin0.lora_A", "lin0.lora_B", *trained}
     counted, _ = state.count_parameters(model)
     assert counted == 8 * 6 + 8 * 8 + sum(model.get_parameter(n).numel() for n in trained)
+    shown = summary_dict(model)
+    assert shown["trainable_params"] == counted
+    biases = shown["modules"].get("bias (base biases trained)", {"count": 0, "trainable_params": 0})
+    assert biases == {"count": len(trained), "trainable_params": counted - 8 * 6 - 8 * 8}
     assert state.undeclared_trainable(model) == []
 
 
