@@ -11,6 +11,7 @@ import lightning as L
 import peft
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -19,7 +20,7 @@ import lightning_peft as lp
 from lightning_peft.interop import load_peft_adapter, save_peft_adapter
 from lightning_peft.methods.lora import LoRAConfig
 from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
-from tests.lightning.modules import trainer
+from tests.lightning.modules import StopAfterFirstEpoch, trainer
 from tests.peft_reference import randomize_adapter
 
 E, HEADS = 8, 2
@@ -300,26 +301,41 @@ class Regress(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def test_fits_in_a_trainer_and_peft_loads_the_result(tmp_path: Path) -> None:
+def _fit(root: Path, *, interrupt: bool = False, ckpt_path: Path | None = None) -> Regress:
+    L.seed_everything(0)
     module = Regress()
-    base = copy.deepcopy(module)
     g = torch.Generator().manual_seed(3)
-    data = DataLoader(TensorDataset(torch.randn(16, 5, E, generator=g), torch.randn(16, 5, generator=g)), batch_size=4)
-    callback = lp.PEFTCallback("lora", r=2, alpha=4, target_modules=["self_attn"], verbose=False)
-    run = trainer(tmp_path, callbacks=[callback], max_epochs=1)  # one epoch: 4 steps, then a checkpoint
-    run.fit(module, data)
+    data = TensorDataset(torch.randn(16, 5, E, generator=g), torch.randn(16, 5, generator=g))
+    callbacks: list[L.Callback] = [
+        lp.PEFTCallback("lora", r=2, alpha=4, target_modules=["self_attn"], verbose=False),
+        ModelCheckpoint(dirpath=root, save_last=True),
+        *([StopAfterFirstEpoch()] if interrupt else []),
+    ]
+    run = trainer(root, max_epochs=2, callbacks=callbacks)
+    run.fit(module, DataLoader(data, batch_size=4, shuffle=True), ckpt_path=ckpt_path)
+    return module
+
+
+def test_fits_in_a_trainer_resumes_exactly_and_peft_loads_the_result(tmp_path: Path) -> None:
+    """fit 8 steps == fit 4, stop, resume, fit 4 more (bit for bit); the checkpoint and its peft folder load."""
+    torch.manual_seed(0)
+    base = Regress().eval()
+    module = _fit(tmp_path / "straight")
     layer = module.encoder.self_attn
-    assert run.global_step == 4 and isinstance(layer, LoRAMultiheadAttention)
+    assert module.trainer.global_step == 8 and isinstance(layer, LoRAMultiheadAttention)
     assert layer.lora_B.abs().sum() > 0 and layer.out_proj_lora_B.abs().sum() > 0
     for name, tensor in base.encoder.self_attn.named_parameters():  # the base weights did not move
         assert torch.equal(layer.attention.get_parameter(name), tensor), name
-    x = torch.randn(2, 5, E, generator=g)
+    assert _fit(tmp_path / "first", interrupt=True).trainer.global_step == 4
+    resumed = _fit(tmp_path / "second", ckpt_path=tmp_path / "first" / "last.ckpt")
+    straight, again = lp.trainable_state_dict(module), lp.trainable_state_dict(resumed)
+    assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)
+    x = torch.randn(2, 5, E)
     module.eval()
     with torch.no_grad():
         ours = module(x)
-        assert (base.eval()(x) - ours).abs().max() > 1e-3
-    (checkpoint,) = tmp_path.rglob("*.ckpt")
-    with torch.no_grad():  # the checkpoint loads back here (strict, weights only) with the same outputs
+        assert (base(x) - ours).abs().max() > 1e-3
+        checkpoint = tmp_path / "straight" / "last.ckpt"  # loads back here (strict, weights only): the same outputs
         torch.testing.assert_close(lp.load_adapter(Regress(), checkpoint).eval()(x), ours, rtol=0, atol=0)
     # The peft folder PEFTCallback writes beside the checkpoint, read by peft itself.
     theirs = peft.PeftModel.from_pretrained(base, checkpoint.with_suffix(".peft"))
