@@ -71,8 +71,9 @@ M = TypeVar("M", bound=nn.Module)
 #: The version of peft whose config fields :data:`PEFT_FIELDS` lists.
 PEFT_FIELDS_VERSION = "0.21.2"
 #: Every field of peft's config class per ``peft_type`` (``dataclasses.fields`` of ``LoraConfig``,
-#: ``IA3Config``, ``AdaLoraConfig``, ``PromptTuningConfig``, ``PromptEncoderConfig`` and
-#: ``PrefixTuningConfig`` in peft 0.21.2; a test checks the installed peft has no field missing here). A field
+#: ``IA3Config``, ``AdaLoraConfig``, ``PromptTuningConfig``, ``PromptEncoderConfig``,
+#: ``PrefixTuningConfig`` and ``TrainableTokensConfig`` in peft 0.21.2; a test checks the installed
+#: peft has no field missing here). A field
 #: not listed is refused: lightning_peft does not guess what an unknown option meant.
 # fmt: off
 PEFT_FIELDS: dict[str, frozenset[str]] = {
@@ -107,6 +108,10 @@ PEFT_FIELDS["P_TUNING"] = _PROMPT_FIELDS | {
     "encoder_dropout", "encoder_hidden_size", "encoder_num_layers", "encoder_reparameterization_type",
 }
 PEFT_FIELDS["PREFIX_TUNING"] = _PROMPT_FIELDS | {"encoder_hidden_size", "init_weights", "prefix_projection"}
+PEFT_FIELDS["TRAINABLE_TOKENS"] = frozenset({
+    "auto_mapping", "base_model_name_or_path", "inference_mode", "init_weights", "peft_type", "peft_version",
+    "revision", "target_modules", "task_type", "token_indices",
+})
 # fmt: on
 #: peft's class name per ``peft_type``, for messages.
 PEFT_CLASSES = {
@@ -116,6 +121,7 @@ PEFT_CLASSES = {
     "PROMPT_TUNING": "PromptTuningConfig",
     "P_TUNING": "PromptEncoderConfig",
     "PREFIX_TUNING": "PrefixTuningConfig",
+    "TRAINABLE_TOKENS": "TrainableTokensConfig",
 }  # fmt: skip
 
 

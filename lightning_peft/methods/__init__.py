@@ -28,8 +28,10 @@ sys.modules[__name__].__class__ = _MethodsPackage
 
 # isort: off
 from lightning_peft.methods import lora  # noqa: E402, F401
+from lightning_peft.methods import lora_mha  # noqa: E402, F401  (LoRA on nn.MultiheadAttention: a layer type)
 from lightning_peft.methods import lora_conv  # noqa: E402, F401  (LoRA on nn.Conv1d/2d/3d)
 from lightning_peft.methods import dora  # noqa: E402, F401  (a LoRA variant: registers use_dora)
+from lightning_peft.methods import lora_param  # noqa: E402, F401  (LoRA on bare parameters: target_parameters)
 from lightning_peft.methods import ia3  # noqa: E402, F401
 from lightning_peft.methods import bottleneck  # noqa: E402, F401
 from lightning_peft.methods import adalora  # noqa: E402, F401
@@ -39,5 +41,6 @@ from lightning_peft.methods import topk  # noqa: E402, F401
 from lightning_peft.methods import prompt_tuning  # noqa: E402, F401
 from lightning_peft.methods import p_tuning  # noqa: E402, F401
 from lightning_peft.methods import prefix_tuning  # noqa: E402, F401
+from lightning_peft.methods import trainable_tokens  # noqa: E402, F401  (also LoRA's trainable_token_indices)
 
 # isort: on

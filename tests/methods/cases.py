@@ -47,4 +47,6 @@ CASES: dict[str, Case] = {
         options=lambda arch: {"num_virtual_tokens": 3, "projection": True, "projection_hidden_size": 8},
         identity_at_init=False,
     ),
+    # Rows of token ids the tiny models' inputs hold; tied output layers (gpt2, t5, bart) read the same rows.
+    "trainable_tokens": Case(options=lambda arch: {"token_indices": [3, 5, 7]}),
 }

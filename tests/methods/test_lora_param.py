@@ -1,0 +1,135 @@
+"""LoRA on bare parameters (``LoRAConfig.target_parameters``) against the formula written out.
+
+2-D ``W`` (out, in): ``W' = W + s B A``. 3-D experts ``W`` (E, ., .): ``A`` (E r, in) holds expert
+e's ``A_e`` in rows ``e r .. e r + r - 1``; ``B`` (out, r E) holds column j of ``B_e`` at column
+``j E + e``; ``Delta_e = B_e A_e`` is (out, in), stored transposed where the module's
+``is_transposed`` is True (GPT-OSS). Peft parity: tests/interop/parity.py (``*nn.Parameter*``,
+``*experts*``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import lightning_peft as lp
+from lightning_peft.methods.lora_param import LoRAParameters
+from tests.interop.parity import MLP, MlpUsingParameters
+
+
+def _moe(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    config = getattr(tf, f"{name}Config")(
+        vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, num_local_experts=3, num_experts_per_tok=2, pad_token_id=0,
+    )  # fmt: skip
+    return getattr(tf, f"{name}ForCausalLM")(config).eval()
+
+
+def _randomize(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _expert_delta(a: torch.Tensor, b: torch.Tensor, r: int, experts: int, scaling: float) -> torch.Tensor:
+    """``(E, out, in)``, expert by expert from the stored layouts (blocked rows of A, interleaved columns of B)."""
+    out = []
+    for e in range(experts):
+        a_e = a[e * r : (e + 1) * r]  # (r, in)
+        b_e = b[:, [j * experts + e for j in range(r)]]  # (out, r)
+        out.append(scaling * b_e @ a_e)
+    return torch.stack(out)
+
+
+def test_2d_parameter_formula_gradients_merge() -> None:
+    model = MlpUsingParameters().eval()
+    x = torch.randn(5, 10)
+    before = model(x)
+    lp.inject(model, "lora", target_parameters=["lin0.weight"], r=2, alpha=6)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # B = 0 at init
+    _randomize(model)
+    layer = model.lin0
+    assert isinstance(layer, LoRAParameters)
+    w = layer.base_layer.weight.detach().clone()  # (10, 20): peft reads a 2-D parameter as (out, in)
+    a, b = layer.lora_A["weight"], layer.lora_B["weight"]
+    assert a.shape == (2, 20) and b.shape == (10, 2)
+    w_eff = w + 3.0 * b @ a  # s = alpha / r
+    h = torch.relu(x @ w_eff + layer.base_layer.bias)
+    expected = torch.log_softmax(model.lin1(h), dim=-1)
+    out = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    grads = {n: p.grad is not None for n, p in model.named_parameters() if p.requires_grad}
+    assert grads == {"lin0.lora_A.weight": True, "lin0.lora_B.weight": True}
+    assert layer.base_layer.weight.grad is None
+    lp.merge(model)
+    torch.testing.assert_close(layer.base_layer.weight, w_eff.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(x), out.detach(), rtol=1e-5, atol=1e-6)
+    lp.unmerge(model)
+    torch.testing.assert_close(layer.base_layer.weight, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Mixtral", "GptOss"])
+def test_3d_experts_formula(name: str) -> None:
+    model = _moe(name)
+    ids = torch.randint(1, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+    before = model(ids).logits
+    keys = ["experts.gate_up_proj", "experts.down_proj"]
+    lp.inject(model, "lora", target_modules=[], target_parameters=keys, r=2, alpha=4)
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    _randomize(model)
+    layer = model.model.layers[0].mlp.experts
+    assert isinstance(layer, LoRAParameters) and layer.names == ["gate_up_proj", "down_proj"]
+    transposed = bool(getattr(layer.base_layer, "is_transposed", False))
+    assert transposed == (name == "GptOss")
+    originals = {n: layer.base_layer._parameters[n].detach().clone() for n in layer.names}
+    for n in layer.names:
+        delta = _expert_delta(layer.lora_A[n], layer.lora_B[n], 2, 3, 2.0)  # (E, out, in)
+        expected = originals[n] + (delta.transpose(1, 2) if transposed else delta)
+        torch.testing.assert_close(originals[n] + layer.delta(n), expected, rtol=1e-6, atol=1e-6)
+    # The forward is the experts' own with W + s Delta in place of W: run the plain module on it.
+    adapted = model(ids).logits
+    plain = _moe(name)
+    with torch.no_grad():
+        for n in layer.names:
+            getattr(plain.model.layers[0].mlp.experts, n).copy_(originals[n] + layer.delta(n))
+    torch.testing.assert_close(adapted, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    lp.merge(model)
+    torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"dropout": 0.1}, r"LoRAConfig.dropout must be 0 with target_parameters"),
+        ({"use_dora": True}, r"LoRAConfig.use_dora must be False with target_parameters"),
+        ({"init": "pissa"}, r"LoRAConfig.init must be one of 'kaiming', 'gaussian', 'random' with target_parameters"),
+        ({"target_parameters": ["lin0.nothing"]}, r"target_parameters has \['lin0.nothing'\], which match no parameter"),
+        ({"target_parameters": "lin0.weight"}, r"LoRAConfig.target_parameters must be None or a list of module names"),
+    ],
+)
+def test_errors(options: dict, match: str) -> None:
+    options = {"target_parameters": ["lin0.weight"], **options}
+    model = MlpUsingParameters()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        lp.inject(model, "lora", **options)
+    assert lp.get_info(model) is None and type(model.lin0).__name__ == "LinearUsingParameter"
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_target_modules_empty_only_with_other_targets() -> None:
+    with pytest.raises(ValueError, match=r"LoRAConfig.target_modules must be"):
+        lp.inject(MlpUsingParameters(), "lora", target_modules=[])
+
+
+def test_a_module_and_its_parameter_are_not_both_adapted() -> None:
+    model = MLP()
+    with pytest.raises(ValueError, match=r"selects parameters of 'lin0', which is already wrapped by LoRALinear"):
+        lp.inject(model, "lora", target_modules=["lin0"], target_parameters=["lin0.weight"])
+    assert lp.get_info(model) is None and type(model.lin0) is nn.Linear
