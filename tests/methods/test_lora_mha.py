@@ -206,6 +206,25 @@ def test_transformer_encoder_layers_fused_inference_path_sees_the_adapter() -> N
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)  # grad enabled: the slow path, same numbers
 
 
+def test_transformer_encoders_nested_tensor_path_sees_the_adapter() -> None:
+    """nn.TransformerEncoder with a padding mask in inference packs the batch into a nested tensor and runs
+    each layer's fused kernel on it: with the adapter's weights, as the same encoder with merged weights does."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True)
+    base = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    model = lp.inject(copy.deepcopy(base), "lora", r=2, target_modules=["self_attn"]).eval()
+    randomize_adapter(model, seed=1, std=0.3)
+    merged = lp.unload(lp.merge(copy.deepcopy(model)), merge=True)
+    assert type(merged.layers[0].self_attn) is nn.MultiheadAttention
+    x, mask = torch.randn(2, 5, E), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        ours, expected = model(x, src_key_padding_mask=mask), merged(x, src_key_padding_mask=mask)
+        assert (base(x, src_key_padding_mask=mask) - expected)[~mask].abs().max() > 1e-2
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # With gradients on, the module path (padded positions are not zeroed there): the same where it counts.
+    torch.testing.assert_close(model(x, src_key_padding_mask=mask)[~mask], expected[~mask], rtol=1e-5, atol=1e-5)
+
+
 def test_peft_files_hold_peft_names_and_half_the_out_proj_b(tmp_path: Path) -> None:
     """peft 0.21.2 adds out_proj's update twice (W_o + 2 s B_o A_o, peft PR #3774): its file holds B_o / 2.
 
