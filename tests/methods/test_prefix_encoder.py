@@ -200,6 +200,18 @@ def test_generate_with_an_encoder_prefix(arch: str) -> None:
     torch.testing.assert_close(out, ids)
 
 
+def test_switched_off_and_unloaded_it_is_the_base_model() -> None:
+    model = prefixed("t5")
+    batch = tiny.inputs("t5")
+    with torch.no_grad():
+        bare = build("t5")(**batch).logits
+        prefixed_logits = model(**batch).logits
+        with lp.disable_adapter(model):
+            torch.testing.assert_close(model(**batch).logits, bare, atol=0, rtol=0)
+        torch.testing.assert_close(model(**batch).logits, prefixed_logits, atol=0, rtol=0)
+        torch.testing.assert_close(lp.unload(model, merge=False)(**batch).logits, bare, atol=0, rtol=0)
+
+
 def test_saved_and_loaded_in_our_format(tmp_path: Path) -> None:
     model = prefixed("bart", projection=True, projection_hidden_size=8)
     batch = tiny.inputs("bart")
@@ -273,11 +285,18 @@ def _callback() -> PEFTCallback:
 
 @pytest.mark.slow
 def test_fit_a_seq2seq_task(hub_dir: Path, tmp_path: Path) -> None:
+    """A few steps of the Seq2SeqLM task; the peft folder that PEFTCallback writes beside each
+    checkpoint by default is refused once, by the option's name, and none is written."""
     module, data = _seq2seq(hub_dir, tmp_path)
-    t = trainer(tmp_path, max_steps=8, callbacks=[_callback()])
+    callback = PEFTCallback("prefix_tuning", num_virtual_tokens=4, sides=BOTH, verbose=False)  # peft_dir=True
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    t = trainer(tmp_path, max_steps=8, callbacks=[callback, checkpoints])
     before = t.validate(module, data, verbose=False)[0]["val_loss"]
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if ".prefix_tuning." not in n}
-    t.fit(module, data)
+    with pytest.warns(UserWarning, match=r"no peft adapter folder.*sides=\('decoder', 'encoder'\)"):
+        t.fit(module, data)
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == []  # no peft folder beside it
     after = t.validate(module, data, verbose=False)[0]["val_loss"]
     assert after < before, (before, after)
     declared = {n for n, _ in state.adapter_parameters(module)}
