@@ -640,6 +640,16 @@ def _load_into(
             stored = layouts.adalora_from_peft(ours, stored, options.get("rank_pattern"), PREFIX, str(weights_file))
         names = {full: (key, peft) for full, (key, peft, _, _) in tensors.items()}
         missing = [key for key, _ in names.values() if key not in stored]
+        biases_missing = [
+            key for key, _, module, _ in tensors.values() if key in missing and not isinstance(module, AdapterModule)
+        ]
+        if missing and len(biases_missing) == len(missing):
+            raise ValueError(
+                f"the peft adapter in {folder} has bias={options.get('bias')!r} but lacks the biases that trains: "
+                f"{biases_missing[:3]}{' ...' if len(biases_missing) > 3 else ''}. peft 0.19 writes none for "
+                "bias='lora_only' (it looks them up without the wrapper's base_layer in their names); save it again "
+                "with peft 0.21, or with bias='none' if they did not train."
+            )
         known = {key for key, _ in names.values()} | _same_base_weights(model, stored)
         extra = sorted(set(stored) - known - _saved_bias_copies(model, info.name, stored))
         if missing or extra:

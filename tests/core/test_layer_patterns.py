@@ -312,6 +312,21 @@ def test_lora_only_with_a_second_adapter_on_the_layer_keeps_peft_s_key(tmp_path:
     assert "base_model.model.lin0.base_layer.bias" in load_file(tmp_path / "adapter_model.safetensors")
 
 
+def test_a_peft_file_without_the_lora_only_biases_is_refused_by_field(tmp_path: Path) -> None:
+    # What peft 0.19 writes for bias="lora_only": the adapter's tensors, none of the biases it trained.
+    from safetensors.torch import save_file
+
+    model = lp.inject(MLP(), "lora", target_modules=["lin0"], bias="lora_only")
+    save_peft_adapter(model, tmp_path)
+    stored = load_file(tmp_path / "adapter_model.safetensors")
+    del stored["base_model.model.lin0.base_layer.bias"]
+    save_file(stored, tmp_path / "adapter_model.safetensors")
+    fresh = MLP()
+    with pytest.raises(ValueError, match=r"has bias='lora_only' but lacks the biases that trains: \['base_model"):
+        load_peft_adapter(fresh, tmp_path)
+    assert lp.get_info(fresh) is None
+
+
 @pytest.mark.parametrize(
     ("bias", "targets", "message"),
     [

@@ -84,12 +84,14 @@ def test_round_trip_keeps_every_tensor(tmp_path: Path) -> None:
 
 
 def test_unsupported_peft_options_are_refused(tmp_path: Path) -> None:
-    theirs = peft.get_peft_model(tiny.build("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], bias="all"))
+    theirs = peft.get_peft_model(tiny.build("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     theirs.save_pretrained(tmp_path / "p")
+    config_file = tmp_path / "p" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "layer_replication": [[0, 2]]}))
     with pytest.raises(
         ValueError,
-        match=r"adapter_config.json has bias='all', which lightning_peft's lora does not "
-        r"implement \(supported: bias='none'\)",
+        match=r"adapter_config.json has layer_replication=\[\[0, 2\]\], which lightning_peft's lora does not "
+        r"implement \(supported: layer_replication=None\)",
     ):
         load_peft_adapter(tiny.build("llama"), tmp_path / "p")
 
