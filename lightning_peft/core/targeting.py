@@ -90,6 +90,11 @@ def relative_name(name: str, base_path: str) -> str:
     return name[len(base_path) + 1 :] if base_path and name.startswith(base_path + ".") else name
 
 
+def _named(name: str, base_path: str, target: str | Sequence[str]) -> bool:
+    """Whether a target list names the module in full, which peft takes whatever ``layers_to_transform`` says."""
+    return not isinstance(target, str) and relative_name(name, base_path) in target
+
+
 def find_base_model(root: nn.Module) -> tuple[str, nn.Module]:
     """The transformers model inside ``root`` (``root`` itself if it is one), with its module path.
 
@@ -302,7 +307,7 @@ def select(
         if (
             hit
             and not (exclude is not None and name_matches(name, exclude))
-            and in_layers(relative_name(name, base_path), layers, layers_pattern)
+            and (in_layers(relative_name(name, base_path), layers, layers_pattern) or _named(name, base_path, target))
         ):
             selected.append(name)
     if not selected:

@@ -194,6 +194,12 @@ def test_every_layer_method_honours_layers_to_transform(method: str) -> None:
     assert sites and all(s.startswith("transformer.h.1.") for s in sites), sites
 
 
+def test_a_target_named_in_full_is_taken_whatever_its_layer_as_in_peft() -> None:
+    targets = ["q_proj", "model.layers.0.self_attn.v_proj"]  # peft skips the layer check for a full name
+    model = lp.inject(tiny.build("llama"), "lora", r=2, target_modules=targets, layers_to_transform=[1])
+    assert sorted(_lora_layers(model)) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"]
+
+
 def test_layers_to_transform_matching_nothing_says_so() -> None:
     with pytest.raises(ValueError, match=r"matched no module of LlamaForCausalLM in layers_to_transform=\[5\]"):
         lp.inject(tiny.build("llama"), "lora", target_modules=["q_proj"], layers_to_transform=[5])
