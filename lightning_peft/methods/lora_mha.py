@@ -138,11 +138,15 @@ class LoRAMultiheadAttention(LoRALayer):
     def from_peft_tensor(self, local: str, stored: Tensor) -> Tensor:
         return stored * 2 if local == "out_proj_lora_B" else stored
 
-    def _effective(self) -> tuple[Tensor, Tensor]:
-        """``(W_in + s B A, W_o + s B_o A_o)`` in the base weights' dtype, differentiable in the adapter."""
-        base = self.attention
-        w_in, w_out = base.in_proj_weight, base.out_proj.weight
-        return w_in + self.delta_weight().to(w_in.dtype), w_out + self.out_proj_delta_weight().to(w_out.dtype)
+    def _effective_in(self) -> Tensor:
+        """``W_in + s B A`` in the base weight's dtype, differentiable in the adapter."""
+        w_in = self.attention.in_proj_weight
+        return w_in + self.delta_weight().to(w_in.dtype)
+
+    def _effective_out(self) -> Tensor:
+        """``W_o + s B_o A_o`` in the base weight's dtype, differentiable in the adapter."""
+        w_out = self.attention.out_proj.weight
+        return w_out + self.out_proj_delta_weight().to(w_out.dtype)
 
     @property
     def _active(self) -> bool:
@@ -158,7 +162,7 @@ class LoRAMultiheadAttention(LoRALayer):
     @property
     def in_proj_weight(self) -> Tensor:
         """The packed projection this layer computes with: ``W_in + s B A`` while the adapter is on and unmerged."""
-        return self._effective()[0] if self._active else self.attention.in_proj_weight
+        return self._effective_in() if self._active else self.attention.in_proj_weight
 
     @property
     def out_proj(self) -> Any:
@@ -167,7 +171,7 @@ class LoRAMultiheadAttention(LoRALayer):
         out_proj = self.attention.out_proj
         if not self._active:
             return out_proj
-        return SimpleNamespace(weight=self._effective()[1], bias=out_proj.bias)
+        return SimpleNamespace(weight=self._effective_out(), bias=out_proj.bias)
 
     def _merge(self) -> None:
         base = self.attention
@@ -199,9 +203,8 @@ class LoRAMultiheadAttention(LoRALayer):
                 f"LoRA on a MultiheadAttention runs the attention's own forward with its adapted weights, but its "
                 f"base layer is a {type(attention).__name__} around it; wrap the LoRA layer, not the attention inside"
             )
-        w_in, w_out = self._effective()
         # The base module's own forward, with the effective weights in place of its two parameters.
-        weights = {"in_proj_weight": w_in, "out_proj.weight": w_out}
+        weights = {"in_proj_weight": self._effective_in(), "out_proj.weight": self._effective_out()}
         return torch.func.functional_call(attention, weights, (query, *args), kwargs, strict=False)
 
     def extra_repr(self) -> str:
