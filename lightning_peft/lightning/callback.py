@@ -187,6 +187,16 @@ class PEFTCallback(Callback):
         """Refuse strategies whose checkpointing or optimizer setup this callback does not handle, and
         sharded strategies the method does not support; and Lightning's bitsandbytes precision plugin."""
         strategies.check_supported(trainer.strategy, self.method)
+        scope = getattr(self.config, "bias_scope", "none")
+        if scope != "none" and isinstance(trainer.strategy, strategies.PEFTStrategy):
+            # The biases sit in the frozen base's shards (FSDP units, ZeRO partitions), which the sharded
+            # strategies gather, save and load as adapter modules' tensors only; never run that way yet.
+            raise ValueError(
+                f"{type(self.config).__name__}.bias={getattr(self.config, 'bias', scope)!r} trains base-model "
+                f"biases, which {type(trainer.strategy).__name__} (sharding {trainer.strategy.sharding!r}) shards "
+                "with the frozen weights; lightning_peft trains them on one device and with DDP only. Use "
+                "strategy='ddp', or bias='none'."
+            )
         plugin = trainer.precision_plugin
         if type(plugin).__name__ == "BitsandbytesPrecision":  # by name: importing it needs bitsandbytes
             mode = getattr(plugin, "mode", None) or "the chosen mode"

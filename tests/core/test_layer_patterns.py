@@ -371,3 +371,14 @@ def test_bias_lora_only_trains_in_a_lightning_run_and_resumes(tmp_path: Path) ->
                                                                       bias="lora_only", verbose=False)])  # fmt: skip
     t2.fit(resumed, token_loader(n=12), ckpt_path=tmp_path / "last.ckpt")
     torch.testing.assert_close(resumed.model.transformer.h[0].attn.c_attn.base_layer.bias, c_attn.base_layer.bias)
+
+
+def test_trained_biases_under_a_sharded_strategy_are_refused_by_name() -> None:
+    import lightning as L
+
+    from lightning_peft import PEFTCallback
+
+    t = L.Trainer(accelerator="cpu", devices=2, strategy="peft_fsdp", logger=False)
+    with pytest.raises(ValueError, match=r"LoRAConfig.bias='all' trains base-model biases, which PEFTFSDPStrategy"):
+        PEFTCallback("lora", bias="all").check_strategy(t)
+    PEFTCallback("lora", layers_to_transform=[0], target_modules=["q_proj"]).check_strategy(t)  # selection only
