@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, invalid
 from lightning_peft.core.layer import AdapterLayer
-from lightning_peft.core.targeting import select
+from lightning_peft.core.targeting import find_base_model, select
 from lightning_peft.core.wrapping import replace_modules
 from lightning_peft.methods import lora
 from lightning_peft.registry import Method, PeftFormat, register
@@ -176,18 +176,29 @@ class LoRATokensLayer(TrainableTokensLayer):
     peft_names: ClassVar[dict[str, str]] = {"trainable_tokens_delta": "token_adapter.trainable_tokens_delta"}
 
 
-def _input_embedding(model: nn.Module) -> str:
-    """The name of the model's input embedding (``get_input_embeddings()``), else ``"embed_tokens"`` (peft's rule)."""
-    getter = getattr(model, "get_input_embeddings", None)
+def _input_embedding(model: nn.Module, required: bool = True) -> str | None:
+    """The name of the model's input embedding (the transformers model's ``get_input_embeddings()``
+    inside ``model``), else ``"embed_tokens"`` (peft's rule), which must then exist."""
+    _, base = find_base_model(model)
+    getter = getattr(base, "get_input_embeddings", None)
     embedding = None
     try:
         embedding = getter() if callable(getter) else None
     except (NotImplementedError, AttributeError):
         pass
-    for name, module in model.named_modules():
-        if embedding is not None and module is embedding and name:
-            return name
-    return "embed_tokens"
+    layer = embedding.base if isinstance(embedding, AdapterLayer) else embedding  # resolved again once injected
+    names = [n for n, m in model.named_modules() if n and embedding is not None and m is embedding]
+    fallback = [n for n, _ in model.named_modules() if n == "embed_tokens" or n.endswith(".embed_tokens")]
+    if (embedding is not None and not isinstance(layer, nn.Embedding)) or (embedding is None and not fallback):
+        if not required:
+            return None
+        what = f"a {type(layer).__name__}" if embedding is not None else "nothing"
+        raise ValueError(
+            f"trainable_tokens needs a transformers model with token input embeddings: {type(model).__name__}'s "
+            f"input embedding (get_input_embeddings(), else a module named embed_tokens) is {what}, not an "
+            "nn.Embedding; pass target_modules naming an nn.Embedding"
+        )
+    return names[0] if names else "embed_tokens"
 
 
 def _tied_layers(model: nn.Module, embedding: nn.Module) -> list[str]:
@@ -205,7 +216,7 @@ def inject_tokens(
     model: nn.Module, targets: dict[str, list[int]], init_weights: bool, *, standalone: bool, owner: str, field: str
 ) -> list[str]:
     """Wrap the selected embeddings (and, for the input embedding, the output layers tied to it)."""
-    input_name = _input_embedding(model)
+    input_name = _input_embedding(model, required=False)
     plan: dict[str, list[int]] = {}
     for key, ids in targets.items():
         for name in select(model, [key], None, field=field, owner=owner):
@@ -241,14 +252,14 @@ def resolve(model: nn.Module, config: TrainableTokensConfig) -> TrainableTokensC
     """``target_modules=None`` -> the model's input embedding (peft's default)."""
     if config.target_modules is not None:
         return config
-    return config.replace(target_modules=[_input_embedding(model)])
+    return config.replace(target_modules=[str(_input_embedding(model))])
 
 
 def apply_with_lora(model: nn.Module, config: lora.LoRAConfig) -> list[str]:
     """``LoRAConfig.trainable_token_indices``: a list is for the input embedding, a dict names the embeddings."""
     value = config.trainable_token_indices
     assert value is not None
-    targets = dict(value) if isinstance(value, dict) else {_input_embedding(model): list(value)}
+    targets = dict(value) if isinstance(value, dict) else {str(_input_embedding(model)): list(value)}
     for key, ids in targets.items():
         check_indices(config, f"trainable_token_indices[{key!r}]" if isinstance(value, dict) else "trainable_token_indices", ids)
     return inject_tokens(

@@ -193,12 +193,12 @@ def _media_options(method: str, arch: str) -> dict[str, Any]:
 def _media_refusals(
     archs: tuple[str, ...], extra: dict[tuple[str, str], tuple[type[Exception], str]]
 ) -> dict[tuple[str, str], tuple[type[Exception], str]]:
-    """Input-side methods on every arch (no token embeddings), and ``extra``."""
+    """Input-side methods and trainable tokens on every arch (no token embeddings), and ``extra``."""
     embeddings = "{} needs a transformers model with token input embeddings"
     refusals = {
         (m.name, arch): (ValueError, embeddings.format(m.name))
         for m in registry.all_methods()
-        if m.kind == "input"
+        if m.kind == "input" or m.name == "trainable_tokens"  # the rows it trains are token embeddings
         for arch in archs
     }
     return {**refusals, **extra}
