@@ -323,3 +323,22 @@ def test_adalora_on_conv2d_with_pruned_ranks_loads_in_peft(tmp_path: object) -> 
     with torch.no_grad():
         ref = theirs(x)
     assert torch.allclose(ref, out, atol=1e-5 * max(1.0, float(ref.abs().max())))
+
+
+@pytest.mark.slow
+def test_lora_bias_on_a_4bit_base_follows_the_formula() -> None:
+    """QLoRA with lora_bias (peft's bnb layers have it): ``deq(W) x + b + s (B A x + c)``; requantizing refused."""
+    pytest.importorskip("bitsandbytes")
+    from lightning_peft.core.quantize import dequantized_weight
+
+    torch.manual_seed(0)
+    model = lp.quantize(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)), "nf4")
+    lp.inject(model, "lora", target_modules=["0"], r=2, lora_bias=True)
+    layer: LoRALinear = model[0]
+    _randomize(layer)
+    x = torch.randn(3, 64)
+    lora = x @ layer.lora_A.t() @ layer.lora_B.t() + layer.lora_B_bias
+    expected = x @ dequantized_weight(layer.base).float().t() + layer.base.bias + layer.scaling * lora
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    with pytest.raises(TypeError, match=r"no lora_bias"):
+        lp.merge_requantized(model)
