@@ -316,6 +316,7 @@ def _peft_folder(
         tensors = {layouts.PROMPT_KEY: layouts.prompt_tensor(layouts.prompt_module(model, adapter_name))}
     else:
         tensors = dict(_peft_names(model, adapter_name, values, clean).values())
+        tensors.update({copy: tensors[source] for copy, source in _peft_copies(model, adapter_name).items()})
     if info.method == "adalora":
         config["rank_pattern"] = layouts.adalora_to_peft(tensors, PREFIX)
     if convert:
@@ -464,6 +465,30 @@ def _same_base_weights(model: nn.Module, stored: dict[str, Tensor]) -> set[str]:
             if key in stored and stored[key].shape == tensor.shape and torch.equal(stored[key].to(tensor), tensor):
                 same.add(key)
     return same
+
+
+def _peft_copies(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """peft key of a tensor peft writes twice -> the key of the one it repeats.
+
+    A module declares such copies with ``peft_copies()`` (its local name -> the adapter module and
+    local name repeated): a standalone trainable-tokens adapter's tied output layer, whose rows peft
+    stores again under the layer's own name. Saving writes them; loading accepts them where equal.
+    """
+    info = state.adapter_of(model, adapter_name)
+    base = f"{info.base_path}." if info.base_path else ""
+    modules = list(state.adapter_modules(model, adapter_name))
+    prefixes = {id(module): prefix for prefix, module in modules}
+
+    def key(prefix: str, module: AdapterModule, local: str) -> str:
+        site = state.site_name(model, prefix)
+        inner = site[len(base) :] if site.startswith(base) else site
+        return PREFIX + (f"{inner}.{module.peft_key(local)}" if inner else module.peft_key(local))
+
+    return {
+        key(prefix, module, local): key(prefixes[id(source)], source, source_local)
+        for prefix, module in modules
+        for local, (source, source_local) in getattr(module, "peft_copies", dict)().items()
+    }
 
 
 def _saved_bias_copies(model: nn.Module, adapter_name: str, stored: dict[str, Tensor]) -> set[str]:
@@ -651,7 +676,13 @@ def _load_into(
                 "with peft 0.21, or with bias='none' if they did not train."
             )
         known = {key for key, _ in names.values()} | _same_base_weights(model, stored)
-        extra = sorted(set(stored) - known - _saved_bias_copies(model, info.name, stored))
+        copies = {
+            c
+            for c, src in _peft_copies(model, info.name).items()
+            if c in stored and src in stored and stored[c].shape == stored[src].shape
+            and torch.equal(stored[c], stored[src])
+        }
+        extra = sorted(set(stored) - known - _saved_bias_copies(model, info.name, stored) - copies)
         if missing or extra:
             raise ValueError(
                 f"the peft adapter in {folder} does not match this model's {method.name} adapter: "

@@ -22,6 +22,7 @@ the input embedding or ``{module name: ids}``), where peft keys the tensor
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.core.config import LayerConfig, invalid
-from lightning_peft.core.layer import AdapterLayer
+from lightning_peft.core.layer import AdapterLayer, AdapterModule
 from lightning_peft.core.targeting import find_base_model, select
 from lightning_peft.core.wrapping import replace_modules
 from lightning_peft.methods import lora
@@ -87,13 +88,15 @@ class TrainableTokensLayer(AdapterLayer):
     ) -> None:
         super().__init__(base_layer)
         weight = base_layer.weight
-        if isinstance(base_layer, nn.Embedding):
-            if base_layer.max_norm is not None or base_layer.scale_grad_by_freq or base_layer.sparse:
-                raise TypeError(
-                    "trainable tokens need an nn.Embedding without max_norm, scale_grad_by_freq or sparse gradients "
-                    f"(this one: max_norm={base_layer.max_norm}, scale_grad_by_freq={base_layer.scale_grad_by_freq}, "
-                    f"sparse={base_layer.sparse})"
-                )
+        special = isinstance(base_layer, nn.Embedding) and (
+            base_layer.max_norm is not None or base_layer.scale_grad_by_freq or base_layer.sparse
+        )
+        if special:
+            raise TypeError(
+                "trainable tokens need an nn.Embedding without max_norm, scale_grad_by_freq or sparse gradients "
+                f"(this one: max_norm={base_layer.max_norm}, scale_grad_by_freq={base_layer.scale_grad_by_freq}, "
+                f"sparse={base_layer.sparse})"
+            )
         if not isinstance(base_layer, nn.Embedding) and not (isinstance(base_layer, nn.Linear) and tied is not None):
             raise TypeError(
                 f"it is a {type(base_layer).__name__}; trainable tokens wrap nn.Embedding layers (and an output "
@@ -114,9 +117,9 @@ class TrainableTokensLayer(AdapterLayer):
             self._init_weights = init_weights
             self.reset_adapter_parameters()
         else:
-            # The tied layer's tensor is the embedding's, saved once. (A standalone peft adapter of a tied
-            # model stores it again under the output layer's name, which loading refuses as unexpected.)
-            self.adapter_names = ()
+            # The tied layer's tensor is the embedding's, declared once (peft's standalone files repeat
+            # it under this layer's name: see peft_copies).
+            self.adapter_names = ()  # type: ignore[misc]  # per instance: a tied layer declares none
 
     @property
     def trained_rows(self) -> Tensor:
@@ -165,6 +168,10 @@ class TrainableTokensLayer(AdapterLayer):
         weight = self.base.weight
         weight.index_copy_(0, self.token_indices, self.trainable_tokens_original.to(weight.dtype))
 
+    def peft_copies(self) -> dict[str, tuple[AdapterModule, str]]:
+        """A tied layer's rows, which peft's standalone format stores again under the layer's own name."""
+        return {"trainable_tokens_delta": (self._tied[0], "trainable_tokens_delta")} if self._tied else {}
+
     def extra_repr(self) -> str:
         return f"token_indices={self.ids}" + (", tied" if self._tied else "")
 
@@ -175,6 +182,9 @@ class LoRATokensLayer(TrainableTokensLayer):
     method = "lora"
     peft_names: ClassVar[dict[str, str]] = {"trainable_tokens_delta": "token_adapter.trainable_tokens_delta"}
 
+    def peft_copies(self) -> dict[str, tuple[AdapterModule, str]]:
+        return {}  # with LoRA, peft saves a tied layer's rows once (the embedding's)
+
 
 def _input_embedding(model: nn.Module, required: bool = True) -> str | None:
     """The name of the model's input embedding (the transformers model's ``get_input_embeddings()``
@@ -182,10 +192,8 @@ def _input_embedding(model: nn.Module, required: bool = True) -> str | None:
     _, base = find_base_model(model)
     getter = getattr(base, "get_input_embeddings", None)
     embedding = None
-    try:
+    with contextlib.suppress(NotImplementedError, AttributeError):
         embedding = getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        pass
     layer = embedding.base if isinstance(embedding, AdapterLayer) else embedding  # resolved again once injected
     names = [n for n, m in model.named_modules() if n and embedding is not None and m is embedding]
     fallback = [n for n, _ in model.named_modules() if n == "embed_tokens" or n.endswith(".embed_tokens")]
@@ -261,7 +269,9 @@ def apply_with_lora(model: nn.Module, config: lora.LoRAConfig) -> list[str]:
     assert value is not None
     targets = dict(value) if isinstance(value, dict) else {str(_input_embedding(model)): list(value)}
     for key, ids in targets.items():
-        check_indices(config, f"trainable_token_indices[{key!r}]" if isinstance(value, dict) else "trainable_token_indices", ids)
+        check_indices(
+            config, f"trainable_token_indices[{key!r}]" if isinstance(value, dict) else "trainable_token_indices", ids
+        )
     return inject_tokens(
         model, targets, True, standalone=False, owner=type(config).__name__, field="trainable_token_indices"
     )
@@ -278,7 +288,11 @@ def to_peft(config: TrainableTokensConfig) -> dict[str, Any]:
                 f"TrainableTokensConfig.{name}={getattr(config, name)!r} has no place in peft's TrainableTokensConfig "
                 f"(it has no {name}); save this adapter with lightning_peft.save_adapter, or leave {name} empty."
             )
-    return {"token_indices": config.token_indices, "target_modules": config.target_modules, "init_weights": config.init_weights}
+    return {
+        "token_indices": config.token_indices,
+        "target_modules": config.target_modules,
+        "init_weights": config.init_weights,
+    }
 
 
 _PEFT_METADATA = frozenset(

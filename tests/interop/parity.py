@@ -347,7 +347,6 @@ MHA_REFUSED = (
 )
 INIT = "data-driven or other inits not implemented"
 NOTHING = "a bias option that would train no bias (peft accepts it and trains nothing)"
-ADALORA_BIAS = "lightning_peft's adalora trains its SVD triplets only (bias is LoRA's option)"
 
 _L, _I, _A, _T = "LoraConfig", "IA3Config", "AdaLoraConfig", "TrainableTokensConfig"
 _NOT_WRAPPED = r"which lora (with use_dora=True )?cannot wrap"
@@ -398,9 +397,11 @@ CASES: list[Case] = [
     Case("Embedding + transformers Conv1D 1 trainable_tokens", "EmbConv1D", _T,
          {"target_modules": ["emb"], "token_indices": [3, 10, 13], "init_weights": False}),  # ids the inputs hold
     Case("llama trainable_tokens default target", "llama", _T, {"token_indices": [0, 5, 8]}, source="trainable_tokens"),
-    Case("llama tied trainable_tokens", "llama-tied", _T, {"token_indices": [5, 8]}, source="trainable_tokens",
-         refused=r"unexpected \['base_model\.model\.lm_head\.trainable_tokens_delta'\]",
-         why="peft stores a tied output layer's copy of the trained rows again, which the loader does not check yet"),
+    Case("llama tied trainable_tokens", "llama-tied", _T, {"token_indices": [5, 8]}, source="trainable_tokens"),
+    Case("t5 trainable_tokens shared embedding", "t5", _T, {"token_indices": [5, 8]}, source="trainable_tokens",
+         slow=True),
+    Case("bart LoRA trainable_token_indices shared embedding", "bart", _L,
+         {"target_modules": ["q_proj"], "trainable_token_indices": [5, 8]}, source="trainable_tokens", slow=True),
     Case("llama tied LoRA trainable_token_indices list", "llama-tied", _L,
          {"target_modules": ["q_proj"], "trainable_token_indices": [5, 8]}, source="trainable_tokens"),
     Case("llama LoRA trainable_token_indices all-linear", "llama", _L,
@@ -468,7 +469,8 @@ CASES: list[Case] = [
     Case("MHA out_proj LoRA", "MHA", _L, {"target_modules": ["out_proj"]},
          refused=r"the out_proj of an nn\.MultiheadAttention", why=MHA_REFUSED, source="issue"),
     Case("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", _L, {"target_parameters": ["lin0.weight"]}),
-    Case("MLP 2 using nn.Parameter LoRA", "MLP", _L, {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
+    Case("MLP 2 using nn.Parameter LoRA", "MLP", _L,
+         {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
     # peft's multi-adapter rows' configs (one adapter each here), then MoE experts as 3-D parameters (peft 0.19
     # reads every 3-D tensor as (E, in, out), Mixtral's (E, out, in) too; 0.21 reads the module's is_transposed)
     Case("MLP using nn.Parameter LoRA init False", "MlpUsingParameters", _L,
@@ -536,8 +538,10 @@ CASES: list[Case] = [
          {"target_modules": ["q_proj"], "total_step": 4, "init_r": 4, "target_r": 2, "layers_to_transform": [0]},
          source="issue"),
     Case("AdaLoRA bias all", "llama-bias", _A,
-         {"target_modules": ["q_proj"], "total_step": 4, "init_r": 4, "target_r": 2, "bias": "all"},
-         refused=r"bias='all', which lightning_peft's adalora does not implement", why=ADALORA_BIAS, source="issue"),
+         {"target_modules": ["q_proj"], "total_step": 4, "init_r": 4, "target_r": 2, "bias": "all"}, source="issue"),
+    Case("AdaLoRA bias lora_only", "MLP", _A,
+         {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "total_step": 1, "bias": "lora_only"},
+         source="issue", needs_peft="0.21"),
     Case("AdaLoRA target_r above init_r", "MLP", _A, {"target_modules": ["lin0"], "total_step": 4, "init_r": 4},
          refused=r"target_r must be at most init_r \(4\); got 8", why="a budget that would grow: peft allows it, "
          "lightning_peft's schedule prunes only", source="issue"),

@@ -109,7 +109,10 @@ def test_3d_experts_formula(name: str) -> None:
         ({"dropout": 0.1}, r"LoRAConfig.dropout must be 0 with target_parameters"),
         ({"use_dora": True}, r"LoRAConfig.use_dora must be False with target_parameters"),
         ({"init": "pissa"}, r"LoRAConfig.init must be one of 'kaiming', 'gaussian', 'random' with target_parameters"),
-        ({"target_parameters": ["lin0.nothing"]}, r"target_parameters has \['lin0.nothing'\], which match no parameter"),
+        (
+            {"target_parameters": ["lin0.nothing"]},
+            r"target_parameters has \['lin0.nothing'\], which match no parameter",
+        ),
         ({"target_parameters": "lin0.weight"}, r"LoRAConfig.target_parameters must be None or a list of module names"),
     ],
 )

@@ -43,7 +43,9 @@ class Emb(nn.Module):
 
     def __init__(self, scale: float | None = None) -> None:
         super().__init__()
-        emb = nn.Embedding(20, 6, padding_idx=0) if scale is None else ScaledEmbedding(20, 6, padding_idx=0, scale=scale)
+        emb = (
+            nn.Embedding(20, 6, padding_idx=0) if scale is None else ScaledEmbedding(20, 6, padding_idx=0, scale=scale)
+        )
         self.emb, self.head = emb, nn.Linear(6, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
