@@ -9,14 +9,22 @@ e's ``A_e`` in rows ``e r .. e r + r - 1``; ``B`` (out, r E) holds column j of `
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
 import transformers as tf
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_peft as lp
+from lightning_peft import PEFTCallback
+from lightning_peft.lightning.peft_dir import peft_dir_of
 from lightning_peft.methods.lora_param import LoRAParameters
-from tests.interop.parity import MLP, MlpUsingParameters
+from tests.interop.parity import MLP, MlpUsingParameters, assert_parity
+from tests.lightning.modules import trainer
 
 
 def _moe(name: str) -> nn.Module:
@@ -136,3 +144,57 @@ def test_a_module_and_its_parameter_are_not_both_adapted() -> None:
     with pytest.raises(ValueError, match=r"selects parameters of 'lin0', which is already wrapped by LoRALinear"):
         lp.inject(model, "lora", target_modules=["lin0"], target_parameters=["lin0.weight"])
     assert lp.get_info(model) is None and type(model.lin0) is nn.Linear
+
+
+class _MoELM(L.LightningModule):
+    """A causal LM over the tiny Mixtral (3-D expert tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _moe("Mixtral").train()
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _loader() -> DataLoader:
+    ids = torch.randint(1, 32, (8, 6), generator=torch.Generator().manual_seed(2))
+    return DataLoader(TensorDataset(ids), batch_size=4)
+
+
+@pytest.mark.slow
+def test_trainer_fit_resume_and_peft_folder(tmp_path: Path) -> None:
+    """A real fit on the experts: peft loads the checkpoint's peft folder to the same logits, and a
+    fit stopped after 2 of 4 steps and resumed ends with the adapter the uninterrupted fit has."""
+    peft = pytest.importorskip("peft")
+    from packaging.version import Version
+
+    options = {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "r": 2}
+
+    def fit(root: Path, steps: int, resume: Path | None = None) -> tuple[_MoELM, Path]:
+        torch.manual_seed(0)
+        module = _MoELM()
+        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
+        run = trainer(root, max_steps=steps, callbacks=[PEFTCallback("lora", verbose=False, **options), ckpt])
+        run.fit(module, _loader(), ckpt_path=resume)
+        (saved,) = root.glob(f"*-step={steps}.ckpt")
+        return module, saved
+
+    full, _ = fit(tmp_path / "full", 4)
+    _, half = fit(tmp_path / "half", 2)
+    resumed, last = fit(tmp_path / "resumed", 4, resume=half)
+    mine = dict(lp.trainable_state_dict(full))
+    assert mine and all(torch.equal(t, lp.trainable_state_dict(resumed)[n]) for n, t in mine.items())
+    ids = torch.randint(1, 32, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = resumed.model.eval()(ids).logits
+        assert not torch.allclose(ours, _moe("Mixtral")(ids).logits, atol=1e-4), "the fit changed nothing"
+    if Version(peft.__version__) < Version("0.21"):
+        return  # peft 0.19 lays Mixtral's (E, out, in) experts out as (E, in, out) (see the parity rows)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(_moe("Mixtral"), peft_dir_of(last)).eval()(ids).logits
+    assert_parity(theirs, ours, "peft loading the resumed fit's peft folder")
