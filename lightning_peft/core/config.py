@@ -250,6 +250,10 @@ class LayerConfig(AdapterConfig):
         return "none"
 
 
+#: peft's ``bias`` values (LoraConfig's, AdaLoraConfig's) and the base biases each trains (``LayerConfig.bias_scope``).
+BIAS_SCOPES: dict[str, Literal["none", "adapted", "all"]] = {"none": "none", "lora_only": "adapted", "all": "all"}
+
+
 def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 

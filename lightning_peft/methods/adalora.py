@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,9 @@ from torch import Tensor, nn
 
 from lightning_peft.core import state
 from lightning_peft.core.config import (
+    BIAS_SCOPES,
     LayerConfig,
+    check_choice,
     check_positive,
     check_positive_int,
     check_probability,
@@ -117,8 +119,12 @@ class AdaLoRAConfig(LayerConfig):
         orth_reg_weight: weight of the orthogonality penalty on P and Q (0 turns it off).
         total_step: number of optimizer steps the schedule spans. ``None`` takes it from the
             training loop (PEFTCallback: the Trainer's estimated number of steps).
+        bias: base biases that train with the adapter, as LoRA's (peft's AdaLoraConfig has it from
+            LoraConfig): ``"none"``, ``"lora_only"`` (the adapted layers' own) or ``"all"``.
         target_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
         exclude_modules: see :class:`~lightning_peft.core.config.LayerConfig`.
+        layers_to_transform: see :class:`~lightning_peft.core.config.LayerConfig`.
+        layers_pattern: see :class:`~lightning_peft.core.config.LayerConfig`.
         modules_to_save: see :class:`~lightning_peft.core.config.AdapterConfig`.
     """
 
@@ -133,9 +139,11 @@ class AdaLoRAConfig(LayerConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice(self, "bias", self.bias, BIAS_SCOPES)
         check_positive_int(self, "init_r", self.init_r)
         check_positive_int(self, "target_r", self.target_r)
         if self.target_r > self.init_r:
@@ -155,6 +163,10 @@ class AdaLoRAConfig(LayerConfig):
         if self.total_step is not None:
             check_positive_int(self, "total_step", self.total_step)
             self.check_schedule(self.total_step)
+
+    @property
+    def bias_scope(self) -> Literal["none", "adapted", "all"]:
+        return BIAS_SCOPES[self.bias]
 
     def check_schedule(self, total_steps: int, source: str = "total_step") -> None:
         """Raise unless warm-up and final phase leave steps to prune in (``tinit + tfinal < T``)."""
@@ -445,7 +457,7 @@ def to_peft(config: AdaLoRAConfig) -> dict[str, Any]:
         "target_modules": config.target_modules,
         "exclude_modules": config.exclude_modules,
         "modules_to_save": config.modules_to_save or None,
-        "bias": "none",
+        "bias": config.bias,
         "fan_in_fan_out": False,
         "use_dora": False,
         "use_rslora": False,
@@ -469,7 +481,14 @@ def from_peft(options: dict[str, Any]) -> AdaLoRAConfig:
     for name, value in options.items():
         if name in lora._PEFT_METADATA or name in _PEFT_NAMES or name in ("r", "target_modules", "exclude_modules"):
             continue
-        if name in ("modules_to_save", "fan_in_fan_out", "rank_pattern", "layers_to_transform", "layers_pattern"):
+        if name in (
+            "modules_to_save",
+            "fan_in_fan_out",
+            "rank_pattern",
+            "layers_to_transform",
+            "layers_pattern",
+            "bias",
+        ):
             continue  # fan_in_fan_out: set per layer type, by peft as here; rank_pattern: the interop layer's
         if name in lora._PEFT_INERT:
             continue
@@ -500,6 +519,7 @@ def from_peft(options: dict[str, Any]) -> AdaLoRAConfig:
         modules_to_save=list(options.get("modules_to_save") or []),
         layers_to_transform=None if options.get("layers_to_transform") == [] else options.get("layers_to_transform"),
         layers_pattern=options.get("layers_pattern") or None,
+        bias=options.get("bias", "none"),
     )
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core import saved_input
 from lightning_peft.core.config import (
+    BIAS_SCOPES,
     LayerConfig,
     check_choice,
     check_module_keys,
@@ -155,7 +156,7 @@ class LoRAConfig(LayerConfig):
         check_positive(self, "alpha", self.alpha)
         check_patterns(self, "rank_pattern", self.rank_pattern, check_positive_int)
         check_patterns(self, "alpha_pattern", self.alpha_pattern, check_positive)
-        check_choice(self, "bias", self.bias, _BIAS_SCOPES)
+        check_choice(self, "bias", self.bias, BIAS_SCOPES)
         check_probability(self, "dropout", self.dropout)
         if not isinstance(self.rslora, bool):
             raise ValueError(f"LoRAConfig.rslora must be True or False; got {self.rslora!r}.")
@@ -180,7 +181,7 @@ class LoRAConfig(LayerConfig):
 
     @property
     def bias_scope(self) -> Literal["none", "adapted", "all"]:
-        return _BIAS_SCOPES[self.bias]
+        return BIAS_SCOPES[self.bias]
 
     def check_selected(self, names: Sequence[str]) -> None:
         """Refuse a ``rank_pattern``/``alpha_pattern`` key that matches none of the targeted modules (a
@@ -207,10 +208,6 @@ class LoRAConfig(LayerConfig):
         except ValueError as error:
             keys = f"rank_pattern[{r_key!r}]={r}" if r_key is not None else f"alpha_pattern[{alpha_key!r}]={alpha}"
             raise ValueError(f"LoRAConfig.{keys} for layer {name!r}: {error}") from None
-
-
-#: peft's ``bias`` values and the base biases each trains (``LayerConfig.bias_scope``).
-_BIAS_SCOPES: dict[str, Literal["none", "adapted", "all"]] = {"none": "none", "lora_only": "adapted", "all": "all"}
 
 
 def _check_token_indices(config: LoRAConfig, value: object) -> None:

@@ -270,6 +270,13 @@ def test_gradients_reach_exactly_the_adapter_and_the_chosen_biases(bias: str, tr
     assert state.undeclared_trainable(model) == []
 
 
+def test_adalora_trains_the_biases_its_bias_option_names() -> None:
+    model = lp.inject(MLP(), "adalora", target_modules=["lin0"], init_r=4, target_r=2, bias="lora_only")
+    model(torch.randn(5, 6)).pow(2).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"lin0.lora_A", "lin0.lora_B", "lin0.lora_E", "lin0.base_layer.bias"}
+
+
 def test_trained_biases_save_load_merge_and_unload(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = lp.inject(MLP(), "lora", target_modules=["lin0"], bias="all")
