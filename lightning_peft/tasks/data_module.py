@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_peft.core.config import check_positive_int, invalid
 from lightning_peft.tasks.base import ADAPTER_KEY, load_tokenizer
-from lightning_peft.tasks.batching import EpochShuffle, pad_collate
+from lightning_peft.tasks.batching import pad_collate, resumable_loader
 from lightning_peft.tasks.reading import (
     QUIET_BELOW,
     Data,
@@ -396,9 +394,7 @@ class TextDataModule(L.LightningDataModule):
         return f"{owner} has no {split} records: {how}."
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        """The split's loader: a ``StatefulDataLoader``, whose position and shuffling order Lightning
-        saves in checkpoints and restores, so a run resumed from a mid-epoch checkpoint sees the
-        same batches as an uninterrupted one (a plain DataLoader starts the epoch over)."""
+        """The split's loader (see :func:`~lightning_peft.tasks.batching.resumable_loader`)."""
         if split not in self.encoded:
             if self.records is not None and split not in self.records:
                 raise ValueError(self._missing_split(split))
@@ -406,20 +402,14 @@ class TextDataModule(L.LightningDataModule):
         data = self.encoded[split]
         pad_id = self.tokenizer.pad_token_id
         left = split == "predict" and self.pad_left_for_predict
-        with warnings.catch_warnings():
-            # torchdata 0.11's constructor calls torch's deprecated set_vital; not about the user's run.
-            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-            return StatefulDataLoader(
-                data,  # type: ignore[arg-type]
-                batch_size=self.batch_size,
-                # A stream shuffles in its own buffer (see _tokenize) and saves its position itself.
-                sampler=EpochShuffle(len(data), self.seed) if shuffle and not is_stream(data) else None,
-                # Worker seeds from a generator of its own too: building or iterating a loader then draws
-                # nothing from the global RNG, so a resumed run's dropout stays in step with an uninterrupted one.
-                generator=torch.Generator().manual_seed(self.seed),
-                num_workers=self.num_workers,
-                collate_fn=functools.partial(pad_collate, pad_token_id=pad_id, left=left),  # picklable for workers
-            )
+        return resumable_loader(
+            data,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            collate_fn=functools.partial(pad_collate, pad_token_id=pad_id, left=left),  # picklable for workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

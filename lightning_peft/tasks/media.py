@@ -19,7 +19,6 @@ import csv
 import importlib
 import inspect
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from lightning_peft.core.config import check_positive_int, invalid
 from lightning_peft.tasks.base import load_model
+from lightning_peft.tasks.batching import resumable_loader
 from lightning_peft.tasks.classification import SequenceClassification
-from lightning_peft.tasks.data import EpochShuffle
 
 CLASS_PREFIX = "class:"
 SPLITS = ("train", "validation", "test", "predict")
@@ -577,16 +575,14 @@ class MediaData(L.LightningDataModule):
         if split not in self.items:
             raise ValueError(f"{type(self).__name__} has no {split} data: set {split} (or a hold-out split).")
         data = _Encoded(self, self.items[split], split)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-            return StatefulDataLoader(
-                data,  # type: ignore[arg-type]
-                batch_size=self.batch_size,
-                sampler=EpochShuffle(len(data), self.seed) if shuffle else None,
-                generator=torch.Generator().manual_seed(self.seed),
-                num_workers=self.num_workers,
-                collate_fn=self.collate,
-            )
+        return resumable_loader(
+            data,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

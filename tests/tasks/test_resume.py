@@ -23,7 +23,6 @@ from tests.tasks import hub
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 9  # 36 training rows (48, a quarter held out) in batches of 4
-KILL_AT = 4  # mid-epoch: after the checkpoint of step 4 is written
 
 SCRIPT = textwrap.dedent(
     """
@@ -37,20 +36,21 @@ SCRIPT = textwrap.dedent(
     import lightning_peft as lp
     from lightning_peft.tasks import SequenceClassification, TextClassificationData
 
-    mode, root, model_dir, train = sys.argv[1:5]
-    root = Path(root)
+    mode, root, model_dir, train, kill_at = sys.argv[1:6]
+    root, kill_at = Path(root), int(kill_at)
+    root.mkdir(parents=True, exist_ok=True)
 
 
     class KillAfterCheckpoint(Callback):
         def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == {kill_at}:  # the checkpoint of step {kill_at} is on disk
+            if trainer.global_step == kill_at:  # the checkpoint of step kill_at is on disk
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
     L.seed_everything(0)
     module = SequenceClassification(model_dir, learning_rate=1e-2)
     data = TextClassificationData(train_file=train, batch_size=4, val_split=0.25)
-    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps={kill_at}, save_top_k=-1)
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=kill_at, save_top_k=-1)
     callbacks = [lp.PEFTCallback("lora", r=4, dropout=0.1, verbose=False), checkpoints]
     if mode == "kill":
         callbacks.append(KillAfterCheckpoint())
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent(
         max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root, callbacks=callbacks,
     )
-    resume = sys.argv[5] if mode == "resume" else None
+    resume = sys.argv[6] if mode == "resume" else None
     trainer.fit(module, data, ckpt_path=resume)
     assert trainer.global_step == {total}, trainer.global_step
     state = {{k: v.contiguous() for k, v in lp.trainable_state_dict(module, training_state=False).items()}}
@@ -67,19 +67,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path, mode: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / "fit.py"
+def _run(folder: Path, mode: str, kill_at: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    script = folder / "fit.py"
     if not script.exists():
-        script.write_text(SCRIPT.format(kill_at=KILL_AT, total=2 * STEPS_PER_EPOCH))
-    model = hub.save_model(tmp_path / "hub", "bert")
-    train = tmp_path / "train.csv"
+        script.write_text(SCRIPT.format(total=2 * STEPS_PER_EPOCH))
+    model = hub.save_model(folder / "hub", "bert")
+    train = folder / "train.csv"
     if not train.exists():
         hub.write_csv(train, hub.classification_rows(48))
-    root = tmp_path / mode
+    root = folder / f"{mode}-{kill_at}"
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     return subprocess.run(
-        [sys.executable, str(script), mode, str(root), str(model), str(train), *extra],
-        cwd=tmp_path,
+        [sys.executable, str(script), mode, str(root), str(model), str(train), str(kill_at), *extra],
+        cwd=folder,
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -87,22 +87,30 @@ def _run(tmp_path: Path, mode: str, *extra: str) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The uninterrupted run (its folder holds the script, model and data the other runs reuse) and its adapter."""
+    folder = tmp_path_factory.mktemp("resume")
+    result = _run(folder, "straight", 0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, load_file(str(folder / "straight-0" / "adapter.safetensors"))
+
+
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_resumes_bit_identically(tmp_path: Path) -> None:
-    straight = _run(tmp_path, "straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    killed = _run(tmp_path, "kill")
+@pytest.mark.parametrize("kill_at", [4, STEPS_PER_EPOCH], ids=["mid-epoch", "epoch-end"])
+def test_a_killed_run_resumes_bit_identically(straight: tuple[Path, dict[str, torch.Tensor]], kill_at: int) -> None:
+    """Killed after the checkpoint of step 4 (mid-epoch) or of step 9 (the first epoch's last batch)."""
+    folder, expected = straight
+    killed = _run(folder, "kill", kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    (checkpoint,) = (tmp_path / "kill" / "checkpoints").glob("*.ckpt")
-    assert f"step={KILL_AT}" in checkpoint.name and KILL_AT % STEPS_PER_EPOCH != 0  # a mid-epoch checkpoint
-    assert not (tmp_path / "kill" / "adapter.safetensors").exists()
+    (checkpoint,) = (folder / f"kill-{kill_at}" / "checkpoints").glob("*.ckpt")
+    assert f"step={kill_at}" in checkpoint.name
+    assert not (folder / f"kill-{kill_at}" / "adapter.safetensors").exists()
 
-    resumed = _run(tmp_path, "resume", str(checkpoint))
+    resumed = _run(folder, "resume", kill_at, str(checkpoint))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    expected = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
-    got = load_file(str(tmp_path / "resume" / "adapter.safetensors"))
+    got = load_file(str(folder / f"resume-{kill_at}" / "adapter.safetensors"))
     assert expected.keys() == got.keys() and expected
     differences = {name: (got[name] - expected[name]).abs().max().item() for name in expected}
     assert max(differences.values()) == 0, differences
