@@ -15,6 +15,8 @@ wrapped, and for the duration of its forward each targeted tensor ``W`` reads as
     Delta_e = B_e A_e (out, in), laid out as W[e]: (out, in) = (d1, d2) for a module whose
     ``is_transposed`` is False (Mixtral: ``x @ W[e]^T``), else Delta_e^T with (in, out) = (d1, d2).
 
+``rank_pattern`` / ``alpha_pattern`` keys match ``<module>.<parameter>`` (peft's key for a
+parameter target); ``layers_to_transform`` does not restrict parameter targets, as in peft.
 Merging adds ``s Delta`` to ``W`` itself. Like peft, this refuses dropout (the input cannot be
 factored out of ``W' x``), DoRA and initializations that read a weight matrix (PiSSA, OLoRA, ...).
 A module's several targeted tensors share one wrapper; peft nests one wrapper per tensor, the
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_peft.core.layer import AdapterLayer
+from lightning_peft.core.targeting import find_base_model, relative_name
 from lightning_peft.core.wrapping import replace_modules
 from lightning_peft.methods import lora
 
@@ -63,12 +66,17 @@ class LoRAParameters(AdapterLayer):
     #: Another adapter's wrapper around this one would read the base tensors without the update.
     stackable: ClassVar[bool] = False
 
-    def __init__(self, base_layer: nn.Module, names: list[str], config: lora.LoRAConfig) -> None:
+    def __init__(self, base_layer: nn.Module, names: list[str], config: lora.LoRAConfig, site: str = "") -> None:
+        """``site``: the module's name inside the transformers model, which ``rank_pattern`` and
+        ``alpha_pattern`` keys match as ``<site>.<parameter>`` (peft's key for a parameter target)."""
         super().__init__(base_layer)
         check(config)
         held = dict(self.base.named_parameters(recurse=False))
         self.names = [n for n in held if n in names]  # peft's nesting order: the module's own order
-        self.r, self.scaling, self.init = config.r, config.scaling, config.init
+        self.init = config.init
+        #: per name: the rank and scale its config gives (rank_pattern / alpha_pattern)
+        self.ranks: dict[str, int] = {}
+        self.scales: dict[str, float] = {}
         #: per name: (experts, in, out, whether Delta_e is stored transposed (in, out) in W)
         self.layout: dict[str, tuple[int, int, int, bool]] = {}
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
@@ -86,16 +94,18 @@ class LoRAParameters(AdapterLayer):
                     "and 3-D (experts, ., .) parameters only"
                 )
             factory = self.adapter_factory(weight)
+            own = config.for_layer(f"{site}.{name}" if site else name)
+            self.ranks[name], self.scales[name] = own.r, own.scaling
             self.layout[name] = (experts, in_f, out_f, transposed)
-            self.lora_A[name] = nn.Parameter(torch.empty(config.r * experts, in_f, **factory))
-            self.lora_B[name] = nn.Parameter(torch.empty(out_f, config.r * experts, **factory))
+            self.lora_A[name] = nn.Parameter(torch.empty(own.r * experts, in_f, **factory))
+            self.lora_B[name] = nn.Parameter(torch.empty(out_f, own.r * experts, **factory))
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
         for name in self.names:
             a, b = self.lora_A[name], self.lora_B[name]
             if self.init == "gaussian":
-                nn.init.normal_(a, std=1 / self.r)
+                nn.init.normal_(a, std=1 / self.ranks[name])
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             if self.init == "random":  # peft's init_lora_weights=False: B as nn.Linear initializes a weight
@@ -114,10 +124,11 @@ class LoRAParameters(AdapterLayer):
         weight = self.base._parameters[name]
         a, b = self.lora_A[name], self.lora_B[name]
         if experts == 1 and weight.dim() == 2:
-            return (b @ a * self.scaling).to(weight.dtype)  # (out, in)
-        a_e = a.view(experts, self.r, -1)  # (E, r, in)
-        b_e = b.view(b.shape[0], self.r, experts).permute(2, 0, 1)  # (E, out, r)
-        delta = torch.bmm(b_e, a_e) * self.scaling  # (E, out, in)
+            return (b @ a * self.scales[name]).to(weight.dtype)  # (out, in)
+        r = self.ranks[name]
+        a_e = a.view(experts, r, -1)  # (E, r, in)
+        b_e = b.view(b.shape[0], r, experts).permute(2, 0, 1)  # (E, out, r)
+        delta = torch.bmm(b_e, a_e) * self.scales[name]  # (E, out, in)
         return (delta.transpose(1, 2) if transposed else delta).to(weight.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -135,7 +146,7 @@ class LoRAParameters(AdapterLayer):
             self.base._parameters[name].sub_(self.delta(name))
 
     def extra_repr(self) -> str:
-        return f"parameters={self.names}, r={self.r}, scaling={self.scaling:g}"
+        return f"parameters={self.names}, r={self.ranks}, scaling={self.scales}"
 
 
 def select(model: nn.Module, keys: list[str]) -> dict[str, list[str]]:
@@ -190,7 +201,12 @@ def apply(model: nn.Module, config: lora.LoRAConfig) -> list[str]:
                 "parameters and the module itself cannot both be adapted. Leave it out of target_modules (peft "
                 "refuses this too), or delete the other adapter first"
             )
-    return replace_modules(model, list(found), lambda name, module: LoRAParameters(module, found[name], config))
+    base_path, _ = find_base_model(model)
+
+    def build(name: str, module: nn.Module) -> LoRAParameters:
+        return LoRAParameters(module, found[name], config, relative_name(name, base_path))
+
+    return replace_modules(model, list(found), build)
 
 
 lora.OPTIONS["target_parameters"] = apply
