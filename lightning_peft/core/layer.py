@@ -115,6 +115,11 @@ class AdapterModule(nn.Module):
         """The tensor as peft stores it (laid out differently, or scaled: see :meth:`from_peft_tensor`)."""
         return tensor
 
+    def check_peft_version(self, version: str | None) -> None:
+        """Raise ``ValueError`` if a peft file written by peft ``version`` (its ``peft_version``; ``None``
+        when the file does not say) cannot be read right by this module: where the layout
+        converts for what particular peft versions compute. By default every version is read."""
+
     def from_peft_tensor(self, local: str, stored: Tensor) -> Tensor | None:
         """``stored`` (peft's tensor, of ``to_peft_tensor``'s shape) as this module holds it, where
         ``to_peft_tensor`` changes values rather than only their order; ``None`` (the default): the

@@ -691,6 +691,11 @@ def _load_into(
             )
         # Every tensor's exact shape (in peft's layout, key by key) and values, before one is copied.
         state.check_tensors({key: peft.shape for key, peft in names.values()}, stored, str(weights_file))
+        for module in {id(m): m for _, _, m, _ in tensors.values() if isinstance(m, AdapterModule)}.values():
+            try:
+                module.check_peft_version(options.get("peft_version"))
+            except ValueError as error:
+                raise ValueError(f"{folder / CONFIG_NAME}: {error}") from None
         ours = dict(state.adapter_state(model, info.name))
         weights: OrderedDict[str, Tensor] = OrderedDict(
             # A tied bias (BERT's decoder.bias is cls.predictions.bias) is under each of its names, as in peft's file.

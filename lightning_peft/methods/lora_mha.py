@@ -135,6 +135,22 @@ class LoRAMultiheadAttention(LoRALayer):
         # PR #3774): a peft file holds half the B_o that gives the same outputs here. Exact (a power of two).
         return tensor * 0.5 if local == "out_proj_lora_B" else tensor
 
+    #: The newest peft known to add out_proj's update twice (what the halved B_o in peft's files is for).
+    PEFT_DOUBLES_OUT_PROJ_THROUGH = "0.21.2"
+
+    def check_peft_version(self, version: str | None) -> None:
+        # A file from a later peft may hold the B_o that PR #3774's fix applies once: doubling it would be wrong.
+        from packaging.version import Version
+
+        newest = self.PEFT_DOUBLES_OUT_PROJ_THROUGH
+        if version is not None and Version(str(version).split("@")[0]) > Version(newest):
+            raise ValueError(
+                f"peft_version={version!r}: LoRA on nn.MultiheadAttention reads files of peft <= {newest}, which adds "
+                "out_proj's update twice (peft PR #3774), so lightning_peft doubles the stored out_proj lora_B; "
+                f"whether peft {version} still does is not known here. Save the adapter with peft <= {newest}, or load "
+                "it with the peft that wrote it."
+            )
+
     def from_peft_tensor(self, local: str, stored: Tensor) -> Tensor:
         return stored * 2 if local == "out_proj_lora_B" else stored
 

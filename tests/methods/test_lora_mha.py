@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +251,24 @@ def test_peft_files_hold_peft_names_and_half_the_out_proj_b(tmp_path: Path) -> N
     back = load_peft_adapter(Attend().eval(), tmp_path)
     for local in LoRAMultiheadAttention.adapter_names:
         assert torch.equal(getattr(back.mha, local), getattr(layer, local)), local
+
+
+@pytest.mark.parametrize("version", ["0.21.2", "0.19.0", "0.21.2@abc123", None, "0.21.3.dev0", "0.22.0"])
+def test_peft_files_of_a_later_peft_are_refused_by_version(tmp_path: Path, version: str | None) -> None:
+    """The doubled out_proj B is what peft <= 0.21.2 computes; a later peft's file (it may have the fix) is refused."""
+    save_peft_adapter(build(), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["peft_version"] = version
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = Attend().eval()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    if version is None or version.startswith(("0.21.2", "0.19")):
+        load_peft_adapter(fresh, tmp_path)
+        return
+    with pytest.raises(ValueError, match=rf"peft_version='{re.escape(version)}': LoRA on nn.MultiheadAttention reads "):
+        load_peft_adapter(fresh, tmp_path)
+    assert fresh.state_dict().keys() == before.keys()  # the adapter it added is removed again
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
 
 
 def test_own_adapter_files_round_trip(tmp_path: Path) -> None:
