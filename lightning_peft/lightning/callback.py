@@ -197,6 +197,15 @@ class PEFTCallback(Callback):
                 "with the frozen weights; lightning_peft trains them on one device and with DDP only. Use "
                 "strategy='ddp', or bias='none'."
             )
+        for option in ("target_parameters", "trainable_token_indices"):  # LoRA's: never run sharded yet
+            value = getattr(self.config, option, None)
+            if value is not None and isinstance(trainer.strategy, strategies.PEFTStrategy):
+                raise ValueError(
+                    f"{type(self.config).__name__}.{option}={value!r} is trained on one device and with DDP only: "
+                    f"its layers read base tensors outside their own module, which {type(trainer.strategy).__name__} "
+                    f"(sharding {trainer.strategy.sharding!r}) has not been tested to gather. Use strategy='ddp', or "
+                    f"leave {option} unset."
+                )
         plugin = trainer.precision_plugin
         if type(plugin).__name__ == "BitsandbytesPrecision":  # by name: importing it needs bitsandbytes
             mode = getattr(plugin, "mode", None) or "the chosen mode"

@@ -198,3 +198,13 @@ def test_trainer_fit_resume_and_peft_folder(tmp_path: Path) -> None:
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(_moe("Mixtral"), peft_dir_of(last)).eval()(ids).logits
     assert_parity(theirs, ours, "peft loading the resumed fit's peft folder")
+
+
+@pytest.mark.parametrize("option", [{"target_parameters": ["experts.down_proj"]}, {"trainable_token_indices": [1]}])
+def test_sharded_strategies_refuse_by_name(option: dict) -> None:
+    t = L.Trainer(accelerator="cpu", devices=2, strategy="peft_fsdp", logger=False)
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"LoRAConfig.{name}=.* is trained on one device and with DDP only"):
+        PEFTCallback("lora", **option).check_strategy(t)
+    with pytest.raises(ValueError, match=r"trainable_tokens.*(sharded|strateg)"):
+        PEFTCallback("trainable_tokens", token_indices=[1]).check_strategy(t)
