@@ -80,8 +80,13 @@ class TrainableTokensLayer(AdapterLayer):
 
     adapter_names: ClassVar[tuple[str, ...]] = ("trainable_tokens_delta",)
     method: ClassVar[str] = "trainable_tokens"
-    #: Another adapter's wrapper around this one would not see the replaced rows.
-    stackable: ClassVar[bool] = False
+
+    @property
+    def stackable(self) -> bool:  # type: ignore[override]
+        """Only while trainable tokens are added (:func:`inject_tokens`, which checks the chain holds
+        trainable-tokens adapters of disjoint rows only): a LoRA embedding and these rows in one chain
+        would each miss the other's update (peft refuses that pair too)."""
+        return _STACKING[0]
 
     def __init__(
         self, base_layer: nn.Module, ids: list[int], init_weights: bool, tied: TrainableTokensLayer | None = None
@@ -220,6 +225,29 @@ def _tied_layers(model: nn.Module, embedding: nn.Module) -> list[str]:
     ]
 
 
+#: Set while :func:`inject_tokens` adds a named adapter's rows to embeddings that already hold others'.
+_STACKING = [False]
+
+
+def _check_chain(model: nn.Module, name: str, ids: list[int], field: str, owner: str) -> None:
+    """Refuse rows on an embedding that holds another kind of adapter, or rows another adapter trains."""
+    module = model.get_submodule(name)
+    while isinstance(module, AdapterLayer):
+        if not isinstance(module, TrainableTokensLayer):
+            raise TypeError(
+                f"{owner}.{field} selects {name!r}, which holds {type(module).__name__} of adapter "
+                f"{module.adapter_name!r}; trainable tokens share an embedding only with other trainable-tokens "
+                "adapters (peft refuses LoRA and trainable tokens on one embedding too)"
+            )
+        overlap = sorted(set(ids) & set(module.ids))
+        if overlap:
+            raise ValueError(
+                f"{owner}.{field} has token ids {overlap} for {name!r}, which adapter {module.adapter_name!r} "
+                "already trains there; adapters on one embedding need disjoint token ids (as in peft)"
+            )
+        module = module.base_layer
+
+
 def inject_tokens(
     model: nn.Module, targets: dict[str, list[int]], init_weights: bool, *, standalone: bool, owner: str, field: str
 ) -> list[str]:
@@ -229,6 +257,8 @@ def inject_tokens(
     for key, ids in targets.items():
         for name in select(model, [key], None, field=field, owner=owner):
             plan[name] = ids
+    for name, ids in plan.items():
+        _check_chain(model, name, ids, field, owner)
     layer_cls = TrainableTokensLayer if standalone else LoRATokensLayer
     built: dict[str, TrainableTokensLayer] = {}
 
@@ -236,13 +266,21 @@ def inject_tokens(
         built[name] = layer_cls(module, plan[name], init_weights)
         return built[name]
 
-    names = replace_modules(model, list(plan), build)
-    inputs = [n for n in names if n == input_name]
-    if inputs:
-        embedding = built.get(inputs[0]) or model.get_submodule(inputs[0])
-        assert isinstance(embedding, TrainableTokensLayer)
-        tied = [n for n in _tied_layers(model, embedding.base) if n not in plan]
-        names += replace_modules(model, tied, lambda _, m: layer_cls(m, embedding.ids, init_weights, tied=embedding))
+    _STACKING[0] = True
+    try:
+        names = replace_modules(model, list(plan), build)
+        inputs = [n for n in names if n == input_name]
+        if inputs:
+            embedding = built.get(inputs[0]) or model.get_submodule(inputs[0])
+            assert isinstance(embedding, TrainableTokensLayer)
+            tied = [n for n in _tied_layers(model, embedding.base) if n not in plan]
+            for name in tied:
+                _check_chain(model, name, embedding.ids, field, owner)
+            names += replace_modules(
+                model, tied, lambda _, m: layer_cls(m, embedding.ids, init_weights, tied=embedding)
+            )
+    finally:
+        _STACKING[0] = False
     return names
 
 

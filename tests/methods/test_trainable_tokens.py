@@ -154,3 +154,43 @@ def test_layer_errors() -> None:
         lp.inject(_llama(), "lora", target_modules=["q_proj"], trainable_token_indices={"embed_tokens": []})
     with pytest.raises(ValueError, match=r"trainable_token_indices.*nothing_here"):
         lp.inject(_llama(), "lora", target_modules=["q_proj"], trainable_token_indices={"nothing_here": [1]})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_named_adapters_with_disjoint_rows(tied: bool) -> None:
+    """Two adapters on one embedding (peft's multiple adapters): each replaces its own rows; the rows
+    of both show when both are active, each alone when one is; merging both is exact."""
+    model = _llama(tied=tied)
+    ids = torch.tensor([[3, 4, 5, 9, 11, 2]])
+    lp.inject(model, "trainable_tokens", token_indices=[3, 5], adapter_name="a")
+    lp.inject(model, "trainable_tokens", token_indices=[9, 11], adapter_name="b")
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer) and m.adapter_names]
+    assert len(layers) == 2
+    table = model.model.embed_tokens.base.weight.detach().clone()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in layers:
+            layer.trainable_tokens_delta.copy_(torch.randn(layer.trainable_tokens_delta.shape, generator=g))
+            table[layer.ids] = layer.trainable_tokens_delta
+    lp.set_adapter(model, ["a", "b"])
+    torch.testing.assert_close(model.model.embed_tokens(ids), nn.functional.embedding(ids, table), rtol=0, atol=0)
+    both = model(ids).logits
+    if tied:  # the head's logits of every replaced token are x T^T, whichever adapter trains it
+        hidden = model.model(ids).last_hidden_state
+        torch.testing.assert_close(both[..., [3, 5, 9, 11]], hidden @ table[[3, 5, 9, 11]].t(), rtol=1e-5, atol=1e-5)
+    lp.merge(model)
+    torch.testing.assert_close(model(ids).logits, both, rtol=1e-5, atol=1e-5)
+    lp.unmerge(model)
+    with pytest.raises(ValueError, match=r"token ids \[5\] for 'model.embed_tokens', which adapter 'a' already"):
+        lp.inject(model, "trainable_tokens", token_indices=[5, 6], adapter_name="c")
+
+
+def test_lora_and_trainable_tokens_on_one_embedding_are_refused() -> None:
+    model = _llama()
+    lp.inject(model, "lora", target_modules=["embed_tokens"], r=2, adapter_name="a")
+    with pytest.raises(TypeError, match=r"holds LoRAEmbedding of adapter 'a'; trainable tokens share an embedding"):
+        lp.inject(model, "trainable_tokens", token_indices=[3], adapter_name="b")
+    other = _llama()
+    lp.inject(other, "trainable_tokens", token_indices=[3], adapter_name="a")
+    with pytest.raises(TypeError, match=r"cannot share a base layer"):
+        lp.inject(other, "lora", target_modules=["embed_tokens"], r=2, adapter_name="b")
