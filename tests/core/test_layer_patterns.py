@@ -355,7 +355,6 @@ def test_a_bias_option_that_would_train_nothing_is_refused(bias: str, targets: l
     assert [n for n, _ in model.named_modules()] == before and lp.get_info(model) is None
 
 
-@pytest.mark.slow
 def test_bias_lora_only_trains_in_a_lightning_run_and_resumes(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
