@@ -679,7 +679,9 @@ def _load_into(
         copies = {
             c
             for c, src in _peft_copies(model, info.name).items()
-            if c in stored and src in stored and stored[c].shape == stored[src].shape
+            if c in stored
+            and src in stored
+            and stored[c].shape == stored[src].shape
             and torch.equal(stored[c], stored[src])
         }
         extra = sorted(set(stored) - known - _saved_bias_copies(model, info.name, stored) - copies)

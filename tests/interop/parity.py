@@ -153,8 +153,16 @@ def _gemma() -> nn.Module:
 
 def _moe(name: str) -> nn.Module:
     """A mixture-of-experts model whose experts are 3-D parameters: Mixtral's (E, out, in), GPT-OSS's (E, in, out)."""
-    shapes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2}
+    shapes = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    }
     config = getattr(tf, f"{name}Config")(vocab_size=VOCAB, pad_token_id=0, **shapes)
     return getattr(tf, f"{name}ForCausalLM")(config)
 
