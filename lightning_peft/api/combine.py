@@ -132,6 +132,15 @@ def add_weighted_adapter(
                 f"add_weighted_adapter cannot combine DoRA adapters (their magnitudes do not add up); "
                 f"{info.name!r} has use_dora=True."
             )
+        for field, what in (
+            ("target_parameters", "LoRA on bare parameters, whose updates are no layers' B A"),
+            ("trainable_token_indices", "trained embedding rows, which replace rows rather than add up"),
+        ):
+            if getattr(info.config, field):
+                raise ValueError(
+                    f"add_weighted_adapter cannot combine adapters with {field} ({what}); {info.name!r} has "
+                    f"{field}={getattr(info.config, field)!r}."
+                )
         if info.config.lora_bias:
             raise ValueError(
                 f"add_weighted_adapter cannot combine adapters with lora_bias=True (peft's combinations read A and B "

@@ -49,6 +49,7 @@ def replace_modules(root: nn.Module, names: Sequence[str], build: Callable[[str,
     plan: list[tuple[str, nn.Module]] = []
     inner: list[tuple[AdapterLayer, nn.Module]] = []
     for name in names:
+        refuse_unused(root, name)
         module = root.get_submodule(name)
         if id(module) in built:
             plan.append((name, built[id(module)]))
@@ -129,6 +130,27 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 def _own_bias(module: nn.Module) -> bool:
     return isinstance(module._parameters.get("bias"), nn.Parameter)
+
+
+def refuse_unused(root: nn.Module, name: str) -> None:
+    """Refuse a module whose forward its parent never calls: a wrapper there would change nothing.
+
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` itself (``F.multi_head_attention_forward``)
+    and never calls ``out_proj``; a layer method's wrapper there would train and save an adapter the
+    outputs never see (peft wraps it all the same).
+
+    Raises:
+        TypeError: naming the module and what to target instead.
+    """
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if leaf == "out_proj" and isinstance(parent, nn.MultiheadAttention):
+        raise TypeError(
+            f"{name!r} is the out_proj of an nn.MultiheadAttention, which reads out_proj.weight itself and never calls "
+            "out_proj's forward, so a wrapper there would change nothing; leave it out of target_modules "
+            "(exclude_modules), and for LoRA target the MultiheadAttention module itself (its LoRA adapts in_proj "
+            "and out_proj)"
+        )
 
 
 def inject_layers(model: nn.Module, config: LayerConfig, *, wrap: WrapFn) -> list[str]:

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.core import saved_input
 from lightning_peft.core.config import (
     BIAS_SCOPES,
     LayerConfig,
@@ -47,6 +46,7 @@ from lightning_peft.core.shared_input import SharedInputs, attach
 from lightning_peft.core.targeting import is_linear, pattern_key
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.methods import lora_init
+from lightning_peft.methods.lora_kernels import FusedLoRALinear, LoRAFromHidden
 from lightning_peft.registry import Method, PeftFormat, register
 
 #: What LoRA wraps when no target list is given: the attention query and value projections, as in
@@ -232,7 +232,7 @@ def _check_token_indices(config: LoRAConfig, value: object) -> None:
 class LoRALayer(WeightMergingLayer):
     """What the LoRA wrappers share: the scale, the merge bookkeeping and the declared weights."""
 
-    adapter_names = ("lora_A", "lora_B")
+    adapter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
     method = "lora"
     supports_mixed_batch = True
 
@@ -288,78 +288,6 @@ class LoRALayer(WeightMergingLayer):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
-
-
-class _FusedLoRALinear(torch.autograd.Function):
-    """``y = x W + b + s (x A^T) B^T`` for a frozen ``W``, keeping only ``x`` and ``h = x A^T`` for backward
-    (and not even ``x`` where autograd keeps its factors: see :mod:`lightning_peft.core.saved_input`).
-
-    The plain autograd expression allocates the base output, then the updated output, and in
-    backward two full-size input gradients that are then summed. Here the update is accumulated
-    into the base output in place and the input gradient is one buffer updated in place, so a
-    step costs the base layer's memory plus the (N x r) ``h``. ``W`` is (in, out) here: callers pass
-    ``weight.t()`` for ``nn.Linear`` and the weight itself for GPT-2's ``Conv1D``.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float
-    ) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        h = x2d @ lora_A.t()  # (N, r)
-        out = torch.addmm(bias, x2d, w) if bias is not None else x2d @ w  # (N, out)
-        out.addmm_(h, lora_B.t(), alpha=scaling)
-        kept = saved_input.keep(x)  # x, or its factors where autograd keeps those anyway
-        ctx.save_for_backward(h, w, lora_A, lora_B, *kept)
-        ctx.scaling, ctx.shape = scaling, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        h, w, lora_A, lora_B, *kept = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_h = (grad @ lora_B).mul_(ctx.scaling)  # (N, r)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ w.t()  # (N, in)
-            grad_x.addmm_(grad_h, lora_A)
-            grad_x = grad_x.view(ctx.shape)
-        if ctx.needs_input_grad[3]:
-            x = saved_input.restore(tuple(kept))
-            grad_A = grad_h.t() @ x.reshape(-1, x.shape[-1])  # (r, in)
-        else:
-            grad_A = None
-        grad_B = (grad.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None  # (out, r)
-        return grad_x, None, None, grad_A, grad_B, None
-
-
-class _LoRAFromHidden(torch.autograd.Function):
-    """``y = x W + b + s h B^T`` for a frozen ``W`` and a given ``h = x A^T``, keeping only ``h`` for backward.
-
-    The layer's share of a projection that :class:`~lightning_peft.core.shared_input.SharedInputs`
-    computed once for the layers reading ``x``: ``x`` itself is kept by that one product (for
-    ``dA``), not here (the frozen ``W`` needs no input for its gradient).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, h: Tensor, lora_B: Tensor, scaling: float
-    ) -> Tensor:
-        out = torch.addmm(bias, x, w) if bias is not None else x @ w  # (N, out)
-        out.addmm_(h, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(h, w, lora_B)
-        ctx.scaling = scaling
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        h, w, lora_B = ctx.saved_tensors
-        grad_x = grad @ w.t() if ctx.needs_input_grad[0] else None  # (N, in)
-        grad_h = (grad @ lora_B).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None  # (N, r)
-        grad_B = (grad.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None  # (out, r)
-        return grad_x, None, None, grad_h, grad_B, None
 
 
 class LoRALinear(LoRALayer):
@@ -579,14 +507,14 @@ class LoRALinear(LoRALayer):
                 return self._add_update(self.base_layer(x), hidden)
             base = self.base_layer
             w = base.weight if self.fan_in_fan_out else base.weight.t()  # (in, out)
-            out = _LoRAFromHidden.apply(
+            out = LoRAFromHidden.apply(
                 x.reshape(-1, x.shape[-1]), w, base.bias, hidden.reshape(-1, self.r), self.lora_B, self.scaling
             )
             return out.view(*x.shape[:-1], out.shape[-1])
         if self._can_fuse(x):
             base = self.base_layer
             w = base.weight if self.fan_in_fan_out else base.weight.t()  # (in, out)
-            return _FusedLoRALinear.apply(x, w, base.bias, self.lora_A, self.lora_B, self.scaling)
+            return FusedLoRALinear.apply(x, w, base.bias, self.lora_A, self.lora_B, self.scaling)
         result = self.base_layer(x)  # (..., out)
         lora_A = self.lora_A
         x = self.dropout(x)

@@ -43,7 +43,6 @@ from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_peft.methods.lora import LAYER_TYPES, LoRAConfig, LoRALayer
 
@@ -232,18 +231,4 @@ def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
     return LoRAMultiheadAttention(module, config)  # type: ignore[arg-type]
 
 
-def refuse_out_proj(module: nn.Module, config: LoRAConfig) -> LoRALayer:
-    """Refuse LoRA on a MultiheadAttention's ``out_proj`` alone (torch's ``NonDynamicallyQuantizableLinear``).
-
-    nn.MultiheadAttention reads ``out_proj.weight`` and never calls ``out_proj``'s forward, so a
-    wrapper there would leave the outputs as they were (peft wraps it and changes nothing).
-    """
-    raise TypeError(
-        "it is the out_proj of an nn.MultiheadAttention (a NonDynamicallyQuantizableLinear), whose forward the "
-        "attention never calls, so lora there would change nothing; target the MultiheadAttention module itself "
-        "(its LoRA adapts in_proj and out_proj), and leave out_proj out of target_modules (exclude_modules)"
-    )
-
-
 LAYER_TYPES[nn.MultiheadAttention] = wrap
-LAYER_TYPES[NonDynamicallyQuantizableLinear] = refuse_out_proj

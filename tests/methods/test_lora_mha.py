@@ -294,7 +294,7 @@ def _lora_bias() -> dict[str, Any]:
         ({"dropout": 0.1}, r"LoRAConfig\.dropout=0\.1 is refused on a MultiheadAttention"),
         ({"init": "pissa"}, r"LoRAConfig\.init='pissa' is refused on a MultiheadAttention.*'kaiming' or 'gaussian'"),
         ({"use_dora": True}, r"it is a MultiheadAttention, which lora with use_dora=True cannot wrap"),
-        ({"target_modules": ["out_proj"]}, r"'mha\.out_proj': it is the out_proj of an nn\.MultiheadAttention"),
+        ({"target_modules": ["out_proj"]}, r"'mha\.out_proj' is the out_proj of an nn\.MultiheadAttention"),
         ("lora_bias", r"LoRAConfig\.lora_bias=True is refused on a MultiheadAttention"),
     ],
     ids=["kdim", "dropout", "init", "dora", "out_proj", "lora_bias"],
@@ -307,6 +307,22 @@ def test_refusals_name_the_field_and_leave_the_model(options: Any, message: str)
     with pytest.raises(TypeError, match=message):
         lp.inject(model, "lora", **{"r": 2, "target_modules": ["mha"], **options})
     assert type(model.mha) is nn.MultiheadAttention and lp.get_info(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("ia3", {"feedforward_modules": []}), ("lora", {"use_dora": True}), ("adalora", {"total_step": 10}),
+     ("bitfit", {}), ("lora", {"modules_to_save": ["mha.out_proj"], "target_modules": ["head"]})],
+    ids=["ia3", "dora", "adalora", "bitfit", "modules_to_save"],
+)  # fmt: skip
+def test_no_method_wraps_an_attentions_out_proj(method: str, options: dict[str, Any]) -> None:
+    """nn.MultiheadAttention never calls out_proj's forward: any wrapper there would be dead, so each is refused."""
+    model = Attend()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"'mha\.out_proj' is the out_proj of an nn\.MultiheadAttention"):
+        lp.inject(model, method, **{"target_modules": ["out_proj"], **options})
+    assert type(model.mha.out_proj).__name__ == "NonDynamicallyQuantizableLinear" and lp.get_info(model) is None
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

@@ -208,3 +208,12 @@ def test_sharded_strategies_refuse_by_name(option: dict) -> None:
         PEFTCallback("lora", **option).check_strategy(t)
     with pytest.raises(ValueError, match=r"trainable_tokens.*(sharded|strateg)"):
         PEFTCallback("trainable_tokens", token_indices=[1]).check_strategy(t)
+
+
+def test_add_weighted_adapter_refuses_parameter_adapters_by_name() -> None:
+    model = MlpUsingParameters().eval()
+    lp.inject(model, "lora", target_parameters=["lin0.weight"], r=2)
+    lp.inject(model, "lora", adapter_name="b", target_parameters=["lin1.weight"], r=2)
+    with pytest.raises(ValueError, match=r"cannot combine adapters with target_parameters .*'default' has target_param"):
+        lp.add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "both")
+    assert "both" not in lp.adapters(model)
