@@ -100,6 +100,9 @@ class Method:
         regularization: a penalty added to the loss (see :data:`RegularizationFn`).
         calibrate: a pass over a few training batches before training (see :data:`CalibrateFn`),
             e.g. to pick the entries a sparse method trains.
+        calibrates: which configs ``calibrate`` is for (``config -> bool``); ``None``: every one.
+            A method whose calibration is an option (LoRA's data-driven inits) so leaves the
+            training batches untouched for its other configs: no batch is drawn for them.
         peft: the mapping to Hugging Face peft's adapter format, where lightning_peft implements it.
         peft_type: peft's name (``PeftType``) for the same method, where peft has it, set also while
             ``peft`` is not implemented (errors name it); taken from ``peft`` when that is set.
@@ -120,6 +123,7 @@ class Method:
     on_step_uses_adapter: bool = False
     regularization: RegularizationFn | None = None
     calibrate: CalibrateFn | None = None
+    calibrates: Callable[[Any], bool] | None = None
     peft: PeftFormat | None = None
     peft_type: str | None = None
     sharding: frozenset[Sharding] = ALL_SHARDINGS
@@ -134,6 +138,10 @@ class Method:
                 f"Method {self.name!r} has peft_type={self.peft_type!r} but its PeftFormat has "
                 f"peft_type={self.peft.peft_type!r}; leave Method.peft_type unset (None) or make the two agree."
             )
+
+    def needs_calibration(self, config: Any) -> bool:
+        """Whether ``calibrate`` runs for ``config`` (see :attr:`calibrates`)."""
+        return self.calibrate is not None and (self.calibrates is None or self.calibrates(config))
 
     def make_config(self, **options: Any) -> AdapterConfig:
         """The method's config from keyword options, with a clear error for unknown ones."""

@@ -95,5 +95,5 @@ def calibrate(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[Any],
         loss_fn: the training loss of one batch (a scalar tensor).
     """
     method, config = _method(model)
-    if method.calibrate is not None:
+    if method.calibrate is not None and method.needs_calibration(config):
         method.calibrate(model, config, batches, loss_fn)

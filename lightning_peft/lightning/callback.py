@@ -362,7 +362,7 @@ class PEFTCallback(Callback):
         self._total_steps = int(total) if math.isfinite(total) else None
         if self.peft_dir:
             self._check_peft_dir(pl_module)
-        if self.method.calibrate is not None:
+        if self.method.needs_calibration(self.config):
             self.calibrate(trainer, pl_module)
 
     # ------------------------------------------------------------------ method training hooks

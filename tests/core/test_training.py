@@ -37,7 +37,8 @@ def test_penalty_gradient_equals_adding_the_penalty_to_the_loss() -> None:
 
 def test_methods_without_hooks_need_no_calls() -> None:
     entry = registry.get("lora")
-    assert entry.on_step is None and entry.regularization is None and entry.calibrate is None
+    assert entry.on_step is None and entry.regularization is None
+    assert not entry.needs_calibration(entry.make_config())  # its calibrate hook is for the data-driven inits only
     model = lp.inject(tiny.build("llama"), "lora")
 
     def never() -> object:
