@@ -93,7 +93,7 @@ def test_pissa_on_gpt2_conv1d_factors_the_transposed_weight() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"init": "eva"}, r"LoRAConfig\.init='eva' is refused: EVA \(peft's data-driven init"),
+        ({"init": "lora_ga"}, r"LoRAConfig\.init='lora_ga' is refused: LoRA-GA \(peft's init from estimated"),
         ({"init": "corda"}, r"LoRAConfig\.init='corda' is refused: CorDA"),
         ({"init": "pissa_niter_0"}, r"init='pissa_niter_0' is refused: the iteration count must be a positive"),
         ({"init": "svd"}, r"init must be one of 'kaiming', 'gaussian', 'loftq'; got 'svd'\. peft's initializations"),
@@ -238,7 +238,7 @@ def test_default_valued_and_inert_fields_are_fine_and_each_read_field_maps_exact
     ("value", "message"),
     [
         ("loftq", r"init_lora_weights='loftq' is refused: peft replaces the base weights"),
-        ("eva", r"init_lora_weights='eva' is refused: EVA"),
+        ("lora_ga", r"init_lora_weights='lora_ga' is refused: LoRA-GA"),
         ("mica", r"init_lora_weights='mica' is refused: MiCA"),
         ("xavier", r"init_lora_weights='xavier' is not one lightning_peft implements; supported: True, False"),
     ],
