@@ -32,6 +32,8 @@ from lightning_peft.methods import lora_mha  # noqa: E402, F401  (LoRA on nn.Mul
 from lightning_peft.methods import lora_conv  # noqa: E402, F401  (LoRA on nn.Conv1d/2d/3d)
 from lightning_peft.methods import dora  # noqa: E402, F401  (a LoRA variant: registers use_dora)
 from lightning_peft.methods import lora_param  # noqa: E402, F401  (LoRA on bare parameters: target_parameters)
+from lightning_peft.methods import lora_eva  # noqa: E402, F401  (LoRA's data-driven init "eva": a calibration)
+from lightning_peft.methods import lora_corda  # noqa: E402, F401  (LoRA's data-driven init "corda": a calibration)
 from lightning_peft.methods import ia3  # noqa: E402, F401
 from lightning_peft.methods import bottleneck  # noqa: E402, F401
 from lightning_peft.methods import adalora  # noqa: E402, F401

@@ -12,7 +12,7 @@ so the model starts out unchanged. With ``rslora`` the scale is ``alpha / sqrt(r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -47,7 +47,7 @@ from lightning_peft.core.targeting import is_linear, pattern_key
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.methods import lora_init
 from lightning_peft.methods.lora_kernels import FusedLoRALinear, LoRAFromHidden
-from lightning_peft.registry import Method, PeftFormat, register
+from lightning_peft.registry import CalibrateFn, Method, PeftFormat, register
 
 #: What LoRA wraps when no target list is given: the attention query and value projections, as in
 #: the paper's main experiments (and peft's defaults, so configs carry over).
@@ -93,10 +93,17 @@ class LoRAConfig(LayerConfig):
             ``"random"`` (peft's ``init_lora_weights=False``: A and B as nn.Linear initializes
             them, so the model changes at init), ``"pissa"`` / ``"pissa_niter_<N>"`` and ``"olora"``
             (on float linear layers; they rewrite the base weight to ``W - s B A``) and
-            ``"orthogonal"`` (even r). Embeddings start with A = 0, B ~ N(0, 1) for every init
+            ``"orthogonal"`` (even r) and ``"eva"`` (data-driven: set by :func:`lightning_peft.calibrate`
+            from a few training batches, see ``eva_config``). Embeddings start with A = 0, B ~ N(0, 1) for every init
             but ``"random"`` (A, B ~ N(0, 1)), as in peft.
         loftq_iter: with ``init="loftq"``, the number T of alternations between quantizing
             ``W - s B A`` and the rank-r SVD of the residual (see :func:`loftq`).
+        eva_config: with ``init="eva"``, EVA's options as peft's ``EvaConfig`` (``rho``, ``tau``,
+            ``use_label_mask``, ``label_mask_value``, ``whiten``, ``adjust_scaling_factors``) plus
+            ``max_batches``; see :mod:`lightning_peft.methods.lora_eva`. The defaults are peft's.
+        corda_config: with ``init="corda"``, CorDA's options (a
+            dict of :class:`~lightning_peft.methods.lora_init.CordaConfig`'s fields (or one): ``corda_method``
+            ``"ipm"``/``"kpm"``, ``calibration_batches``, ...; see :mod:`lightning_peft.methods.lora_corda`.
         use_dora: DoRA (Liu et al., 2024): split each weight into a trained magnitude per output
             feature and a direction that LoRA updates (see :mod:`lightning_peft.methods.dora`):
             nn.Linear, transformers' Conv1D, ungrouped nn.Conv1d/Conv2d/Conv3d and nn.Embedding.
@@ -133,6 +140,7 @@ class LoRAConfig(LayerConfig):
     rslora: bool = False
     init: str = "kaiming"
     loftq_iter: int = 1
+    eva_config: dict[str, Any] | None = None
     use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -140,6 +148,7 @@ class LoRAConfig(LayerConfig):
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    corda_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         no_modules = self.target_modules == [] and bool(self.target_parameters or self.trainable_token_indices)
@@ -161,6 +170,8 @@ class LoRAConfig(LayerConfig):
         if not isinstance(self.rslora, bool):
             raise ValueError(f"LoRAConfig.rslora must be True or False; got {self.rslora!r}.")
         lora_init.check(self, self.init)
+        lora_init.check_corda(self)
+        object.__setattr__(self, "eva_config", lora_init.eva_options(self, self.init, self.eva_config))
         check_positive_int(self, "loftq_iter", self.loftq_iter)
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoRAConfig.use_dora must be True or False; got {self.use_dora!r}.")
@@ -606,6 +617,9 @@ LAYER_TYPES: dict[type[nn.Module], Callable[[nn.Module, LoRAConfig], LoRALayer]]
 #: that builds on this one adds itself here (``lora_param.py``: ``target_parameters``,
 #: ``trainable_tokens.py``: ``trainable_token_indices``). Each returns the names it wrapped.
 OPTIONS: dict[str, Callable[[nn.Module, LoRAConfig], list[str]]] = {}
+#: The data-driven inits' calibration (see :data:`lightning_peft.registry.CalibrateFn`), by ``init``:
+#: their file adds itself here (``lora_eva.py``: ``"eva"``, ``lora_corda.py``: ``"corda"``). Other inits draw no batch.
+CALIBRATIONS: dict[str, CalibrateFn] = {}
 
 
 def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
@@ -664,6 +678,7 @@ _PEFT_READ = frozenset(
         "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
         "exclude_modules", "modules_to_save", "fan_in_fan_out", "lora_bias", "target_parameters",
         "trainable_token_indices", "rank_pattern", "alpha_pattern", "bias", "layers_to_transform", "layers_pattern",
+        "eva_config",
     }
 )  # fmt: skip
 #: Every other field of peft 0.21.2's LoraConfig, with its default: the one value lightning_peft
@@ -684,7 +699,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "megatron_config": None,
     "loftq_config": {},
     "eva_config": None,
-    "corda_config": None,
     "lora_ga_config": None,
     "velora_config": None,
     "monteclora_config": None,
@@ -696,7 +710,13 @@ _PEFT_DEFAULTS: dict[str, Any] = {
 }
 #: Fields that only mean something with another one set; peft ignores them otherwise, and so does
 #: lightning_peft (with the other one at its default, which is checked).
-_PEFT_INERT = {"qalora_group_size": "use_qalora", "megatron_core": "megatron_config"}
+#: (peft keeps ``corda_config`` in a converted CorDA file, whose init_lora_weights=True ignores it; an unconverted
+#: one, init_lora_weights="corda", is refused by lora_init.from_peft.)
+_PEFT_INERT = {
+    "qalora_group_size": "use_qalora",
+    "megatron_core": "megatron_config",
+    "corda_config": "init_lora_weights",
+}
 
 
 def _same_default(value: Any, default: Any) -> bool:
@@ -739,6 +759,7 @@ def to_peft(config: LoRAConfig) -> dict[str, Any]:
         "use_dora": config.use_dora,
         "lora_bias": config.lora_bias,
         "init_lora_weights": lora_init.to_peft(config.init),
+        "eva_config": lora_init.eva_to_peft(config.eva_config),
         "target_modules": config.target_modules,
         "exclude_modules": config.exclude_modules,
         "modules_to_save": config.modules_to_save or None,
@@ -750,6 +771,7 @@ def to_peft(config: LoRAConfig) -> dict[str, Any]:
         "fan_in_fan_out": False,
         "target_parameters": config.target_parameters,
         "trainable_token_indices": config.trainable_token_indices,
+        "corda_config": lora_init.corda_to_peft(config),
     }
 
 
@@ -771,6 +793,7 @@ def from_peft(options: dict[str, Any]) -> LoRAConfig:
         use_dora=options.get("use_dora", False),
         lora_bias=options.get("lora_bias", False),
         init=init,
+        eva_config=options.get("eva_config") or None,
         target_modules=options.get("target_modules"),
         exclude_modules=options.get("exclude_modules"),
         modules_to_save=list(options.get("modules_to_save") or []),
@@ -800,6 +823,14 @@ def _resolve(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     return resolve_targets(model, config, defaults=DEFAULT_TARGETS, method="lora")
 
 
+def _calibrate(model: nn.Module, config: LoRAConfig, batches: Iterable[Any], loss_fn: Callable[[Any], Tensor]) -> None:
+    CALIBRATIONS[config.init](model, config, batches, loss_fn)
+
+
+def _calibrates(config: LoRAConfig) -> bool:
+    return config.init in CALIBRATIONS
+
+
 register(
     Method(
         name="lora",
@@ -809,6 +840,8 @@ register(
         resolve=_resolve,
         summary="low-rank update B A added to frozen linear, embedding and conv weights; mergeable",
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models",
+        calibrate=_calibrate,
+        calibrates=_calibrates,
         peft=PeftFormat("LORA", to_peft, from_peft),
     )
 )

@@ -605,11 +605,20 @@ CASES: list[Case] = [
     Case("init pissa rank_pattern converted", "Init", _L,
          {"target_modules": ["linear"], "init_lora_weights": "pissa", "r": 8, "rank_pattern": {"linear": 4}},
          convert=True, source="init"),
-    Case("init eva", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "eva"},
-         refused=r"init_lora_weights='eva' is refused: EVA", why=INIT, source="init"),
+    Case("init eva", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "eva"}, source="init"),
+    # what peft's file holds after EVA redistributed the ranks (and adjusted the scales)
+    Case("init eva redistributed", "Init", _L,
+         {"target_modules": ["linear"], "init_lora_weights": "eva", "r": 8, "rank_pattern": {"linear": 4},
+          "alpha_pattern": {"linear": 4.0}, "eva_config": {"rho": 2.0, "whiten": True}}, source="init"),
     Case("init corda", "Init", _L, {"target_modules": ["linear"]},
          edit={"init_lora_weights": "corda", "corda_config": {"corda_method": "ipm"}},
-         refused=r"init_lora_weights='corda' is refused: CorDA", why=INIT, source="init"),
+         refused=r"init_lora_weights='corda' is refused: CorDA's adapter applies to the residual", source="init",
+         why="an unconverted CorDA file: its residual base needs the calibration data (peft cannot load it either)"),
+    # peft's converted CorDA file: a plain LoRA (init_lora_weights=True) that keeps corda_config, ignored.
+    Case("init corda converted", "Init", _L, {"target_modules": ["linear"]},
+         edit={"corda_config": {"corda_method": "kpm", "cache_file": None, "covariance_file": None, "verbose": False,
+                                "use_float16_for_covariance": False, "prune_temporary_fields": True}},
+         source="init"),
     Case("init lora_ga", "Init", _L, {"target_modules": ["linear"], "init_lora_weights": "lora_ga"},
          refused=r"init_lora_weights='lora_ga' is refused", why=INIT, source="init"),
     # ---- options peft has that refuse by field (issue 16)

@@ -94,7 +94,7 @@ def test_pissa_on_gpt2_conv1d_factors_the_transposed_weight() -> None:
     ("options", "message"),
     [
         ({"init": "lora_ga"}, r"LoRAConfig\.init='lora_ga' is refused: LoRA-GA \(peft's init from estimated"),
-        ({"init": "corda"}, r"LoRAConfig\.init='corda' is refused: CorDA"),
+        ({"init": "mica"}, r"LoRAConfig\.init='mica' is refused: MiCA \(peft's minor-component init"),
         ({"init": "pissa_niter_0"}, r"init='pissa_niter_0' is refused: the iteration count must be a positive"),
         ({"init": "svd"}, r"init must be one of 'kaiming', 'gaussian', 'loftq'; got 'svd'\. peft's initializations"),
         (
