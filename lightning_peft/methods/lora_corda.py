@@ -298,6 +298,8 @@ def calibrate(model: nn.Module, config: LoRAConfig, batches: Iterable[Any], loss
                 f"CorDA layer {name!r}: its base weight is sharded or not (out, in) here; CorDA decomposes whole "
                 "weights (train it without a sharded strategy)"
             )
+        if layer.r > min(layer.lora_B.shape[0], layer.lora_A.shape[1]):  # before anything is rewritten
+            layer.decompose(torch.empty(0, 0))  # raises, naming r and the weight's shape
     covariances = collect_covariances(model, layers, batches, loss_fn, options)
     for name, layer in layers:
         layer.decompose(covariances[name])

@@ -175,15 +175,18 @@ def _lm_batches(n: int = 3, batch: int = 2) -> list[dict[str, Tensor]]:
     return [{"input_ids": tiny.inputs("llama", batch=batch, seq=16, seed=20 + i)["input_ids"]} for i in range(n)]
 
 
-def _peft_pair(arch: str, mode: str, targets: list[str], batches: list[dict[str, Tensor]]) -> tuple[nn.Module, Any]:
-    """(ours calibrated on ``batches``, peft's from preprocess_corda on the same sequences one at a time)."""
+def _peft_pair(
+    arch: str, mode: str, targets: list[str], batches: list[dict[str, Tensor]], **patterns: dict[str, Any]
+) -> tuple[nn.Module, Any]:
+    """(ours calibrated on ``batches``, peft's from preprocess_corda on the same sequences one at a time;
+    ``patterns``: rank_pattern / alpha_pattern, the same on both sides)."""
     peft = pytest.importorskip("peft")
     corda = pytest.importorskip("peft.tuners.lora.corda")
     base = tiny.build(arch)
     reference = copy.deepcopy(base)
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
-        corda_config=peft.tuners.lora.config.CordaConfig(corda_method=mode),
+        corda_config=peft.tuners.lora.config.CordaConfig(corda_method=mode), **patterns,
     )  # fmt: skip
 
     def run_model() -> None:
@@ -194,20 +197,24 @@ def _peft_pair(arch: str, mode: str, targets: list[str], batches: list[dict[str,
     corda.preprocess_corda(reference, config, run_model=run_model)
     theirs = peft.get_peft_model(reference, config)
     ours = lp.inject(copy.deepcopy(base), "lora", r=4, alpha=8, target_modules=targets, init="corda",
-                     corda_config={"corda_method": mode, "calibration_batches": len(batches)})  # fmt: skip
+                     corda_config={"corda_method": mode, "calibration_batches": len(batches)}, **patterns)  # fmt: skip
     lp.calibrate(ours, batches, lambda b: ours(**b).logits.sum())
     return ours, theirs
 
 
-@pytest.mark.parametrize(("arch", "mode", "targets"), [
-    ("llama", "ipm", ["q_proj", "v_proj"]), ("llama", "kpm", ["q_proj", "v_proj"]), ("gpt2", "ipm", ["c_attn"]),
+@pytest.mark.parametrize(("arch", "mode", "targets", "patterns"), [
+    ("llama", "ipm", ["q_proj", "v_proj"], {}), ("llama", "kpm", ["q_proj", "v_proj"], {}),
+    ("gpt2", "ipm", ["c_attn"], {}),
+    ("llama", "kpm", ["q_proj", "v_proj"], {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 4.0}}),
 ])  # fmt: skip
-def test_matches_peft(arch: str, mode: str, targets: list[str]) -> None:
-    """Same base, same calibration sequences: peft's A, B, residual base weights and outputs, merged too."""
+def test_matches_peft(arch: str, mode: str, targets: list[str], patterns: dict[str, Any]) -> None:
+    """Same base, same calibration sequences: peft's A, B, residual base weights and outputs, merged too
+    (per-layer ranks and alphas from rank_pattern / alpha_pattern, as peft's preprocess_corda reads them)."""
     batches = _lm_batches()
-    ours, theirs = _peft_pair(arch, mode, targets, batches)
+    ours, theirs = _peft_pair(arch, mode, targets, batches, **patterns)
     layers = dict(state.adapter_modules(ours))
     assert layers and all(isinstance(m, CordaLinear) for m in layers.values())
+    assert all(m.r == (2 if patterns and n.endswith("v_proj") else 4) for n, m in layers.items())
     inner = theirs.base_model.model
     for name, layer in layers.items():
         peft_layer = inner.get_submodule(name)
@@ -320,6 +327,7 @@ def test_layers_corda_cannot_decompose_are_refused() -> None:
     model = lp.inject(Net(), "lora", r=13, target_modules=["proj"], init="corda")
     with pytest.raises(ValueError, match=r"r=13 components of a \(12, 16\) weight, which has only 12"):
         lp.calibrate(model, _net_batches(), _net_loss(model))
+    assert torch.equal(model.proj.base.weight, Net().proj.weight)  # refused before anything was rewritten
 
 
 def test_peft_config_round_trip_keeps_the_options() -> None:
@@ -332,3 +340,20 @@ def test_peft_config_round_trip_keeps_the_options() -> None:
         "corda_method": "kpm", "use_float16_for_covariance": False, "verbose": False, "cache_file": None,
         "covariance_file": None, "prune_temporary_fields": True,
     }  # fmt: skip
+
+
+def test_verbose_logs_each_layer_and_float16_covariance_keeps_the_input_dtype(caplog: pytest.LogCaptureFixture) -> None:
+    """verbose: one log line per decomposed layer; use_float16_for_covariance: the input is not cast (peft's
+    flag), so on a float32 model the decomposition is the same as without it."""
+    base, batches = Net(), _net_batches()
+    with caplog.at_level("INFO", logger="lightning_peft.methods.lora_corda"):
+        plain = _corda(copy.deepcopy(base), batches, r=4, target_modules=["proj", "head"], init="corda",
+                       rank_pattern={"head": 2}, corda_config={"verbose": True, "corda_method": "kpm"})  # fmt: skip
+    assert [r.getMessage() for r in caplog.records] == [
+        "CorDA (kpm): decomposed proj with r=4", "CorDA (kpm): decomposed head with r=2",
+    ]  # fmt: skip
+    half = _corda(copy.deepcopy(base), batches, r=4, target_modules=["proj"], init="corda",
+                  corda_config={"use_float16_for_covariance": True, "corda_method": "kpm"})  # fmt: skip
+    assert torch.equal(half.proj.lora_A, plain.proj.lora_A) and torch.equal(
+        half.proj.base.weight, plain.proj.base.weight
+    )
