@@ -21,7 +21,7 @@ or PEFTCallback at train start) runs ``corda_config.calibration_batches`` batche
 without gradients, collects every layer's ``C``, sets ``A = A_0``, ``B = B_0`` and rewrites the base
 weight in place to ``W_res`` (as peft's ``corda_init`` does), so the model is still the base model.
 Then, as for PiSSA: ``lightning_peft.merge`` gives ``W_res + s B A`` (peft's merged weight),
-``lightning_peft.unload`` leaves ``W_res`` (as peft's ``unload``), and saving with
+``lightning_peft.unload(model, merge=False)`` leaves ``W_res`` (as peft's ``unload``), and saving with
 ``convert_to_standard_lora=True`` writes peft's rank-2r plain LoRA of the original ``W``
 (``[A; A_0]``, ``[B, -B_0]``).
 
