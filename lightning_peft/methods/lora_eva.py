@@ -12,7 +12,9 @@ al., 2008, as scikit-learn's ``IncrementalPCA``) over batch after batch until th
 stop moving: a layer has converged when each of its ``k`` components has a cosine similarity of at
 least ``tau`` with the previous batch's. With ``rho > 1`` each layer computes ``round(r rho)``
 components and the budget ``sum(r)`` goes to the components with the largest explained variance
-ratio ``S_i^2 / (n var)`` over all layers (peft's rank redistribution).
+ratio ``S_i^2 / (n var)`` over all layers (peft's rank redistribution). ``adjust_scaling_factors``
+(peft's ``alpha *= new_rank / r``) acts on a changed rank only, so with every rank kept it changes
+nothing, here as in peft.
 
 All of this is peft 0.21.2's ``get_eva_state_dict`` step by step (the same randomized SVD with
 seed 42, the same signs, the same dtypes, the same batch order: the first batch once to find the
