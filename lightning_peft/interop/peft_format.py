@@ -414,6 +414,11 @@ def write_peft_folder(
 ) -> Path:
     """Write adapter ``adapter_name`` as one peft adapter folder, never seen half-written.
 
+    An adapter whose init rewrote the base weight in a way peft cannot repeat on load (CorDA, a
+    randomized PiSSA) is written converted to plain LoRA (see :func:`save_peft_adapter`'s
+    ``convert_to_standard_lora``), so that ``PeftModel.from_pretrained`` on the original base gives
+    its outputs.
+
     The files go to a hidden folder beside ``directory`` (same filesystem), which then replaces it
     by two renames (the old folder out, the new one in): a reader finds a complete folder, old or
     new, or, between the renames, none; a write that fails leaves ``directory`` as it was.
@@ -431,8 +436,11 @@ def write_peft_folder(
     out = Path(directory)
     _, base = find_base_model(model)
     name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+    # An init whose residual base peft cannot compute again on load is written converted (plain LoRA).
+    init = str(getattr(state.adapter_of(model, adapter_name).config, "init", "kaiming"))
+    convert = not lora_init.peft_recomputes(init)
     _, text, tensors = _peft_folder(
-        model, adapter_name, name_or_path, out, total_step=total_step, values=values, clean=clean
+        model, adapter_name, name_or_path, out, convert, total_step=total_step, values=values, clean=clean
     )
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     staging, retired = out.parent / f".{out.name}.{tag}.lp-tmp", out.parent / f".{out.name}.{tag}.lp-old"

@@ -149,6 +149,13 @@ def rewrites_base(init: str) -> bool:
     return init in ("olora", "corda") or init.startswith("pissa")
 
 
+def peft_recomputes(init: str) -> bool:
+    """Whether peft, loading an unconverted adapter of ``init`` into the original base, computes the
+    same residual base weight again: PiSSA (full SVD) and OLoRA do; a randomized PiSSA
+    (``pissa_niter_N``) gives another one, and CorDA cannot without the calibration data."""
+    return not rewrites_base(init) or init in ("pissa", "olora")
+
+
 def to_peft(init: str) -> bool | str:
     """peft's ``init_lora_weights`` for our ``init`` (LoftQ's adapter applies to the already quantized base)."""
     return {"kaiming": True, "random": False, "loftq": True}.get(init, init)

@@ -304,6 +304,15 @@ def test_fits_in_a_trainer_and_resumes_exactly(tmp_path: Path) -> None:
     assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)
     for name, layer in state.adapter_modules(resumed.model):
         assert torch.equal(layer.base.weight, layers[name].base.weight), name  # the same residual
+    # The peft folder beside the checkpoint is written converted: peft loads it into the original base.
+    peft = pytest.importorskip("peft")
+    folder = tmp_path / "straight" / "last.peft"
+    assert peft.LoraConfig.from_pretrained(folder).init_lora_weights is True
+    x = tiny.inputs("llama", batch=2, seed=4)
+    with torch.no_grad():
+        want = module.model.eval()(**x).logits
+        got = peft.PeftModel.from_pretrained(tiny.build("llama"), folder).eval()(**x).logits
+    torch.testing.assert_close(got, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)
 
 
 @pytest.mark.parametrize(("options", "message"), [
