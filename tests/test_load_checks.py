@@ -202,7 +202,7 @@ CASES: dict[tuple[str, str], Callable[[Path], None]] = {
     ("tensors", "merged layers"): _merged,
     ("peft", "field peft does not have"): _peft(lambda c: c.update(lora_rnak=4)),
     ("peft", "field lightning_peft needs"): _peft(lambda c: c.pop("r")),
-    ("peft", "option not implemented"): _peft(r=2, bias="all"),
+    ("peft", "option not implemented"): _peft(lambda c: c.update(layer_replication=[[0, 1]])),
     ("peft", "another architecture"): _peft_other_architecture,
     ("peft", "another hidden size"): lambda tmp: lp.load_peft_adapter(_wider_llama(), _peft_adapter(tmp)),
     ("save", "NaN or infinity in an option"): _nan_option,
