@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -83,3 +85,36 @@ def trainer(root: Any, **kwargs: Any) -> L.Trainer:
         devices=1,
     )
     return L.Trainer(**(defaults | kwargs))
+
+
+def fit_stop_resume(
+    root: Path,
+    make_module: Callable[[], L.LightningModule],
+    make_loader: Callable[[], DataLoader],
+    options: dict[str, Any],
+    steps: int = 4,
+) -> tuple[L.LightningModule, L.LightningModule, Path]:
+    """Fit ``steps`` steps straight, and again stopped at ``steps // 2`` and resumed from that checkpoint.
+
+    Returns (the straight run's module, the resumed run's module, the resumed run's last checkpoint);
+    asserts both end with the same adapter, bit for bit (each fit seeds torch with 0 first).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_peft as lp
+
+    def fit(folder: Path, until: int, resume: Path | None = None) -> tuple[L.LightningModule, Path]:
+        torch.manual_seed(0)
+        module = make_module()
+        saves = ModelCheckpoint(dirpath=folder, every_n_train_steps=steps // 2, save_top_k=-1)
+        run = trainer(folder, max_steps=until, callbacks=[lp.PEFTCallback("lora", verbose=False, **options), saves])
+        run.fit(module, make_loader(), ckpt_path=resume)
+        (saved,) = folder.glob(f"*-step={until}.ckpt")
+        return module, saved
+
+    straight, _ = fit(root / "full", steps)
+    _, half = fit(root / "half", steps // 2)
+    resumed, last = fit(root / "resumed", steps, resume=half)
+    want, got = lp.trainable_state_dict(straight), lp.trainable_state_dict(resumed)
+    assert want and want.keys() == got.keys() and all(torch.equal(t, got[n]) for n, t in want.items())
+    return straight, resumed, last

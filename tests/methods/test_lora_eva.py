@@ -9,16 +9,15 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import lightning_peft as lp
-from lightning_peft import PEFTCallback, registry
+from lightning_peft import registry
 from lightning_peft.core import state
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear
 from tests import tiny
 from tests.interop.parity import assert_parity
-from tests.lightning.modules import TinyLM, token_loader, trainer
+from tests.lightning.modules import TinyLM, fit_stop_resume, token_loader
 
 DIM, RANK_OF_DATA = 16, 4
 
@@ -251,20 +250,7 @@ def test_fits_in_a_trainer_and_resumes_exactly(tmp_path: Path) -> None:
     restored A) ends with the uninterrupted fit's adapter."""
     options = {"target_modules": ["q_proj", "v_proj"], "r": 2, "init": "eva", "eva_config": {"rho": 1.0, "tau": 0.9}}
 
-    def fit(root: Path, steps: int, resume: Path | None = None) -> tuple[TinyLM, Path]:
-        torch.manual_seed(0)
-        module = TinyLM()
-        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
-        run = trainer(root, max_steps=steps, callbacks=[PEFTCallback("lora", verbose=False, **options), ckpt])
-        run.fit(module, token_loader(n=8, shuffle=False), ckpt_path=resume)
-        (saved,) = root.glob(f"*-step={steps}.ckpt")
-        return module, saved
-
-    full, _ = fit(tmp_path / "full", 4)
-    _, half = fit(tmp_path / "half", 2)
-    resumed, _ = fit(tmp_path / "resumed", 4, resume=half)
-    mine = dict(lp.trainable_state_dict(full))
-    assert mine and all(torch.equal(t, lp.trainable_state_dict(resumed)[n]) for n, t in mine.items())
+    full, _, _ = fit_stop_resume(tmp_path, TinyLM, lambda: token_loader(n=8, shuffle=False), options)
     # The callback calibrated at train start: A is EVA's for the training batches (run as the callback
     # runs them), moved by the few steps only.
     reference = TinyLM()
