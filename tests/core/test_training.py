@@ -9,7 +9,7 @@ import torch
 import lightning_peft as lp
 from lightning_peft import registry
 from lightning_peft.api import training
-from lightning_peft.core import state
+from lightning_peft.core import fingerprint, state
 from tests import tiny
 from tests.peft_reference import randomize_adapter
 
@@ -66,7 +66,7 @@ def test_training_state_is_checkpointed_but_not_in_adapter_files(tmp_path: Path)
     assert set(stats) <= set(lp.trainable_state_dict(model))
     assert not set(stats) & set(lp.trainable_state_dict(model, training_state=False))
     # The base fingerprint ignores training state: it still matches after the statistics moved.
-    assert state.fingerprint(model).mismatch(lp.get_info(model).fingerprint) is None
+    assert fingerprint.fingerprint(model).mismatch(lp.get_info(model).fingerprint) is None
     # An adapter file without the statistics loads (they are not required), a checkpoint restores them.
     lp.save_adapter(model, tmp_path)
     loaded = lp.load_adapter(tiny.build("llama"), tmp_path)
