@@ -20,6 +20,13 @@ channel while the base kernel of each group reads only that group's: no grouped 
 it, and merging is refused, as peft refuses it. Merging is refused too where the base pads other
 than with zeros (``A`` pads with zeros, as peft's does, so a merged kernel would differ at the
 borders) and where ``lora_bias`` meets a base without a bias (the merged bias has no home).
+
+peft (0.21.2 and before) builds ``A`` without the base layer's dilation, for LoRA and DoRA alike.
+On a dilated conv with a kernel larger than 1, peft's update then reads an undilated window: its
+forward fails on a shape mismatch, or, where the strides make the shapes agree, adds another
+update than its own merge (which adds ``s B.A`` to the dilated kernel). A peft file of such a
+layer means nothing definite, so both peft paths refuse it (:meth:`LoRAConv.peft_refusal`); the
+native format keeps the dilation. A kernel of size 1 is the same dilated or not.
 """
 
 from __future__ import annotations
@@ -91,6 +98,38 @@ class LoRAConv(LoRALayer):
         nn.init.zeros_(self.lora_B.weight)
         if self.lora_B.bias is not None:
             nn.init.zeros_(self.lora_B.bias)
+
+    def peft_refusal(self) -> str | None:
+        """Why peft's format cannot hold this layer's adapter, or ``None`` when it can.
+
+        peft 0.21.2's conv ``A`` passes no dilation: on a dilated conv (dilation > 1 along an axis
+        whose kernel is larger than 1) its update is not ``B(A(x))`` with the dilated ``A`` computed
+        here (see the module docstring).
+        """
+        base = self.base
+        dilated = any(d != 1 and k != 1 for d, k in zip(base.dilation, base.kernel_size, strict=True))
+        if not dilated:
+            return None
+        layer = (
+            f"{type(base).__name__}({base.in_channels}, {base.out_channels}, kernel_size={base.kernel_size}, "
+            f"dilation={base.dilation})"
+        )
+        method = type(self).__name__.removesuffix("Conv")  # LoRA, DoRA
+        return (
+            f"{method} on a {layer}: dilation={base.dilation} cannot go through Hugging Face peft's format. "
+            "peft 0.21.2 builds this layer's lora_A without the dilation, so its update reads another window (its "
+            "forward fails on the shape, or differs from its own merge): a peft file would mean something else in "
+            "peft. Save the adapter with lightning_peft.save_adapter (the native format keeps the dilation), or leave "
+            "the dilated conv out of target_modules (kernel-size-1 and dilation-1 convs go through peft's format)"
+        )
+
+    def peft_key(self, local: str) -> str:
+        # Both peft paths (save_peft_adapter and the peft folder beside checkpoints; load_peft_adapter, before
+        # anything is copied) name every tensor through here, for LoRA and DoRA alike: the refusal goes here.
+        refusal = self.peft_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
+        return super().peft_key(local)
 
     def merge_refusal(self) -> str | None:
         """Why this layer's update cannot be folded into the base kernel, or ``None`` when it can."""

@@ -66,16 +66,18 @@ class EmbConv1D(nn.Module):
 
 
 class Conv(nn.Module):
-    """A conv layer (``conv1d``/``conv2d``/``conv3d``, grouped or not, kernel 3 or 1) on a 3 x ... x 3
-    input, feeding ``lin0``."""
+    """A conv layer (``conv1d``/``conv2d``/``conv3d``, grouped or not, kernel 3 or 1, dilated or not) on
+    a 3 x ... x 3 input, feeding ``lin0``. A dilated one pads to keep the input's size."""
 
-    def __init__(self, dims: int, groups: int = 1, kernel: int = 3) -> None:
+    def __init__(self, dims: int, groups: int = 1, kernel: int = 3, dilation: int = 1) -> None:
         super().__init__()
         cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
         self.dims, self.channels = dims, 16 if groups > 1 else 5
         out = 16 if groups > 1 else 10
-        setattr(self, f"conv{dims}d", cls(self.channels, out, kernel, groups=groups))
-        self.lin0 = nn.Linear(out * (4 - kernel) ** dims, 2)
+        padding = dilation * (kernel - 1) // 2 if dilation > 1 else 0
+        conv = cls(self.channels, out, kernel, groups=groups, padding=padding, dilation=dilation)
+        setattr(self, f"conv{dims}d", conv)
+        self.lin0 = nn.Linear(out * (3 + 2 * padding - dilation * (kernel - 1)) ** dims, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = getattr(self, f"conv{self.dims}d")
@@ -225,6 +227,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "Conv1dGroups": lambda: Conv(1, groups=2),
     "Conv3dGroups": lambda: Conv(3, groups=8),
     "Conv3d1x1": lambda: Conv(3, kernel=1),
+    "Conv2dDilated": lambda: Conv(2, dilation=2),
+    "Conv2d1x1Dilated": lambda: Conv(2, kernel=1, dilation=2),
     "MlpUsingParameters": MlpUsingParameters,
     "mixtral": lambda: _moe("Mixtral"),
     "gpt-oss": lambda: _moe("GptOss"),
@@ -361,6 +365,8 @@ _NOT_WRAPPED = r"which lora (with use_dora=True )?cannot wrap"
 #: LoRA on a grouped conv: A reads every input channel, so the update is no grouped kernel (peft refuses too).
 _GROUPED = r"cannot merge LoRA into a Conv\dd with groups=\d+"
 _PEFT_1X1 = r"The size of tensor a \(10\) must match the size of tensor b \(8\)"
+DILATED = "a dilated conv (kernel > 1): peft 0.21.2's LoRA/DoRA A has no dilation, so its update means another one"
+_DILATED = r"[LD]oRA on a Conv2d\(5, 10, kernel_size=\(3, 3\), dilation=\(2, 2\)\): dilation=\(2, 2\) cannot go through"
 DORA_GROUPED = "peft's DoRA on a grouped conv takes the norm of B.A reshaped as if ungrouped, which is no weight norm"
 
 # fmt: off
@@ -446,6 +452,11 @@ CASES: list[Case] = [
     Case("Conv3d 1 LoRA with lora_b bias", "Conv3d", _L,
          {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
     # ---- more conv cases (peft's table has these layers, not these combinations)
+    Case("Conv2d dilated LoRA", "Conv2dDilated", _L, {"target_modules": ["conv2d"]}, refused=_DILATED, why=DILATED),
+    Case("Conv2d dilated LoRA with DoRA", "Conv2dDilated", _L, {"target_modules": ["conv2d"], "use_dora": True},
+         refused=_DILATED, why=DILATED),
+    # a kernel of size 1 is the same dilated or not: peft's undilated A computes it
+    Case("Conv2d 1x1 dilated LoRA", "Conv2d1x1Dilated", _L, {"target_modules": ["conv2d", "lin0"]}),
     Case("Conv1d Groups LoRA", "Conv1dGroups", _L, {"target_modules": ["conv1d"], "r": 4}, unmergeable=_GROUPED,
          source="issue"),
     Case("Conv3d Groups LoRA", "Conv3dGroups", _L, {"target_modules": ["conv3d"]}, unmergeable=_GROUPED,

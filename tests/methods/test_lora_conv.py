@@ -342,3 +342,76 @@ def test_lora_bias_on_a_4bit_base_follows_the_formula() -> None:
     assert torch.allclose(layer(x), expected, atol=1e-5)
     with pytest.raises(TypeError, match=r"no lora_bias"):
         lp.merge_requantized(model)
+
+
+# --------------------------------------------------------------------------- dilated convs and peft's format
+
+
+def _undilated_update(layer: LoRAConv, x: Tensor, dims: int) -> Tensor:
+    """What peft 0.21.2's A computes on the same layer: the base's kernel, stride and padding, no dilation."""
+    conv, base = CONV[dims][1], layer.base
+    h = conv(x, layer.lora_A.weight, None, base.stride, base.padding)
+    return layer.scaling * conv(h, layer.lora_B.weight, None, 1, 0, 1, base.groups)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_dilated_conv_keeps_its_dilation_natively(dims: int, tmp_path: object) -> None:
+    """``W *_d x + b + s B(A *_d x)``: A convolves with the base's dilation d; merged and saved alike."""
+    base = _conv(dims, dilation=2, padding=2, stride=2 if dims == 2 else 1)
+    model = lp.inject(nn.Sequential(copy.deepcopy(base)), "lora", target_modules=["0"], r=4, alpha=6)
+    layer = model[0]
+    assert isinstance(layer, LoRAConv) and layer.lora_A.dilation == (2,) * dims
+    _randomize(layer)
+    x = _input(dims, size=6)
+    out = model(x)
+    assert torch.allclose(out, _lora_formula(layer, x, dims), atol=1e-5)
+    # The dilation matters here: without it the update has another shape or other values.
+    undilated = _undilated_update(layer, x, dims)
+    assert undilated.shape != out.shape or not torch.allclose(base(x) + undilated, out, atol=1e-3)
+    lp.save_adapter(model, tmp_path)
+    back = lp.load_adapter(nn.Sequential(copy.deepcopy(base)), tmp_path)
+    assert torch.equal(back(x), out)
+    lp.merge(model)
+    assert torch.allclose(model(x), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_format_refuses_a_dilated_conv_by_name(use_dora: bool, tmp_path: object) -> None:
+    """peft 0.21.2's conv A has no dilation: saving ours in peft's format is refused, naming the layer and value."""
+    from lightning_peft.interop import save_peft_adapter
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=2, dilation=(1, 2)), nn.ReLU(), nn.Conv2d(6, 2, 1))
+    model = lp.inject(net, "lora", target_modules=["0", "2"], r=2, use_dora=use_dora)
+    name = "DoRA" if use_dora else "LoRA"
+    with pytest.raises(
+        ValueError,
+        match=rf"{name} on a Conv2d\(4, 6, kernel_size=\(3, 3\), dilation=\(1, 2\)\): dilation=\(1, 2\) cannot go "
+        r"through Hugging Face peft's format\. .* Save the adapter with lightning_peft\.save_adapter .* or leave the "
+        r"dilated conv out of target_modules",
+    ):
+        save_peft_adapter(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()  # type: ignore[operator]
+    assert model[0].peft_refusal() is not None and model[2].peft_refusal() is None
+
+
+def test_peft_format_takes_dilated_pointwise_and_undilated_convs(tmp_path: object) -> None:
+    """A kernel of size 1 (any dilation) and dilation 1 (any kernel) go through peft's format: peft computes ours."""
+    import peft
+
+    from lightning_peft.interop import save_peft_adapter
+    from tests.interop.parity import assert_parity
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(4, 6, 1, dilation=3), nn.ReLU(), nn.Conv2d(6, 2, 3, padding=1)).eval()
+
+    model = lp.inject(net(), "lora", target_modules=["0", "2"], r=2)
+    for layer in (model[0], model[2]):
+        _randomize(layer)
+    x = _input(2, size=5)
+    ours = model(x)
+    save_peft_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(net(), tmp_path).eval()
+    with torch.no_grad():
+        assert_parity(theirs(x), ours, "peft loading a dilated kernel-1 and an undilated conv")
