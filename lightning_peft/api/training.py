@@ -9,6 +9,7 @@ calls them for a Lightning ``Trainer``; a plain PyTorch loop calls them itself::
 
     lp.inject(model, "adalora", init_r=12, target_r=4, tinit=10, tfinal=20)
     lp.calibrate(model, batches[:8], loss_fn)  # a no-op for methods that need no calibration
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # after calibrate
     for step, batch in enumerate(batches, start=1):
         loss = loss_fn(batch)
         penalty = lp.regularization(model)
@@ -93,6 +94,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[Any],
         batches: training batches; the method takes as many as its options say, and none when it
             needs no calibration or its choices were already restored from a checkpoint.
         loss_fn: the training loss of one batch (a scalar tensor).
+
+    A calibration may change the adapter's tensors, not only their values: LoRA's EVA init with
+    ``rho > 1`` gives layers new ranks (new A and B parameters) or removes them, and records the
+    new ranks in the adapter's config. Build the optimizer after calibrating, from the parameters
+    the model has then (``PEFTCallback``, whose optimizer exists already, swaps them in its groups).
     """
     method, config = _method(model)
     if method.calibrate is not None and method.needs_calibration(config):

@@ -53,6 +53,9 @@ class PEFTInfo:
     load_prefix: str = ""
     #: The adapter's name (``inject(..., adapter_name=...)``); a model may hold several.
     name: str = DEFAULT_ADAPTER
+    #: The config as injected, where a calibration (EVA's ranks) or a record adopted on load has
+    #: replaced ``config`` since (``None`` otherwise); not recorded: ``config`` is what the adapter is.
+    injected: AdapterConfig | None = None
 
     def metadata(self) -> dict[str, Any]:
         """The record written into state dicts and adapter files: plain JSON types only.
@@ -386,6 +389,15 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
 
 _LOADING_FROM: ContextVar[str] = ContextVar("lightning_peft_loading_from", default="the state dict")
 
+#: How a record may reshape an injected adapter before its tensors load: for a method whose shapes
+#: come from a calibration that has not run yet (LoRA's EVA, whose record holds the ranks its
+#: calibration gave), ``adopt(model, info, recorded config)`` reshapes the adapter to the record
+#: (``info.config`` included) and returns the undo, or returns ``None`` and changes nothing.
+#: Methods add theirs (``lightning_peft.methods.lora_eva_ranks``); core imports none.
+ADOPTERS: list[Callable[[nn.Module, PEFTInfo, AdapterConfig], Callable[[], None] | None]] = []
+#: Inside :func:`all_or_nothing`: the undos of what :data:`ADOPTERS` did, run if the load fails.
+_ADOPTED: ContextVar[list[Callable[[], None]] | None] = ContextVar("lightning_peft_adopted", default=None)
+
 
 @contextlib.contextmanager
 def loading_from(where: str) -> Iterator[None]:
@@ -489,9 +501,13 @@ def all_or_nothing(model: nn.Module, remove: Callable[[nn.Module, list[str], lis
     flags = {id(p): p.requires_grad for p in model.parameters()}
     tensors = [*adapter_state(model), *training_state(model)] if held else []
     saved = {name: t.detach().clone() for name, t in tensors}
+    adopted: list[Callable[[], None]] = []
+    token = _ADOPTED.set(adopted)
     try:
         yield
     except BaseException:
+        for undo in reversed(adopted):  # the adapter's old shapes back first: the saved tensors fit those
+            undo()
         added = [name for name in adapters(model) if name not in held]
         if added:
             remove(model, added, active)
@@ -501,6 +517,8 @@ def all_or_nothing(model: nn.Module, remove: Callable[[nn.Module, list[str], lis
             for name, tensor in tensors:
                 tensor.copy_(saved[name])
         raise
+    finally:
+        _ADOPTED.reset(token)
 
 
 def _records(local_metadata: Mapping[str, Any], where: str) -> list[Any]:
@@ -535,6 +553,44 @@ def _load_pre_hook(
     info.load_prefix = prefix
     where = _LOADING_FROM.get()
     records = _records(local_metadata, where)
+    undos: list[Callable[[], None]] = []
+    try:
+        _check_records(module, prefix, state_dict, records, strict, where, undos)
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
+    adopted = _ADOPTED.get()
+    if adopted is not None:
+        adopted.extend(undos)
+
+
+def _adopt(module: nn.Module, info: PEFTInfo, record: dict[str, Any]) -> Callable[[], None] | None:
+    """Let the :data:`ADOPTERS` reshape adapter ``info`` to ``record``'s config; the undo, if one did."""
+    if not ADOPTERS or record["method"] != info.method:
+        return None
+    try:
+        recorded = type(info.config).from_dict(record["config"])
+    except (TypeError, ValueError):
+        return None  # check_record says what is wrong with it
+    for adopt in ADOPTERS:
+        undo = adopt(module, info, recorded)
+        if undo is not None:
+            return undo
+    return None
+
+
+def _check_records(
+    module: nn.Module,
+    prefix: str,
+    state_dict: dict[str, Any],
+    records: list[Any],
+    strict: bool,
+    where: str,
+    undos: list[Callable[[], None]],
+) -> None:
+    """:func:`_load_pre_hook`'s checks, after any reshaping to the records (whose undos go to ``undos``)."""
+    info = require_info(module)
     names: list[str] = []
     for record in records:
         validate_record(record, where)
@@ -545,6 +601,9 @@ def _load_pre_hook(
                 f"({', '.join(map(repr, adapters(module)))}); inject it first, or load it with "
                 f"lightning_peft.load_adapter(model, path, adapter_name=...)."
             )
+        undo = _adopt(module, adapter_of(module, name), record)
+        if undo is not None:
+            undos.append(undo)
         check_record(adapter_of(module, name), record, where)
         names.append(name)
     module.__dict__["_lightning_peft_loading"] = names if records else list(adapters(module))

@@ -240,8 +240,10 @@ class PEFTCallback(Callback):
                 )
         info = state.get_info(root, self.adapter_name)
         if info is not None:
-            if info.method == self.method.name and info.config == api_inject.resolve(root, self.config):
-                # A second stage (validate after fit), a second fit, or an adapter loaded to train on.
+            requested = api_inject.resolve(root, self.config)
+            if info.method == self.method.name and requested in (info.config, info.injected):
+                # A second stage (validate after fit), a second fit, or an adapter loaded to train on
+                # (``injected``: these options, before a calibration such as EVA's reshaped the adapter).
                 if state.active_adapters(root) != [self.adapter_name]:
                     api_adapters.set_adapter(root, self.adapter_name)
                 return
@@ -375,10 +377,13 @@ class PEFTCallback(Callback):
 
         Under ``isolate_rng``, so drawing these batches leaves shuffling and dropout of the run
         itself as they would be without it, and with ``self.log`` muted, so that they do not count
-        toward the run's metrics.
+        toward the run's metrics. A calibration may give the adapter new tensors (EVA's rank
+        redistribution resizes or removes layers): the optimizers, built before train start, then
+        hold the new ones in place of the old (see :meth:`swap_parameters`).
         """
 
         _, root = strategies.adapter_root(pl_module)
+        before = dict(state.adapter_parameters(root))
 
         def loss_of(training_step: Callable[..., Any], batch: Any) -> torch.Tensor:
             with trainer.precision_plugin.train_step_context():
@@ -402,6 +407,47 @@ class PEFTCallback(Callback):
         finally:
             for name in ("log", "log_dict"):
                 pl_module.__dict__.pop(name, None)
+        after = dict(state.adapter_parameters(root))
+        replaced = {id(p): after.get(name) for name, p in before.items() if after.get(name) is not p}
+        if replaced:
+            for optimizer in trainer.optimizers:
+                PEFTCallback.swap_parameters(optimizer, replaced)
+
+    @staticmethod
+    def swap_parameters(optimizer: torch.optim.Optimizer, replaced: dict[int, torch.nn.Parameter | None]) -> int:
+        """Put new parameter objects in place of old ones in every param group (``None``: drop the old one).
+
+        The groups and their options (learning rate, weight decay, what LR schedulers read) stay as
+        they are. Only a parameter without optimizer state can be swapped (its moments would have
+        the old shape): at train start, before the first step, there is none. Returns the number swapped.
+
+        Raises:
+            RuntimeError: when the optimizer holds state for a parameter to swap (nothing is changed).
+        """
+        held = [p for p in optimizer.state if id(p) in replaced and optimizer.state[p]]
+        if held:
+            raise RuntimeError(
+                f"PEFTCallback: the calibration gave {len(replaced)} adapter tensors new shapes, but "
+                f"{type(optimizer).__name__} already holds state for {len(held)} of the old ones (it stepped "
+                "before train start?), which cannot be carried over to the new shapes; build the optimizer "
+                "without stepping it in configure_optimizers, or calibrate (lightning_peft.calibrate) before "
+                "building it."
+            )
+        swapped = 0
+        for group in optimizer.param_groups:
+            params = []
+            for p in group["params"]:
+                if id(p) not in replaced:
+                    params.append(p)
+                    continue
+                swapped += 1
+                new = replaced[id(p)]
+                if new is not None:
+                    params.append(new)
+            group["params"] = params
+        for p in [p for p in optimizer.state if id(p) in replaced]:
+            del optimizer.state[p]
+        return swapped
 
     # ------------------------------------------------------------------ gradient flow
 

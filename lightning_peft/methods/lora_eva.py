@@ -24,14 +24,19 @@ PEFTCallback calls it at train start on the training dataloader), in eval mode a
 gradients, with the batches' token positions selected as peft does for language modelling:
 ``attention_mask`` and, with ``use_label_mask``, ``labels != label_mask_value``.
 
-What lightning_peft refuses by name rather than doing differently: a redistribution that would
-give a layer another rank than its ``r`` (adapter shapes are fixed at injection, so that the
-optimizer and checkpoints see one shape; with ``rho=1`` every layer keeps its ``r`` unless layers
-sharing an input have different ranks), EVA on embeddings, conv, MultiheadAttention and parameter
-targets (peft initializes those with ``init_lora_weights=True`` and a warning), ``whiten`` on
-layers sharing an input (peft 0.21.2 then divides the shared components once more per extra
-layer, in place), and ``torch.distributed`` runs. A layer initialized with ``init="eva"`` refuses a
-training forward until it is calibrated or its tensors are loaded (a checkpoint, an adapter file).
+When the redistribution gives a layer a rank ``k`` other than its ``r``, the layer gets new A
+(k x in) and B (out x k) tensors, or is unwrapped to its base layer for ``k = 0``, and the
+adapter's record takes peft's ``rank_pattern``/``alpha_pattern`` (``adjust_scaling_factors``:
+``alpha * k / r``) and the targets left, as peft does: see :mod:`lightning_peft.methods.lora_eva_ranks`.
+The adapter's shapes thus change at calibration, so an optimizer is built after it (PEFTCallback,
+whose optimizer exists by then, puts the new tensors in its param groups).
+
+What lightning_peft refuses by name rather than doing differently: EVA on embeddings, conv,
+MultiheadAttention and parameter targets (peft initializes those with ``init_lora_weights=True``
+and a warning), a redistribution that changes the rank of a DoRA layer, ``whiten`` on layers
+sharing an input (peft 0.21.2 then divides the shared components once more per extra layer, in
+place), and ``torch.distributed`` runs. A layer initialized with ``init="eva"`` refuses a training
+forward until it is calibrated or its tensors are loaded (a checkpoint, an adapter file).
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.methods import lora
+from lightning_peft.core import state
+from lightning_peft.core.targeting import find_base_model, relative_name
+from lightning_peft.methods import lora, lora_eva_ranks
 from lightning_peft.methods.lora import LoRAConfig, LoRALayer, LoRALinear
 
 #: Where peft caps ``rho``: above it, at the largest parameter dimension over ``r``.
@@ -179,14 +186,18 @@ def calibrate(model: nn.Module, config: LoRAConfig, batches: Iterable[Any], loss
 
     Does nothing when no layer waits for it (a resumed run, a loaded adapter). ``loss_fn`` runs
     each batch through the model (its loss is not used); the model is in eval mode meanwhile.
+    Layers whose rank the redistribution changes get new tensors (or are unwrapped, at rank 0) and
+    the adapter a new recorded config, all or nothing (see :mod:`~lightning_peft.methods.lora_eva_ranks`).
 
     Raises:
-        ValueError: with no batch, a layer whose input has fewer features than its components, or a
-            redistribution changing a rank, whitening of shared inputs (see the module doc).
+        ValueError: with no batch, a layer whose input has fewer features than its components, or
+            whitening of shared inputs (see the module doc).
+        TypeError: for a redistribution changing the rank of a merged or DoRA layer.
         RuntimeError: when the components have not converged within ``max_batches`` forward passes,
             or under ``torch.distributed``.
     """
-    pending = dict(_pending(model))
+    info = next((i for i in state.adapters(model).values() if i.config is config), None) or state.require_info(model)
+    pending = {name: layer for name, layer in _pending(model) if layer.adapter_name == info.name}
     if not pending:
         return
     options = config.eva_config
@@ -214,19 +225,21 @@ def calibrate(model: nn.Module, config: LoRAConfig, batches: Iterable[Any], loss
     finally:
         for module, mode in modes.items():
             module.training = mode
-    changed = {name: rank for name, rank in ranks.items() if rank != pending[name].r}
-    if changed:
-        raise ValueError(
-            f"LoRAConfig.eva_config rho={options['rho']!r}: EVA's rank redistribution gives layers other ranks than "
-            f"their r ({', '.join(f'{n}: {pending[n].r} -> {k}' for n, k in list(changed.items())[:4])}), and "
-            "lightning_peft fixes adapter shapes at injection (not implemented: resizing them after it). Use "
-            "eva_config={'rho': 1.0} (each layer keeps its r)"
-        )
-    with torch.no_grad():
-        for name, layer in pending.items():
-            layer.lora_A.copy_(inputs[name][: layer.r].to(layer.lora_A))
-            layer.lora_B.zero_()
-            _done(layer)
+    base_path = find_base_model(model)[0]
+    changes = []
+    for path, layer in pending.items():
+        name = relative_name(path, base_path)
+        own, rank = config.for_layer(name), ranks[path]
+        alpha = own.alpha * rank / own.r if options["adjust_scaling_factors"] and rank != own.r else own.alpha
+        scaling = lora_eva_ranks.scale(config, rank, alpha) if rank else 0.0
+        changes.append(lora_eva_ranks.Change(path, name, layer, rank, alpha, scaling, inputs[path]))
+    recorded = config
+    if any(c.rank != c.layer.r for c in changes):  # a new record (peft's rank/alpha patterns), not the user's
+        kept = [relative_name(p, base_path) for p, _ in lora_eva_ranks.eva_layers(model, info.name) if ranks.get(p, 1)]
+        recorded = lora_eva_ranks.new_config(config, changes, kept)
+    lora_eva_ranks.apply(model, info, changes, recorded)
+    for layer in pending.values():
+        _done(layer)
 
 
 def _decompose(

@@ -197,24 +197,158 @@ def test_same_a_as_peft_and_peft_loads_it(rho: float, tmp_path: Path) -> None:
         assert_parity(back(ids).logits, ours, "peft loading our EVA adapter")
 
 
+_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_layers(peft_model: Any) -> dict[str, Any]:
+    return {
+        name: module
+        for name, module in peft_model.base_model.model.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_a_rank_redistribution_is_refused_by_name() -> None:
-    """rho > 1: where peft gives layers other ranks (its rank_pattern), lightning_peft refuses by name."""
+@pytest.mark.parametrize(
+    ("targets", "adjust", "dropped"),
+    [
+        (["o_proj", "down_proj"], True, ["model.layers.1.mlp.down_proj"]),  # one layer gets rank 0: unwrapped
+        (_ALL_LINEAR, False, []),  # q/k/v and gate/up share their inputs (one SVD each); alpha kept
+    ],
+)
+def test_a_redistribution_as_peft_does_it(targets: list[str], adjust: bool, dropped: list[str], tmp_path: Path) -> None:
+    """peft's default rho=2 (whiten off) at r=2 on a tiny LLaMA: each layer's rank k_i, A (k_i x in), B = 0 and
+    scale (alpha_i' / k_i, alpha_i' = alpha k_i / r with adjust_scaling_factors) as peft's; a layer with k_i = 0
+    is its base layer again; the record carries peft's rank_pattern/alpha_pattern; with B set alike, outputs
+    (forward and merged) equal peft's, and each side loads the other's saved adapter with the same outputs."""
+    peft = pytest.importorskip("peft")
+    options = {"tau": 0.9, "adjust_scaling_factors": adjust}
     base, batches = tiny.build("llama"), _lm_batches(4)
-    theirs = _peft_eva(base, batches, ["o_proj", "down_proj"], 2, rho=2.0, tau=0.9)
-    assert theirs.peft_config["default"].rank_pattern, "peft kept every rank: the row tests nothing"
-    model = lp.inject(
-        copy.deepcopy(base),
-        "lora",
-        r=2,
-        alpha=8,
-        target_modules=["o_proj", "down_proj"],
-        init="eva",
-        eva_config={"tau": 0.9},
-    )
-    with pytest.raises(ValueError, match=r"eva_config rho=2.0: EVA's rank redistribution gives layers other ranks"):
+    theirs = _peft_eva(base, batches, targets, 2, **options)
+    config = theirs.peft_config["default"]
+    assert config.rank_pattern, "peft kept every rank: the case tests nothing"
+    user = LoRAConfig(r=2, alpha=8, target_modules=targets, init="eva", eva_config=options)
+    model = lp.inject(copy.deepcopy(base), user)
+    lp.calibrate(model, batches, _forward(model))
+    recorded = state.require_info(model).config
+    assert recorded is not user and user.rank_pattern == {} and user.target_modules == targets  # a new config
+    assert (recorded.rank_pattern, recorded.alpha_pattern) == (config.rank_pattern, config.alpha_pattern)
+    assert bool(recorded.alpha_pattern) == adjust
+    ours, peft_layers = dict(state.adapter_modules(model)), _lora_layers(theirs)
+    assert sorted(ours) == sorted(peft_layers) and all(name not in ours for name in dropped)
+    for name in dropped:
+        assert type(model.get_submodule(name)) is nn.Linear
+        assert type(theirs.base_model.model.get_submodule(name)) is nn.Linear
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, module in peft_layers.items():
+            mine = ours[name]
+            assert isinstance(mine, LoRALinear) and mine.r == module.r["default"]
+            assert mine.scaling == pytest.approx(module.scaling["default"], rel=1e-12)
+            assert_parity(mine.lora_A, module.lora_A["default"].weight, f"EVA's A of {name}")
+            assert torch.equal(mine.lora_B, torch.zeros_like(mine.lora_B))
+            mine.lora_B.copy_(module.lora_B["default"].weight.normal_())  # as if trained
+    ids = batches[0]["input_ids"]
+    theirs.eval()
+    with torch.no_grad():
+        reference = theirs(input_ids=ids).logits
+        assert_parity(model(ids).logits, reference, "outputs")
+    lp.save_peft_adapter(model, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    loaded = lp.load_peft_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    with torch.no_grad():
+        assert_parity(back(input_ids=ids).logits, reference, "peft loading our adapter")
+        assert_parity(loaded(ids).logits, reference, "lightning_peft loading peft's adapter")
+        assert_parity(lp.merge(model)(ids).logits, theirs.merge_and_unload()(input_ids=ids).logits, "merged")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_redistributed_adapter_saves_loads_and_trains_only_its_new_tensors(tmp_path: Path) -> None:
+    """The record carries the new shapes: an adapter file loads into a bare model and into one injected with
+    the user's options (not calibrated), which takes the record's shapes; a refused load leaves that one as it
+    was. Gradients reach exactly the resized A and B, and the unwrapped layer holds none."""
+    base, batches = tiny.build("llama"), _lm_batches(4)
+    options = {"r": 2, "alpha": 8, "target_modules": ["o_proj", "down_proj"], "init": "eva", "eva_config": {"tau": 0.9}}
+    model = lp.inject(copy.deepcopy(base), "lora", **options)
+    old = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    lp.calibrate(model, batches, _forward(model))
+    new = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(new) == 6 and not {id(p) for p in new.values()} & {id(p) for p in old.values()}
+    assert "model.layers.1.mlp.down_proj.lora_A" in old and "model.layers.1.mlp.down_proj.lora_A" not in new
+    with torch.no_grad():
+        for layer in dict(state.adapter_modules(model)).values():
+            layer.lora_B.normal_()
+    model.train()
+    model(**batches[1]).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in new.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in new)
+    model.zero_grad()
+    ids = batches[2]["input_ids"]
+    with torch.no_grad():
+        want = model.eval()(ids).logits
+    lp.save_adapter(model, tmp_path / "eva")
+    bare = lp.load_adapter(copy.deepcopy(base), tmp_path / "eva")
+    pending = lp.inject(copy.deepcopy(base), "lora", **options)
+    shapes = {n: p.shape for n, p in pending.named_parameters() if p.requires_grad}
+    broken = tmp_path / "broken"
+    lp.save_adapter(model, broken)
+    tensors = lp.core.files.load_tensors(broken / "adapter_model.safetensors")
+    key = "model.layers.1.self_attn.o_proj.lora_B"
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    lp.core.files.save_tensors(tensors, broken / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="non-finite values"):
+        lp.load_adapter(pending, broken)
+    assert {n: p.shape for n, p in pending.named_parameters() if p.requires_grad} == shapes  # as it was
+    assert state.require_info(pending).config.rank_pattern == {}
+    assert isinstance(pending.model.layers[1].mlp.down_proj, LoRALinear)
+    lp.load_adapter(pending, tmp_path / "eva")
+    for loaded in (bare, pending):
+        assert state.require_info(loaded).config == state.require_info(model).config
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(ids).logits, want)
+    calls: list[Any] = []
+    lp.calibrate(pending, batches, calls.append)  # loaded: nothing to calibrate
+    assert not calls
+
+
+def test_a_failed_resize_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while the layers change (here forced at the third layer) puts back every tensor, scale,
+    module and the record; the model then calibrates as if nothing had happened."""
+    from lightning_peft.methods import lora_eva_ranks
+
+    base, batches = tiny.build("llama"), _lm_batches(4)
+    options = {"r": 2, "alpha": 8, "target_modules": ["o_proj", "down_proj"], "init": "eva", "eva_config": {"tau": 0.9}}
+    model = lp.inject(copy.deepcopy(base), "lora", **options)
+    info = state.require_info(model)
+    config, modules = info.config, list(info.modules)
+    tree = [(n, id(m)) for n, m in model.named_modules()]
+    tensors = {n: (id(t), t.clone()) for n, t in model.state_dict(keep_vars=True).items()}
+    layers = {n: (m.r, m.scaling, m.shared_inputs) for n, m in state.adapter_modules(model)}
+    change, calls = lora_eva_ranks._change, []
+
+    def failing(*args: Any) -> None:
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (forced)")
+        change(*args)
+
+    monkeypatch.setattr(lora_eva_ranks, "_change", failing)
+    with pytest.raises(RuntimeError, match="forced"):
         lp.calibrate(model, batches, _forward(model))
+    assert [(n, id(m)) for n, m in model.named_modules()] == tree
+    now = model.state_dict(keep_vars=True)
+    assert now.keys() == tensors.keys() and all(
+        id(now[n]) == i and torch.equal(now[n], t) for n, (i, t) in tensors.items()
+    )
+    assert {n: (m.r, m.scaling, m.shared_inputs) for n, m in state.adapter_modules(model)} == layers
+    assert info.config is config and info.modules == modules
+    assert all(m.__dict__["eva_pending"] for _, m in state.adapter_modules(model))
+    monkeypatch.setattr(lora_eva_ranks, "_change", change)
+    lp.calibrate(model, batches, _forward(model))
+    assert state.require_info(model).config.rank_pattern
 
 
 def test_refusals_name_the_option() -> None:
