@@ -1,7 +1,8 @@
 """The command line's entry point, light to import: ``python -m lightning_peft`` and ``lightning-peft``.
 
-A help request whose text is cached (:mod:`lightning_peft.lightning.cli_help`) is answered here,
-before Lightning is imported; everything else goes to :func:`lightning_peft.lightning.cli.main`.
+A help request whose text is cached, or recorded in the snapshot shipped in the package for this
+environment (:mod:`lightning_peft.lightning.cli_help`), is answered here with the standard library
+only, before Lightning is imported; everything else goes to :func:`lightning_peft.lightning.cli.main`.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ from lightning_peft.api import io as api_io
 from lightning_peft.api.inject import BASE, check_adapter_name
 from lightning_peft.core import files
 from lightning_peft.core.config import AdapterConfig
-from lightning_peft.lightning import cli_help
+from lightning_peft.lightning import cli_help, help_record
 from lightning_peft.lightning.callback import PEFTCallback
 from lightning_peft.lightning.cli_errors import (
     CLIError,
@@ -197,7 +197,7 @@ class PEFTLightningCLI(LightningCLI):
         self.argv: list[str] = (
             [] if isinstance(given, dict) else [str(a) for a in (sys.argv[1:] if given is None else given)]
         )
-        help_kwargs = cli_help.help_kwargs()
+        help_kwargs = help_record.help_kwargs()
         extra = kwargs.pop("parser_kwargs", None) or {}
         parser_kwargs: dict[str, Any] = {
             "prog": cli_help.program_name(),
@@ -720,16 +720,21 @@ def _run(argv: list[str], entry_point: bool, run: bool, debug: bool) -> PEFTLigh
 
 
 def _help_and_cache(argv: list[str], entry_point: bool) -> PEFTLightningCLI:
-    """Print the help ``argv`` asks for, as the parser writes it, and cache that text."""
+    """Print the help ``argv`` asks for, as the parser writes it, and cache it.
+
+    The cache keeps the render's snapshot (:mod:`~lightning_peft.lightning.help_record`: replayed at
+    any width) when the formatter recorded one for exactly the printed text, else the text itself.
+    """
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
             cli = _run(argv, entry_point, True, False)
     except SystemExit as exit_:
-        sys.stdout.write(buffer.getvalue())
+        text = buffer.getvalue()
+        sys.stdout.write(text)
         sys.stdout.flush()
         if exit_.code in (0, None):
-            cli_help.save_help(argv, buffer.getvalue())
+            cli_help.save_help(argv, text, help_record.snapshot_for(text))
         raise
     sys.stdout.write(buffer.getvalue())
     return cli

@@ -1,5 +1,7 @@
 """``python -m lightning_peft`` as a shell user runs it: subprocesses, reading stdout, stderr and the files written.
 
+The help tests record the help in one process that builds the parser (a snapshot file and the live
+texts at several widths), then run the CLI as a fresh install would, with that file as its snapshot.
 One tiny fit ((IA)^3 on a tiny BERT, Lightning's default logger and progress bar) makes the run
 every test here uses as a user would use the quickstart's: ``validate`` / ``test`` / ``predict``
 with its checkpoint, ``predict ... > out.jsonl``, ``--output`` and ``--quiet``, ``--help`` and
@@ -15,15 +17,19 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from lightning_peft import PEFTCallback
+from lightning_peft.lightning import cli_help, help_replay
 from lightning_peft.lightning.cli import PEFTLightningCLI
-from lightning_peft.lightning.cli_help import CACHE_ENV
+from lightning_peft.lightning.cli_help import CACHE_ENV, SNAPSHOT_ENV
 from lightning_peft.lightning.cli_output import NOISE_LOGS, NOISE_WARNINGS
+from lightning_peft.lightning.help_snapshot import REQUESTS
 from tests.lightning.cli_tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,30 +152,135 @@ def test_predict_into_a_file_is_json_lines_and_nothing_else(run: dict[str, Path]
         assert loud not in quiet.stderr
 
 
-# --------------------------------------------------------------------------- point 4
+# --------------------------------------------------------------------------- point 4: --help without Lightning
+
+#: Terminal widths (``COLUMNS``) the recorded help is replayed at and compared with the live parser's.
+WIDTHS = (50, 80, 137, 250)
+HEAVY = {"torch", "lightning", "transformers", "jsonargparse"}
+_RECORD = """
+import json, sys
+from pathlib import Path
+from lightning_peft.lightning import help_snapshot
+out = Path(sys.argv[1])
+help_snapshot.write(out / "snapshot.json", programs=("__main__.py",))
+widths = [int(c) for c in sys.argv[2].split(",")]
+live = {" ".join(a): {c: help_snapshot.render(a, columns=c)[0] for c in widths} for a in help_snapshot.REQUESTS}
+(out / "live.json").write_text(json.dumps(live))
+"""
 
 
-def test_help_is_cached_names_the_command_and_is_plain_text(tmp_path: Path) -> None:
-    """A second ``fit --help`` prints the saved text without importing torch or Lightning.
-
-    That is what makes it fast (``python -m benchmarks.cli_help`` times it); a test asserts what
-    is imported, not how long it takes.
-    """
-    texts = [cli(tmp_path, "fit", "--help").stdout, cli(tmp_path, "fit", "--help").stdout]
-    command = [sys.executable, "-X", "importtime", "-m", "lightning_peft", "fit", "--help"]
-    traced = subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, env=environment(tmp_path / "cache"), check=True
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One process that builds the parser: a snapshot file of every help request, and the live text at each width."""
+    folder = tmp_path_factory.mktemp("help")
+    subprocess.run(
+        [sys.executable, "-c", _RECORD, str(folder), ",".join(map(str, WIDTHS))],
+        cwd=folder,
+        env=environment(folder / "unused"),
+        check=True,
     )
-    texts.append(traced.stdout)
+    live = json.loads((folder / "live.json").read_text())
+    return {"file": folder / "snapshot.json", "live": {k: {int(c): t for c, t in v.items()} for k, v in live.items()}}
+
+
+def help_call(cwd: Path, snapshot: Path, columns: int) -> tuple[str, set[str]]:
+    """``python -X importtime -m lightning_peft fit --help``: what it prints and the modules it imports."""
+    env = {**environment(cwd / "cache"), SNAPSHOT_ENV: str(snapshot), "COLUMNS": str(columns)}
+    command = [sys.executable, "-X", "importtime", "-m", "lightning_peft", "fit", "--help"]
+    traced = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, check=True)
     trace = [line for line in traced.stderr.splitlines() if line.startswith("import time:")]
     imported = {line.rsplit("|", 1)[-1].strip() for line in trace}
     assert "lightning_peft.lightning.cli_help" in imported  # the trace is read right
-    assert not {"torch", "lightning", "transformers", "jsonargparse"} & imported
-    assert texts[0] == texts[1] == texts[2]
-    assert list((tmp_path / "cache").glob("help-*.txt"))
-    assert texts[0].startswith("usage: python -m lightning_peft [options] fit ")
-    assert ":class:" not in texts[0] and "``" not in texts[0] and ":func:" not in texts[0]
-    assert 'Default: "auto"' in " ".join(texts[0].split())  # was ``"auto"``
+    return traced.stdout, imported
+
+
+def test_the_snapshot_replays_the_live_help_at_every_width(recorded: dict[str, Any]) -> None:
+    """Recorded once, at one width: at each width argparse wraps it exactly as the parser itself does."""
+    data = json.loads(recorded["file"].read_text())
+    helps = data["helps"]["python -m lightning_peft"]
+    assert sorted(helps) == sorted(" ".join(argv) for argv in REQUESTS)
+    for request, texts in recorded["live"].items():
+        assert len(set(texts.values())) == len(WIDTHS)  # the widths do change the text
+        for columns, text in texts.items():
+            assert help_replay.replay(helps[request], columns - 2) == text, f"{request} at COLUMNS={columns}"
+    assert "Available subcommands:" in recorded["live"]["--help"][80]
+    assert "--trainer.max_epochs MAX_EPOCHS" in recorded["live"]["fit --help"][250]
+
+
+def test_a_fresh_install_prints_help_from_the_snapshot_without_importing_lightning(
+    recorded: dict[str, Any], tmp_path: Path
+) -> None:
+    """An empty user cache and a snapshot whose key matches: ``fit --help`` imports none of the heavy packages.
+
+    That is what makes the first call fast (``python -m benchmarks.cli_help`` times it); a test
+    asserts what is imported, not how long it takes.
+    """
+    text, imported = help_call(tmp_path, recorded["file"], 137)
+    assert not HEAVY & imported
+    assert text == recorded["live"]["fit --help"][137]
+    assert not (tmp_path / "cache").exists()  # nothing was built, so nothing cached
+
+
+def test_a_snapshot_of_another_environment_is_not_used_and_the_cache_replays_any_width(
+    recorded: dict[str, Any], tmp_path: Path
+) -> None:
+    """One version edited in the snapshot's key: the parser builds (and caches); later calls, any width, do not."""
+    data = json.loads(recorded["file"].read_text())
+    assert cli_help.snapshot_mismatch(data) is None
+    data["key"]["packages"]["torch"] = "0.0.1"
+    assert cli_help.snapshot_mismatch(data) == f"torch 0.0.1 recorded, {cli_help._version('torch')} here"
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps(data))
+    first, imported = help_call(tmp_path, stale, 80)
+    assert {"torch", "lightning", "jsonargparse"} <= imported  # the parser answered
+    assert first == recorded["live"]["fit --help"][80]
+    assert [p.suffix for p in (tmp_path / "cache").glob("help-*")] == [".json"]  # a snapshot, not one width's text
+    for columns in (50, 80):
+        text, imported = help_call(tmp_path, stale, columns)
+        assert not HEAVY & imported
+        assert text == recorded["live"]["fit --help"][columns]
+    assert text.startswith("usage: python -m lightning_peft [options] fit ")
+    assert ":class:" not in text and "``" not in text and ":func:" not in text
+    assert 'Default: "auto"' in " ".join(text.split())  # was ``"auto"``
+
+
+def test_a_snapshot_is_refused_on_any_difference_in_its_key(
+    recorded: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "snapshot.json"
+    monkeypatch.setenv(SNAPSHOT_ENV, str(path))
+    monkeypatch.setenv("COLUMNS", "80")
+    edits = {
+        "python": lambda key: key.update(python="2.7"),
+        "env": lambda key: key.update(env=[["JSONARGPARSE_DEBUG", "1"]]),
+        "source": lambda key: key.update(source="0" * 64),
+        "a package": lambda key: key["packages"].update(rich="0.1"),
+        "an unrecorded package": lambda key: key["packages"].pop("transformers"),
+    }
+    original = json.loads(recorded["file"].read_text())
+    path.write_text(json.dumps(original))
+    assert cli_help.shipped_help(["fit", "--help"]) == recorded["live"]["fit --help"][80]  # as recorded, it is used
+    for name, edit in edits.items():
+        data = json.loads(json.dumps(original))
+        edit(data["key"])
+        path.write_text(json.dumps(data))
+        assert cli_help.shipped_help(["fit", "--help"]) is None, name
+
+
+def test_the_shipped_snapshot_is_current() -> None:
+    """The snapshot in the package was recorded from these sources (else it is never used: slow, never wrong)."""
+    data = cli_help.load_snapshots(cli_help.SNAPSHOT_FILE)
+    assert data is not None, f"no {cli_help.SNAPSHOT_FILE}: write it with {cli_help.SNAPSHOT_COMMAND}"
+    assert data["key"]["source"] == cli_help.source_hash(), (
+        f"{cli_help.SNAPSHOT_FILE.name} was recorded from other sources of lightning_peft; "
+        f"regenerate it with: {cli_help.SNAPSHOT_COMMAND}"
+    )
+    assert sorted(data["helps"]) == ["lightning-peft", "python -m lightning_peft"]
+    for helps in data["helps"].values():
+        assert sorted(helps) == sorted(" ".join(argv) for argv in REQUESTS)
+    mismatch = cli_help.snapshot_mismatch(data)
+    if mismatch is not None:
+        warnings.warn(f"the shipped help snapshot is not used on this stack: {mismatch}", UserWarning, stacklevel=1)
 
 
 def test_print_config_prints_what_runs(hub_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
