@@ -573,11 +573,31 @@ def _adopt(module: nn.Module, info: PEFTInfo, record: dict[str, Any]) -> Callabl
         recorded = type(info.config).from_dict(record["config"])
     except (TypeError, ValueError):
         return None  # check_record says what is wrong with it
+    return _adopted(module, info, recorded)
+
+
+def _adopted(module: nn.Module, info: PEFTInfo, config: AdapterConfig) -> Callable[[], None] | None:
     for adopt in ADOPTERS:
-        undo = adopt(module, info, recorded)
+        undo = adopt(module, info, config)
         if undo is not None:
             return undo
     return None
+
+
+def adopt(model: nn.Module, info: PEFTInfo, config: AdapterConfig) -> bool:
+    """Reshape adapter ``info`` to ``config`` where an :data:`ADOPTERS` entry can (a file's record of the
+    adapter calibrated); whether one did. Inside :func:`all_or_nothing`, a failed load then undoes it.
+
+    Raises:
+        RuntimeError: outside :func:`all_or_nothing` (nothing would undo it).
+    """
+    adopted = _ADOPTED.get()
+    if adopted is None:
+        raise RuntimeError("lightning_peft.core.state.adopt runs inside state.all_or_nothing only")
+    undo = _adopted(model, info, config)
+    if undo is not None:
+        adopted.append(undo)
+    return undo is not None
 
 
 def _check_records(

@@ -658,7 +658,10 @@ def _load_into(
         if info is None:
             inject(model, config, adapter_name=target)
             info = state.adapter_of(model, target)
-        elif info.method != entry.name or info.config.diff(resolve(model, config)):
+        elif info.method != entry.name or (
+            # an EVA adapter not calibrated yet takes the file's ranks (state.ADOPTERS); others must be the same
+            info.config.diff(resolve(model, config)) and not state.adopt(model, info, resolve(model, config))
+        ):
             raise ValueError(
                 f"{type(model).__name__}'s adapter {info.name!r} is a {info.method} adapter ({info.config}) that "
                 f"differs from the peft adapter in {folder} ({config}); pass another adapter_name to add it beside, "

@@ -265,9 +265,13 @@ def test_a_redistribution_as_peft_does_it(targets: list[str], adjust: bool, drop
     theirs.save_pretrained(tmp_path / "theirs")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     loaded = lp.load_peft_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    # into a model injected with the user's options, not calibrated: it takes the file's ranks
+    into_pending = lp.load_peft_adapter(lp.inject(copy.deepcopy(base), user), tmp_path / "theirs")
+    assert state.require_info(into_pending).config.rank_pattern == config.rank_pattern
     with torch.no_grad():
         assert_parity(back(input_ids=ids).logits, reference, "peft loading our adapter")
         assert_parity(loaded(ids).logits, reference, "lightning_peft loading peft's adapter")
+        assert_parity(into_pending(ids).logits, reference, "peft's adapter loaded into an uncalibrated EVA adapter")
         assert_parity(lp.merge(model)(ids).logits, theirs.merge_and_unload()(input_ids=ids).logits, "merged")
 
 
