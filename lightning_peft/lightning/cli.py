@@ -731,10 +731,10 @@ def _help_and_cache(argv: list[str], entry_point: bool) -> PEFTLightningCLI:
             cli = _run(argv, entry_point, True, False)
     except SystemExit as exit_:
         text = buffer.getvalue()
+        if exit_.code in (0, None):  # first: `--help | head` closes stdout before the text is all written
+            cli_help.save_help(argv, text, help_record.snapshot_for(text))
         sys.stdout.write(text)
         sys.stdout.flush()
-        if exit_.code in (0, None):
-            cli_help.save_help(argv, text, help_record.snapshot_for(text))
         raise
     sys.stdout.write(buffer.getvalue())
     return cli
