@@ -151,12 +151,22 @@ _QKV_UP = ["q_proj", "k_proj", "v_proj", "up_proj"]
 
 
 def _peft_eva(
-    base: nn.Module, batches: list[dict[str, torch.Tensor]], targets: list[str], r: int, **options: Any
+    base: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    targets: list[str],
+    r: int,
+    rslora: bool = False,
+    **options: Any,
 ) -> Any:
     peft = pytest.importorskip("peft")
     eva = pytest.importorskip("peft.tuners.lora.eva")
     config = peft.LoraConfig(
-        r=r, lora_alpha=8, target_modules=targets, init_lora_weights="eva", eva_config=peft.EvaConfig(**options)
+        r=r,
+        lora_alpha=8,
+        target_modules=targets,
+        init_lora_weights="eva",
+        eva_config=peft.EvaConfig(**options),
+        use_rslora=rslora,
     )
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     eva.initialize_lora_eva_weights(theirs, dataloader=batches, show_progress_bar=False)
@@ -211,13 +221,16 @@ def _lora_layers(peft_model: Any) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(
-    ("targets", "adjust", "dropped"),
+    ("targets", "adjust", "rslora", "dropped"),
     [
-        (["o_proj", "down_proj"], True, ["model.layers.1.mlp.down_proj"]),  # one layer gets rank 0: unwrapped
-        (_ALL_LINEAR, False, []),  # q/k/v and gate/up share their inputs (one SVD each); alpha kept
+        (["o_proj", "down_proj"], True, False, ["model.layers.1.mlp.down_proj"]),  # a layer gets rank 0: unwrapped
+        (["o_proj", "down_proj"], True, True, ["model.layers.1.mlp.down_proj"]),  # scale alpha' / sqrt(k)
+        (_ALL_LINEAR, False, False, []),  # q/k/v and gate/up share their inputs (one SVD each); alpha kept
     ],
 )
-def test_a_redistribution_as_peft_does_it(targets: list[str], adjust: bool, dropped: list[str], tmp_path: Path) -> None:
+def test_a_redistribution_as_peft_does_it(
+    targets: list[str], adjust: bool, rslora: bool, dropped: list[str], tmp_path: Path
+) -> None:
     """peft's default rho=2 (whiten off) at r=2 on a tiny LLaMA: each layer's rank k_i, A (k_i x in), B = 0 and
     scale (alpha_i' / k_i, alpha_i' = alpha k_i / r with adjust_scaling_factors) as peft's; a layer with k_i = 0
     is its base layer again; the record carries peft's rank_pattern/alpha_pattern; with B set alike, outputs
@@ -232,10 +245,10 @@ def test_a_redistribution_as_peft_does_it(targets: list[str], adjust: bool, drop
         "use_label_mask": Version(peft.__version__) >= Version("0.21"),
     }
     base, batches = tiny.build("llama"), _lm_batches(4)
-    theirs = _peft_eva(base, batches, targets, 2, **options)
+    theirs = _peft_eva(base, batches, targets, 2, rslora, **options)
     config = theirs.peft_config["default"]
     assert config.rank_pattern, "peft kept every rank: the case tests nothing"
-    user = LoRAConfig(r=2, alpha=8, target_modules=targets, init="eva", eva_config=options)
+    user = LoRAConfig(r=2, alpha=8, rslora=rslora, target_modules=targets, init="eva", eva_config=options)
     model = lp.inject(copy.deepcopy(base), user)
     lp.calibrate(model, batches, _forward(model))
     recorded = state.require_info(model).config
