@@ -17,9 +17,10 @@ before anything heavy is imported, from the first of:
 2. the snapshot shipped in the package (``help_snapshot.json``, written by ``python -m
    lightning_peft.lightning.help_snapshot``), used only when its key matches: the Python
    major.minor version, the versions of :data:`HELP_PACKAGES` and of every distribution imported
-   while it was recorded, the ``JSONARGPARSE_*`` / ``LIGHTNING_PEFT_*`` variables (but the two
-   naming files) and a hash of the bytes of lightning_peft's ``.py`` sources. It holds no path
-   and no width, so a fresh install prints ``fit --help`` without importing Lightning;
+   while it was recorded, the top-level modules and distributions that were looked for then and
+   not found (still absent here), the ``JSONARGPARSE_*`` / ``LIGHTNING_PEFT_*`` variables (but
+   the two naming files) and a hash of the bytes of lightning_peft's ``.py`` sources. It holds no
+   path and no width, so a fresh install prints ``fit --help`` without importing Lightning;
 3. the parser itself (which then fills the cache).
 
 ``LIGHTNING_PEFT_CACHE=0`` (or ``off``, ``false``, ``no``) skips both 1 and 2: the parser always
@@ -277,6 +278,11 @@ def snapshot_key(packages: Sequence[str] = HELP_PACKAGES) -> dict[str, Any]:
     }
 
 
+def absent(distribution: str) -> bool:
+    """Whether no distribution of that name is installed."""
+    return _version(distribution) is None
+
+
 def _canonical(name: str) -> str:
     """A distribution's name as packaging normalizes it (``docstring_parser`` -> ``docstring-parser``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -305,7 +311,8 @@ def snapshot_mismatch(data: dict[str, Any]) -> str | None:
     if data.get("format") != help_replay.FORMAT:
         return f"format {data.get('format')!r}, this code replays format {help_replay.FORMAT}"
     key = data.get("key")
-    if not isinstance(key, dict) or not isinstance(key.get("packages"), dict):
+    fields = {"packages": dict, "absent_modules": list, "absent_distributions": list}
+    if not isinstance(key, dict) or not all(isinstance(key.get(f), kind) for f, kind in fields.items()):
         return "no key"
     here = snapshot_key(list(key["packages"]))
     for field in ("python", "env"):
@@ -314,6 +321,18 @@ def snapshot_mismatch(data: dict[str, Any]) -> str | None:
     for name, version in key["packages"].items():
         if here["packages"][name] != version:
             return f"{name} {version} recorded, {here['packages'][name]} here"
+    for name in key["absent_distributions"]:
+        if not absent(name):
+            return f"{name} is installed here, not where the snapshot was recorded"
+    import importlib.util  # (here: a hit on the user cache never needs it)
+
+    for name in key["absent_modules"]:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = True  # cannot tell: not the environment it was recorded in
+        if found:
+            return f"the module {name} is found here, not where the snapshot was recorded"
     missing = {_canonical(name) for name in HELP_PACKAGES} - set(key["packages"])
     if missing:
         return f"the versions of {sorted(missing)} are not recorded"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from lightning_peft.lightning import cli_help, help_record
-from lightning_peft.lightning.cli import main as cli_main
 from lightning_peft.lightning.help_replay import FORMAT
 
 #: The help requests a snapshot is written for.
@@ -61,6 +61,8 @@ def _environment(argv0: str, columns: int | None) -> Iterator[None]:
 
 def render(argv: Sequence[str], *, argv0: str = "__main__.py", columns: int | None = None) -> tuple[str, Any]:
     """``argv``'s help as the CLI prints it (at ``columns``, default the terminal's) and its snapshot (None if none)."""
+    from lightning_peft.lightning.cli import main as cli_main
+
     buffer = io.StringIO()
     with _environment(argv0, columns), contextlib.redirect_stdout(buffer):
         try:
@@ -79,22 +81,65 @@ def imported_distributions() -> list[str]:
     return sorted(names - {"lightning-peft", "lightning_peft"})
 
 
+class _AbsentProbe:
+    """The last finder on ``sys.meta_path``: notes the top-level modules and the distributions looked for in vain.
+
+    What is absent shapes the help too (a package that is installed gets imported and its classes
+    listed as subclasses), so the key records it: a snapshot is not used where one of them exists.
+    """
+
+    def __init__(self) -> None:
+        self.modules: set[str] = set()
+        self.distributions: set[str] = set()
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if "." not in name:  # every other finder missed it
+            self.modules.add(name)
+        return None
+
+    def find_distributions(self, context: Any = None) -> Iterator[Any]:
+        name = getattr(context, "name", None)
+        if name:
+            self.distributions.add(name)
+        return iter(())
+
+
+def _unfound(module: str) -> bool:
+    """Still not found now (a finder added after the probe may have found it then)."""
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return False
+
+
 def snapshots(programs: Sequence[str] = PROGRAMS) -> dict[str, Any]:
     """Every request's snapshot for every program name, with this environment's key (the file's content).
 
+    Run in a fresh process: what the CLI imports, and what it looks for and does not find, is
+    noted while it is first imported.
+
     Raises:
-        RuntimeError: a render could not be recorded (the reason is said).
+        RuntimeError: the CLI was imported already, or a render could not be recorded (the reason is said).
     """
+    if "lightning_peft.lightning.cli" in sys.modules:
+        raise RuntimeError("record the help snapshot in a fresh process (the CLI was imported already)")
+    probe = _AbsentProbe()
+    sys.meta_path.append(probe)
     helps: dict[str, dict[str, Any]] = {}
-    for argv0 in programs:
-        prog = cli_help.program_name(argv0)
-        for argv in REQUESTS:
-            text, snapshot = render(argv, argv0=argv0)
-            if snapshot is None:
-                reason = help_record.why_not(text)
-                raise RuntimeError(f"{prog} {' '.join(argv)}: the help could not be recorded ({reason})")
-            helps.setdefault(prog, {})[" ".join(argv)] = snapshot
+    try:
+        for argv0 in programs:
+            prog = cli_help.program_name(argv0)
+            for argv in REQUESTS:
+                text, snapshot = render(argv, argv0=argv0)
+                if snapshot is None:
+                    reason = help_record.why_not(text)
+                    raise RuntimeError(f"{prog} {' '.join(argv)}: the help could not be recorded ({reason})")
+                helps.setdefault(prog, {})[" ".join(argv)] = snapshot
+    finally:
+        sys.meta_path.remove(probe)
     key = cli_help.snapshot_key([*cli_help.HELP_PACKAGES, *imported_distributions()])
+    key["absent_modules"] = sorted(name for name in probe.modules if name not in sys.modules and _unfound(name))
+    key["absent_distributions"] = sorted(name for name in probe.distributions if cli_help.absent(name))
     return {"format": FORMAT, "command": cli_help.SNAPSHOT_COMMAND, "key": key, "helps": helps}
 
 

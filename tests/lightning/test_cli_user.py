@@ -256,6 +256,9 @@ def test_a_snapshot_is_refused_on_any_difference_in_its_key(
         "source": lambda key: key.update(source="0" * 64),
         "a package": lambda key: key["packages"].update(rich="0.1"),
         "an unrecorded package": lambda key: key["packages"].pop("transformers"),
+        "a module absent then": lambda key: key["absent_modules"].append("json"),
+        "a distribution absent then": lambda key: key["absent_distributions"].append("pytest"),
+        "no absent list": lambda key: key.pop("absent_modules"),
     }
     original = json.loads(recorded["file"].read_text())
     path.write_text(json.dumps(original))
