@@ -11,9 +11,11 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
+
+from lightning_peft.core.targeting import pattern_key
 
 C = TypeVar("C", bound="AdapterConfig")
 
@@ -83,6 +85,35 @@ def check_patterns(
         except re.error as error:
             raise invalid(config, f"{field}[{key!r}]", key, f"keyed by a valid regular expression ({error})") from None
         check_value(config, f"{field}[{key!r}]", item)
+
+
+def check_pattern_keys(config: object, fields: Sequence[str], targets: Mapping[str, Sequence[str]]) -> None:
+    """Refuse a key of a per-layer option (LoRA's ``rank_pattern``) that selects none of the targets.
+
+    A key selects a name by peft's rule (``get_pattern_key``): the regex matches the whole name or
+    its end after a dot. A key that selects nothing would silently leave those layers at the default
+    (peft only warns), so it is refused, naming the field, the key and the targets.
+
+    Args:
+        config: the config (its class names the field in the error).
+        fields: the per-layer option fields to check (``("rank_pattern", "alpha_pattern")``).
+        targets: the names the option is looked up with, by kind (``{"modules": [...], "parameters": [...]}``:
+            module names and ``<module>.<parameter>`` keys inside the transformers model).
+    """
+    names = [name for group in targets.values() for name in group]
+    for field_name in fields:
+        unused = [key for key in getattr(config, field_name) if not any(pattern_key([key], name) for name in names)]
+        if unused:
+            shown = {kind: group for kind, group in targets.items() if group} or {"modules": []}
+            listed = " or ".join(
+                f"the {len(group)} targeted {kind} ({', '.join(group[:4])}{', ...' if len(group) > 4 else ''})"
+                for kind, group in shown.items()
+            )
+            singular = " or ".join(kind.removesuffix("s") for kind in shown)
+            raise ValueError(
+                f"{type(config).__name__}.{field_name} key {unused[0]!r} matches none of {listed}; a key must match "
+                f"a targeted {singular}'s name whole or after a dot. Fix or remove it."
+            )
 
 
 #: Field metadata of options that only choose initial values (see :func:`init_only`).

@@ -25,6 +25,7 @@ from lightning_peft.core.config import (
     LayerConfig,
     check_choice,
     check_module_keys,
+    check_pattern_keys,
     check_patterns,
     check_positive,
     check_positive_int,
@@ -196,16 +197,10 @@ class LoRAConfig(LayerConfig):
 
     def check_selected(self, names: Sequence[str]) -> None:
         """Refuse a ``rank_pattern``/``alpha_pattern`` key that matches none of the targeted modules (a
-        typo would silently leave those layers at ``r``/``alpha``; peft only warns)."""
-        for field_name in ("rank_pattern", "alpha_pattern"):
-            patterns = getattr(self, field_name)
-            unused = [key for key in patterns if not any(pattern_key([key], name) for name in names)]
-            if unused:
-                shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-                raise ValueError(
-                    f"LoRAConfig.{field_name} key {unused[0]!r} matches none of the {len(names)} targeted modules "
-                    f"({shown}); a key must match a targeted module's name whole or after a dot. Fix or remove it."
-                )
+        typo would silently leave those layers at ``r``/``alpha``; peft only warns). With
+        ``target_parameters`` a key may name a parameter instead: :data:`CHECKS` checks both then."""
+        if self.target_parameters is None:
+            check_pattern_keys(self, ("rank_pattern", "alpha_pattern"), {"modules": names})
 
     def for_layer(self, name: str) -> LoRAConfig:
         """This config with the ``r`` and ``alpha`` that ``rank_pattern``/``alpha_pattern`` give layer ``name``."""
@@ -617,6 +612,9 @@ LAYER_TYPES: dict[type[nn.Module], Callable[[nn.Module, LoRAConfig], LoRALayer]]
 #: that builds on this one adds itself here (``lora_param.py``: ``target_parameters``,
 #: ``trainable_tokens.py``: ``trainable_token_indices``). Each returns the names it wrapped.
 OPTIONS: dict[str, Callable[[nn.Module, LoRAConfig], list[str]]] = {}
+#: Checks :func:`apply` runs before it wraps anything, by the config field that asks for them (``lora_param.py``:
+#: ``rank_pattern``/``alpha_pattern`` keys against the module and parameter targets, for ``target_parameters``).
+CHECKS: dict[str, Callable[[nn.Module, LoRAConfig], None]] = {}
 #: The data-driven inits' calibration (see :data:`lightning_peft.registry.CalibrateFn`), by ``init``:
 #: their file adds itself here (``lora_eva.py``: ``"eva"``, ``lora_corda.py``: ``"corda"``). Other inits draw no batch.
 CALIBRATIONS: dict[str, CalibrateFn] = {}
@@ -656,6 +654,9 @@ def apply(model: nn.Module, config: LoRAConfig) -> list[str]:
                 f"LoRAConfig.{option} is set, but lightning_peft.methods.lora_param / trainable_tokens, which "
                 "implement it, are not imported; import lightning_peft.methods"
             )
+    for option, check_first in CHECKS.items():
+        if getattr(config, option) is not None:
+            check_first(model, config)
     names = inject_layers(model, config, wrap=build) if config.target_modules != [] else []
     for option, step in OPTIONS.items():
         if getattr(config, option) is not None:

@@ -16,7 +16,10 @@ wrapped, and for the duration of its forward each targeted tensor ``W`` reads as
     ``is_transposed`` is False (Mixtral: ``x @ W[e]^T``), else Delta_e^T with (in, out) = (d1, d2).
 
 ``rank_pattern`` / ``alpha_pattern`` keys match ``<module>.<parameter>`` (peft's key for a
-parameter target); ``layers_to_transform`` does not restrict parameter targets, as in peft.
+parameter target), beside the targeted modules' names, with or without ``target_modules``: a
+key must select a targeted module or parameter (:func:`check_pattern_keys`; peft applies such a
+key to the parameter too, though it warns that it matched no module). ``layers_to_transform``
+does not restrict parameter targets, as in peft.
 Merging adds ``s Delta`` to ``W`` itself. Like peft, this refuses dropout (the input cannot be
 factored out of ``W' x``), DoRA and initializations that read a weight matrix (PiSSA, OLoRA, ...).
 A module's several targeted tensors share one wrapper; peft nests one wrapper per tensor, the
@@ -33,9 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_peft.core import config as options
 from lightning_peft.core.layer import AdapterLayer
 from lightning_peft.core.targeting import find_base_model, relative_name
-from lightning_peft.core.wrapping import replace_modules
+from lightning_peft.core.wrapping import replace_modules, select_targets
 from lightning_peft.methods import lora
 
 #: Initializations a parameter target takes (those that draw A and B without reading a weight matrix).
@@ -187,6 +191,24 @@ def select(model: nn.Module, keys: list[str]) -> dict[str, list[str]]:
     return found
 
 
+def check_pattern_keys(model: nn.Module, config: lora.LoRAConfig) -> None:
+    """Refuse a ``rank_pattern``/``alpha_pattern`` key that selects neither a targeted module nor a
+    targeted parameter (runs before anything is wrapped; see ``LoRAConfig.check_selected``).
+
+    The names are those each target looks its rank and alpha up with, inside the transformers
+    model: a module's name, and a parameter's ``<module>.<parameter>`` (peft's ``current_key``).
+    """
+    assert config.target_parameters is not None
+    base_path, _ = find_base_model(model)
+    modules = select_targets(model, config) if config.target_modules != [] else []
+    sites = {relative_name(site, base_path): names for site, names in select(model, config.target_parameters).items()}
+    targets = {
+        "modules": [relative_name(name, base_path) for name in modules],
+        "parameters": [f"{site}.{name}" if site else name for site, names in sites.items() for name in names],
+    }
+    options.check_pattern_keys(config, ("rank_pattern", "alpha_pattern"), targets)
+
+
 def apply(model: nn.Module, config: lora.LoRAConfig) -> list[str]:
     """Wrap each module holding a ``target_parameters`` tensor in one :class:`LoRAParameters`."""
     assert config.target_parameters is not None
@@ -210,3 +232,4 @@ def apply(model: nn.Module, config: lora.LoRAConfig) -> list[str]:
 
 
 lora.OPTIONS["target_parameters"] = apply
+lora.CHECKS["target_parameters"] = check_pattern_keys

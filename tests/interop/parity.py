@@ -490,6 +490,16 @@ CASES: list[Case] = [
     Case("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", _L, {"target_parameters": ["lin0.weight"]}),
     Case("MLP 2 using nn.Parameter LoRA", "MLP", _L,
          {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
+    # rank_pattern / alpha_pattern keys naming a parameter target ("<module>.<parameter>"): peft applies them
+    # (while warning that they matched no module), with target_modules beside or without
+    Case("MLP 2 using nn.Parameter rank_pattern alpha_pattern", "MLP", _L,
+         {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"], "rank_pattern": {"lin1.weight": 3},
+          "alpha_pattern": {"lin1.weight": 5}}, source="patterns"),
+    Case("MLP 2 using nn.Parameter pattern regexes", "MLP", _L,
+         {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"], "rank_pattern": {r"lin.\.weight": 2,
+          "lin0": 4}, "alpha_pattern": {"weight": 3}}, source="patterns"),
+    Case("MLP using nn.Parameter rank_pattern", "MlpUsingParameters", _L,
+         {"target_parameters": ["lin0.weight", "lin1.weight"], "rank_pattern": {"lin0.weight": 2}}, source="patterns"),
     # peft's multi-adapter rows' configs (one adapter each here), then MoE experts as 3-D parameters (peft 0.19
     # reads every 3-D tensor as (E, in, out), Mixtral's (E, out, in) too; 0.21 reads the module's is_transposed)
     Case("MLP using nn.Parameter LoRA init False", "MlpUsingParameters", _L,
@@ -501,6 +511,11 @@ CASES: list[Case] = [
          source="issue", needs_peft="0.21"),
     Case("mixtral experts and default modules", "mixtral", _L,
          {"target_parameters": ["experts.down_proj"], "r": 2}, source="issue", needs_peft="0.21"),
+    Case("mixtral experts rank_pattern alpha_pattern", "mixtral", _L,
+         {"target_modules": ["q_proj"], "target_parameters": ["experts.down_proj"], "r": 2,
+          "rank_pattern": {"experts.down_proj": 3},
+          "alpha_pattern": {r"layers\.0\.mlp\.experts\.down_proj": 5, "q_proj": 4}}, source="patterns",
+         needs_peft="0.21"),
     Case("gpt-oss experts target_parameters", "gpt-oss", _L,
          {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "r": 2},
          source="issue", needs_peft="0.21"),

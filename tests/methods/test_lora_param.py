@@ -133,6 +133,47 @@ def test_errors(options: dict, match: str) -> None:
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
 
+def test_rank_and_alpha_patterns_reach_a_parameter_target() -> None:
+    """A key may name a parameter target as ``<module>.<parameter>`` (peft's key), beside target_modules:
+    ``W' = W + (alpha_k / r_k) B A`` with that key's rank and alpha (peft applies it too: see the parity rows)."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(5, 10)
+    patterns = {"rank_pattern": {"lin1.weight": 3, "lin0": 4}, "alpha_pattern": {"weight": 6}}
+    lp.inject(model, "lora", target_modules=["lin0"], target_parameters=["lin1.weight"], r=2, alpha=16, **patterns)
+    _randomize(model)
+    lin0, lin1 = model.lin0, model.lin1
+    assert isinstance(lin1, LoRAParameters) and lin1.ranks == {"weight": 3} and lin1.scales == {"weight": 2.0}
+    assert lin0.lora_A.shape == (4, 10) and lin0.scaling == 16 / 4  # "weight" names no module: lin0 keeps alpha
+    a0, b0, w0 = lin0.lora_A, lin0.lora_B, lin0.base_layer.weight
+    a1, b1, w1 = lin1.lora_A["weight"], lin1.lora_B["weight"], lin1.base_layer.weight
+    assert a1.shape == (3, 20) and b1.shape == (2, 3)
+    h = torch.relu(x @ (w0 + 4.0 * b0 @ a0).T + lin0.base_layer.bias)
+    expected = torch.log_softmax(h @ (w1 + 2.0 * b1 @ a1).T + lin1.base_layer.bias, dim=-1)
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    # Without target_modules the same key reaches it.
+    alone = lp.inject(MlpUsingParameters(), "lora", target_parameters=["lin0.weight", "lin1.weight"],
+                      rank_pattern={"lin0.weight": 2}, r=4)  # fmt: skip
+    assert alone.lin0.ranks == {"weight": 2} and alone.lin1.ranks == {"weight": 4}
+
+
+@pytest.mark.parametrize("target_modules", [["lin0"], []])
+@pytest.mark.parametrize("key", ["nothing", "lin1"])
+def test_a_pattern_key_that_selects_no_target_is_refused(target_modules: list[str], key: str) -> None:
+    """A key that selects neither a targeted module nor a targeted parameter (``lin1`` is the module
+    holding the parameter, not its key ``lin1.weight``) is refused, with or without target_modules."""
+    model = MLP()
+    modules = "the 1 targeted modules \\(lin0\\) or " if target_modules else ""
+    with pytest.raises(
+        ValueError,
+        match=rf"LoRAConfig.alpha_pattern key '{key}' matches none of {modules}the 1 targeted parameters "
+        r"\(lin1\.weight\); a key must match a targeted (module or )?parameter's name whole or after a dot",
+    ):
+        lp.inject(model, "lora", target_modules=target_modules, target_parameters=["lin1.weight"],
+                  alpha_pattern={key: 2})  # fmt: skip
+    assert lp.get_info(model) is None and type(model.lin0) is nn.Linear and type(model.lin1) is nn.Linear
+
+
 def test_target_modules_empty_only_with_other_targets() -> None:
     with pytest.raises(ValueError, match=r"LoRAConfig.target_modules must be"):
         lp.inject(MlpUsingParameters(), "lora", target_modules=[])
