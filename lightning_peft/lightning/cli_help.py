@@ -357,10 +357,12 @@ def shipped_help(argv: Sequence[str]) -> str | None:
 
 __all__ = [
     "CACHE_ENV",
+    "HELP_PACKAGES",
     "METHOD_HELP",
     "SNAPSHOT_COMMAND",
     "SNAPSHOT_ENV",
     "SNAPSHOT_FILE",
+    "absent",
     "cache_dir",
     "cached_help",
     "help_formatter",

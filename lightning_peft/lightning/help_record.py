@@ -14,7 +14,7 @@ what passes through, so the text is the formatter's own:
   (``_format_action_invocation``), default metavars, ``format_usage()``, the result of
   ``_expand_help`` inside argparse's ``_format_action`` (the text argparse then wraps), and how
   jsonargparse's ``_format_usage`` changed argparse's usage (nothing, or required keys
-  unbracketed, in jsonargparse < 4.47; anything else makes the render unrecordable).
+  unbracketed, as jsonargparse 4.46 does and 4.53 no longer; anything else makes the render unrecordable).
 
 Each ``format_help`` then replays the record at the width it rendered at; only when that equals
 the real text byte for byte is the snapshot kept (:func:`snapshot_for` hands it out).

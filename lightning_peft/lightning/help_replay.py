@@ -25,7 +25,7 @@ A snapshot is JSON::
 
 ``SUPPRESS`` is argparse's ``"==SUPPRESS=="``, restored to argparse's own object where argparse
 tests it by identity. ``unbracket`` lists the required keys whose ``[--key ...]`` jsonargparse
-(< 4.47) unbrackets in the usage after argparse wrapped it; :func:`replay` does the same.
+(4.46, not 4.53) unbrackets in the usage after argparse wrapped it; :func:`replay` does the same.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class ReplayFormatter(argparse.HelpFormatter):
 
 
 def unbracket(usage: str, keys: Iterable[str]) -> str:
-    """``[--key VALUE]`` -> ``--key VALUE`` for each required key, in the wrapped usage (jsonargparse < 4.47)."""
+    """``[--key VALUE]`` -> ``--key VALUE`` for each required key, in the wrapped usage (as jsonargparse 4.46)."""
     for key in keys:
         if f"[--{key} " in usage:
             usage = re.sub(f"\\[(--{key} [^\\]]+)]", r"\1", usage, count=1)  # jsonargparse's own pattern
