@@ -346,7 +346,8 @@ def shipped_help(argv: Sequence[str]) -> str | None:
     data = load_snapshots()
     if data is None:
         return None
-    snapshot = (data.get("helps") or {}).get(program_name(), {}).get(" ".join(argv))
+    request = " ".join("--help" if arg == "-h" else arg for arg in argv)  # one help action, one text
+    snapshot = (data.get("helps") or {}).get(program_name(), {}).get(request)
     if not isinstance(snapshot, dict) or snapshot_mismatch(data) is not None:
         return None
     try:
