@@ -10,6 +10,7 @@ with its checkpoint, ``predict ... > out.jsonl``, ``--output`` and ``--quiet``, 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -25,7 +26,7 @@ import pytest
 import yaml
 
 from lightning_peft import PEFTCallback
-from lightning_peft.lightning import cli_help, help_replay
+from lightning_peft.lightning import cli_help, help_record, help_replay
 from lightning_peft.lightning.cli import PEFTLightningCLI
 from lightning_peft.lightning.cli_help import CACHE_ENV, SNAPSHOT_ENV
 from lightning_peft.lightning.cli_output import NOISE_LOGS, NOISE_WARNINGS
@@ -268,6 +269,47 @@ def test_a_snapshot_is_refused_on_any_difference_in_its_key(
         edit(data["key"])
         path.write_text(json.dumps(data))
         assert cli_help.shipped_help(["fit", "--help"]) is None, name
+
+
+def demo_parser(formatter: type) -> Any:
+    """A parser beyond the CLI's: positional choices, a tuple metavar, nargs +, hidden help, an exclusive group."""
+    import jsonargparse
+
+    parser = jsonargparse.ArgumentParser(
+        prog="demo", formatter_class=formatter, description="One.\nTwo ``x``, %(prog)s."
+    )
+    parser.add_argument("name", choices=["a", "b"], help="a positional with choices")
+    parser.add_argument("--pair", nargs=2, metavar=("X", "Y"), help="a tuple metavar")
+    parser.add_argument("--many", nargs="+", type=int, help="one or more :class:`~x.Y`, default %(default)s")
+    parser.add_argument("--hidden", help=argparse.SUPPRESS)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fast", action="store_true", help="fast")
+    group.add_argument("--an-option-name-too-long-for-the-help-column", type=float, default=0.5, help="x " * 40)
+    return parser
+
+
+def test_the_recording_replays_another_parser_and_keeps_no_snapshot_it_cannot_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parser = demo_parser(help_record.recording_formatter())
+    live = {}
+    for columns in WIDTHS:
+        monkeypatch.setenv("COLUMNS", str(columns))
+        live[columns] = parser.format_help()
+    snapshot = help_record.snapshot_for(live[80])
+    assert snapshot is not None, help_record.why_not(live[80])
+    for columns, text in live.items():
+        assert help_replay.replay(snapshot, columns - 2) == text, columns
+    assert "[--fast | --an-option-name-too-long" in live[250] and "--hidden" not in live[250]
+
+    class Shouting(help_record.recording_formatter()):  # a change the record does not see
+        def _format_usage(self, *args: Any) -> str:
+            return super()._format_usage(*args).replace("usage:", "USAGE:")
+
+    text = demo_parser(Shouting).format_help()
+    assert text.startswith("USAGE: demo")
+    assert help_record.snapshot_for(text) is None
+    assert help_record.why_not(text) == "the replay differs from the text"
 
 
 def test_the_shipped_snapshot_is_current() -> None:
