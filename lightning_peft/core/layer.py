@@ -111,6 +111,14 @@ class AdapterModule(nn.Module):
         """The name peft's adapter files give the tensor this module calls ``local``."""
         return self.peft_names.get(local, local)
 
+    def peft_refusal(self) -> str | None:
+        """Why Hugging Face peft's format cannot hold this module's adapter, or ``None`` when it can.
+
+        Both peft paths (saving, the peft folder beside checkpoints, loading before any copy) ask
+        every module first and raise with the module's path and this reason. By default every
+        module can go through peft's format."""
+        return None
+
     def to_peft_tensor(self, local: str, tensor: Tensor) -> Tensor:
         """The tensor as peft stores it (laid out differently, or scaled: see :meth:`from_peft_tensor`)."""
         return tensor

@@ -143,6 +143,21 @@ def _format(method: str) -> registry.PeftFormat:
     return entry.peft
 
 
+def _peft_modules(model: nn.Module, adapter_name: str) -> list[tuple[str, AdapterModule]]:
+    """Adapter ``adapter_name``'s modules, after asking each whether peft's format can hold it.
+
+    Raises:
+        ValueError: naming the first module (by its path) that peft's format cannot hold, and why
+            (:meth:`AdapterModule.peft_refusal`).
+    """
+    modules = list(state.adapter_modules(model, adapter_name))
+    for prefix, module in modules:
+        refusal = module.peft_refusal()
+        if refusal is not None:
+            raise ValueError(f"adapter {adapter_name!r}, layer {prefix!r}: {refusal}")
+    return modules
+
+
 def _peft_tensors(
     model: nn.Module,
     adapter_name: str,
@@ -160,7 +175,7 @@ def _peft_tensors(
     info = state.adapter_of(model, adapter_name)
     base = f"{info.base_path}." if info.base_path else ""
     names: dict[str, tuple[str, Tensor, nn.Module, str]] = {}
-    for prefix, module in state.adapter_modules(model, adapter_name):
+    for prefix, module in _peft_modules(model, adapter_name):
         site = state.site_name(model, prefix)
         for local, tensor in module.adapter_state():
             full = f"{prefix}.{local}" if prefix else local
@@ -394,13 +409,15 @@ def save_peft_adapter(
 def check_peft_adapter(model: nn.Module, adapter_name: str | None = None, *, total_step: int | None = None) -> None:
     """Raise what :func:`save_peft_adapter` would raise for adapter ``adapter_name``'s options; write nothing.
 
-    It reads the adapter's config only, no tensor (under a sharded strategy they are shards).
+    It reads the adapter's config and asks its modules (:meth:`AdapterModule.peft_refusal`), but
+    reads no tensor (under a sharded strategy they are shards).
 
     Raises:
         ValueError: for a method without a peft format or options peft's config cannot hold.
     """
     name = state.adapter_of(model, adapter_name).name if adapter_name else state.require_info(model).name
     _peft_config(model, name, None, Path(CONFIG_NAME), total_step)
+    _peft_modules(model, name)
 
 
 def write_peft_folder(

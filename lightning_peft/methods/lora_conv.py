@@ -123,14 +123,6 @@ class LoRAConv(LoRALayer):
             "the dilated conv out of target_modules (kernel-size-1 and dilation-1 convs go through peft's format)"
         )
 
-    def peft_key(self, local: str) -> str:
-        # Both peft paths (save_peft_adapter and the peft folder beside checkpoints; load_peft_adapter, before
-        # anything is copied) name every tensor through here, for LoRA and DoRA alike: the refusal goes here.
-        refusal = self.peft_refusal()
-        if refusal is not None:
-            raise ValueError(refusal)
-        return super().peft_key(local)
-
     def merge_refusal(self) -> str | None:
         """Why this layer's update cannot be folded into the base kernel, or ``None`` when it can."""
         base = self.base

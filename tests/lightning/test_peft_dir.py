@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -90,6 +91,36 @@ def test_a_method_without_peft_format_warns_once_and_checkpoints(tmp_path: Path)
         _, ckpts = _fit(tmp_path, PEFTCallback("bottleneck", verbose=False))
     assert len([x for x in w if "peft adapter folder" in str(x.message)]) == 1
     assert ckpts and not [p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]
+
+
+class _DilatedConvNet(L.LightningModule):
+    """A dilated 3x3 conv, which peft's format cannot hold (peft 0.21.2's LoRA conv A has no dilation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=2, dilation=2), torch.nn.ReLU())
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.net(batch).pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_layer_peft_cannot_hold_warns_once_names_it_and_checkpoints(tmp_path: Path) -> None:
+    """A fit whose adapter peft's format refuses by layer keeps checkpointing; the warning names the layer."""
+    module = _DilatedConvNet()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    callback = PEFTCallback("lora", r=2, target_modules=["net.0"], verbose=False)
+    data = torch.utils.data.DataLoader(torch.randn(6, 3, 8, 8), batch_size=2)
+    with pytest.warns(UserWarning, match=r"writes no peft adapter folder.*layer 'net\.0'.*dilation=\(2, 2\)") as w:
+        trainer(tmp_path, max_steps=3, callbacks=[callback, checkpoints]).fit(module, data)
+    assert len([x for x in w if "peft adapter folder" in str(x.message)]) == 1
+    assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 3
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]
 
 
 def test_peft_dir_off_and_checked(tmp_path: Path) -> None:
