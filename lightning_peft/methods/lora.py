@@ -815,12 +815,9 @@ def _layers(value: Any) -> Any:
 
 def _resolve(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     """The architecture's default targets where none are given; with ``target_parameters`` and no
-    default (a model that is not a known transformers architecture), no module: peft's rule."""
+    ``target_modules``, no module at all (peft 0.21.2's rule: its default modules are not matched then)."""
     if config.target_modules is None and config.target_parameters:
-        try:
-            return resolve_targets(model, config, defaults=DEFAULT_TARGETS, method="lora")
-        except ValueError:
-            return config.replace(target_modules=[])
+        return config.replace(target_modules=[])
     return resolve_targets(model, config, defaults=DEFAULT_TARGETS, method="lora")
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_peft as lp
 from lightning_peft import PEFTCallback
+from lightning_peft.core import state
 from lightning_peft.lightning.peft_dir import peft_dir_of
 from lightning_peft.methods.lora_param import LoRAParameters
 from tests.interop.parity import MLP, MlpUsingParameters, assert_parity
@@ -177,6 +178,22 @@ def test_a_pattern_key_that_selects_no_target_is_refused(target_modules: list[st
 def test_target_modules_empty_only_with_other_targets() -> None:
     with pytest.raises(ValueError, match=r"LoRAConfig.target_modules must be"):
         lp.inject(MlpUsingParameters(), "lora", target_modules=[])
+
+
+def test_target_parameters_alone_wraps_no_default_module() -> None:
+    """peft 0.21.2: with target_parameters and no target_modules, the architecture's default modules
+    (Mixtral's q_proj/v_proj) are not wrapped; the same sites here as in peft's get_peft_model."""
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft.LoraConfig(), "target_parameters"):
+        pytest.skip(f"peft {peft.__version__} has no target_parameters")
+    ours = lp.inject(_moe("Mixtral"), "lora", target_parameters=["experts.down_proj"], r=2)
+    theirs = peft.get_peft_model(_moe("Mixtral"), peft.LoraConfig(target_parameters=["experts.down_proj"], r=2))
+    wrapped = sorted(name for name, _ in state.adapter_modules(ours))
+    assert wrapped == ["model.layers.0.mlp.experts"]
+    assert sorted(n for n, _ in theirs.named_modules() if n.endswith(".lora_A")) == [
+        "base_model.model.model.layers.0.mlp.experts.lora_A"
+    ]
+    assert lp.get_info(ours).config.target_modules == []
 
 
 def test_a_module_and_its_parameter_are_not_both_adapted() -> None:
