@@ -292,6 +292,11 @@ class TrainableModule(AdapterLayer):
     It trains a copy (``trained``) and keeps the module it wraps as it was, as peft's
     ``ModulesToSaveWrapper`` does: switched off, the model is the base model exactly, and each
     named adapter that saves the same module has a copy of its own.
+
+    With ``tied`` (an output layer tied to the input embedding, ``ensure_weight_tying``; see
+    :mod:`lightning_peft.core.tying`) the copy's weight *is* the tied module's trained weight, one
+    tensor: ``logits = h E'^T`` with ``E'`` the embedding's trained table. That tensor is declared
+    once, by ``tied``; peft's files repeat it under this layer's name (:meth:`peft_copies`).
     """
 
     adapter_names = ("trained",)
@@ -299,9 +304,26 @@ class TrainableModule(AdapterLayer):
     supports_mixed_batch = True
     fingerprinted = False  # the wrapped module is a new head (random at init), not what identifies the base
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, tied: TrainableModule | None = None) -> None:
         super().__init__(base_layer)
-        self.trained = copy.deepcopy(base_layer)
+        #: The trained copy whose weight this one shares, kept out of the module tree.
+        self._tied = [tied] if tied is not None else []
+        if tied is None:
+            self.trained = copy.deepcopy(base_layer)
+            return
+        shared = tied.trained.weight
+        if tuple(shared.shape) != tuple(base_layer.weight.shape):
+            raise ValueError(
+                f"a {type(base_layer).__name__} of weight {tuple(base_layer.weight.shape)} cannot share the trained "
+                f"weight {tuple(shared.shape)} of {type(tied.base_layer).__name__}"
+            )
+        # Copied with the tied tensor in place of its own weight: the one trained table, not a copy of it.
+        self.trained = copy.deepcopy(base_layer, memo={id(base_layer.weight): shared})
+        self.adapter_names = ()  # type: ignore[misc]  # per instance: the tensor is the tied module's
+
+    def peft_copies(self) -> dict[str, tuple[AdapterModule, str]]:
+        """A tied copy's weight, which peft stores again under this layer's name (the same values)."""
+        return {"trained.weight": (self._tied[0], "trained.weight")} if self._tied else {}
 
     def peft_key(self, local: str) -> str:
         return local.removeprefix("trained.")  # peft files keep a saved module's own names
@@ -348,6 +370,8 @@ class TrainableModule(AdapterLayer):
         return result.index_copy(0, rows, part.to(result.dtype))
 
     def reset_adapter_parameters(self) -> None:
+        if self._tied:
+            return  # the tensor is the tied module's, which resets it
         reset = getattr(self.trained, "reset_parameters", None)
         if callable(reset):
             reset()

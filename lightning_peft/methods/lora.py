@@ -44,6 +44,7 @@ from lightning_peft.core.quantize import (
     requantized,
 )
 from lightning_peft.core.shared_input import SharedInputs, attach
+from lightning_peft.core import tying
 from lightning_peft.core.targeting import is_linear, pattern_key
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.methods import lora_init
@@ -119,6 +120,10 @@ class LoRAConfig(LayerConfig):
         trainable_token_indices: also train these rows of an embedding (new special tokens), as
             peft's option of that name: a list of token ids for the input embedding, or a dict
             ``{embedding module name: ids}``; see :mod:`lightning_peft.methods.trainable_tokens`.
+        ensure_weight_tying: with tied word embeddings and the input embedding in
+            ``modules_to_save``, the output layer tied to it trains with it: its copy's weight is
+            the embedding copy's (one tensor), as peft's option of that name; see
+            :mod:`lightning_peft.core.tying`.
         rank_pattern: per-layer ranks, ``{regex: r}``, as peft's: a layer takes the value of the
             first key that matches its name inside the transformers model whole or after a dot
             (``{"q_proj": 4, "layers\\.0\\.mlp\\..*": 16}``), else ``r``.
@@ -150,6 +155,7 @@ class LoRAConfig(LayerConfig):
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     corda_config: dict[str, Any] | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         no_modules = self.target_modules == [] and bool(self.target_parameters or self.trainable_token_indices)
@@ -170,6 +176,8 @@ class LoRAConfig(LayerConfig):
         check_probability(self, "dropout", self.dropout)
         if not isinstance(self.rslora, bool):
             raise ValueError(f"LoRAConfig.rslora must be True or False; got {self.rslora!r}.")
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise invalid(self, "ensure_weight_tying", self.ensure_weight_tying, "True or False")
         lora_init.check(self, self.init)
         lora_init.check_corda(self)
         object.__setattr__(self, "eva_config", lora_init.eva_options(self, self.init, self.eva_config))
@@ -618,6 +626,7 @@ CHECKS: dict[str, Callable[[nn.Module, LoRAConfig], None]] = {}
 #: The data-driven inits' calibration (see :data:`lightning_peft.registry.CalibrateFn`), by ``init``:
 #: their file adds itself here (``lora_eva.py``: ``"eva"``, ``lora_corda.py``: ``"corda"``). Other inits draw no batch.
 CALIBRATIONS: dict[str, CalibrateFn] = {}
+OPTIONS["ensure_weight_tying"] = tying.tie  # the tied output layer shares the embedding's trained copy
 
 
 def wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
@@ -679,11 +688,11 @@ _PEFT_READ = frozenset(
         "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
         "exclude_modules", "modules_to_save", "fan_in_fan_out", "lora_bias", "target_parameters",
         "trainable_token_indices", "rank_pattern", "alpha_pattern", "bias", "layers_to_transform", "layers_pattern",
-        "eva_config",
+        "eva_config", "ensure_weight_tying",
     }
 )  # fmt: skip
 #: Every other field of peft 0.21.2's LoraConfig, with its default: the one value lightning_peft
-#: implements. Any other value is refused by name (BD-LoRA, KaSA, VeLoRA, MonteCLoRA, weight tying,
+#: implements. Any other value is refused by name (BD-LoRA, KaSA, VeLoRA, MonteCLoRA,
 #: per-layer patterns, biases, trainable tokens, parameter targets, ...), never dropped.
 _PEFT_DEFAULTS: dict[str, Any] = {
     "bias": "none",  # read by from_peft (see _PEFT_READ); here for adalora (see lora_bias)
@@ -706,7 +715,7 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "kasa_config": None,
     "arrow_config": None,
     "use_bdlora": None,
-    "ensure_weight_tying": False,
+    "ensure_weight_tying": False,  # read by from_peft; here for adalora (see lora_bias)
     "runtime_config": {"ephemeral_gpu_offload": False},
 }
 #: Fields that only mean something with another one set; peft ignores them otherwise, and so does
@@ -773,6 +782,7 @@ def to_peft(config: LoRAConfig) -> dict[str, Any]:
         "target_parameters": config.target_parameters,
         "trainable_token_indices": config.trainable_token_indices,
         "corda_config": lora_init.corda_to_peft(config),
+        "ensure_weight_tying": config.ensure_weight_tying,
     }
 
 
@@ -805,6 +815,7 @@ def from_peft(options: dict[str, Any]) -> LoRAConfig:
         bias=options.get("bias", "none"),
         layers_to_transform=_layers(options.get("layers_to_transform")),
         layers_pattern=options.get("layers_pattern") or None,
+        ensure_weight_tying=options.get("ensure_weight_tying", False),
     )
 
 
@@ -817,8 +828,8 @@ def _resolve(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
     """The architecture's default targets where none are given; with ``target_parameters`` and no
     ``target_modules``, no module at all (peft 0.21.2's rule: its default modules are not matched then)."""
     if config.target_modules is None and config.target_parameters:
-        return config.replace(target_modules=[])
-    return resolve_targets(model, config, defaults=DEFAULT_TARGETS, method="lora")
+        return tying.resolve(model, config.replace(target_modules=[]))
+    return tying.resolve(model, resolve_targets(model, config, defaults=DEFAULT_TARGETS, method="lora"))
 
 
 def _calibrate(model: nn.Module, config: LoRAConfig, batches: Iterable[Any], loss_fn: Callable[[Any], Tensor]) -> None:

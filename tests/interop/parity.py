@@ -359,6 +359,7 @@ MHA_REFUSED = (
 )
 INIT = "data-driven or other inits not implemented"
 NOTHING = "a bias option that would train no bias (peft accepts it and trains nothing)"
+UNTIED = "ensure_weight_tying with nothing to tie (peft 0.21.2 warns and ties nothing)"
 
 _L, _I, _A, _T = "LoraConfig", "IA3Config", "AdaLoraConfig", "TrainableTokensConfig"
 _NOT_WRAPPED = r"which lora (with use_dora=True )?cannot wrap"
@@ -663,9 +664,24 @@ CASES: list[Case] = [
           "use_bdlora": Obj("BdLoraConfig", {"target_modules_bd_a": ["q_proj"], "target_modules_bd_b": ["o_proj"],
                                              "nblocks": 2})},
          refused=r"use_bdlora=", why=VARIANT, source="issue"),
+    # ensure_weight_tying: the tied lm_head's trained copy is the embedding's (one tensor, saved under both names)
     Case("ensure_weight_tying", "llama-tied", _L,
          {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True},
-         refused=r"ensure_weight_tying=True", why=OPTION, source="issue"),
+         source="issue"),
+    Case("ensure_weight_tying lm_head saved", "llama-tied", _L,
+         {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"], "ensure_weight_tying": True},
+         source="issue"),
+    Case("ensure_weight_tying LoRA on the tied embedding", "llama-tied", _L,
+         {"target_modules": ["q_proj", "embed_tokens"], "ensure_weight_tying": True},
+         refused=r"ensure_weight_tying=True with the input embedding in target_modules .* is not implemented",
+         why=OPTION, source="issue"),
+    Case("ensure_weight_tying untied model", "llama", _L,
+         {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True},
+         refused=r"ensure_weight_tying=True, but no layer of LlamaForCausalLM is tied", why=UNTIED, source="issue"),
+    Case("ensure_weight_tying nothing saved", "llama-tied", _L,
+         {"target_modules": ["q_proj"], "ensure_weight_tying": True},
+         refused=r"ensure_weight_tying=True, but modules_to_save=\[\] has no embedding layer", why=UNTIED,
+         source="issue"),
     Case("layers_to_transform", "llama", _L, {"target_modules": ["q_proj"], "layers_to_transform": [0]},
          source="issue"),
     Case("bias all", "llama-bias", _L, {"target_modules": ["q_proj"], "bias": "all"}, source="issue"),
