@@ -311,15 +311,15 @@ class TrainableModule(AdapterLayer):
         if tied is None:
             self.trained = copy.deepcopy(base_layer)
             return
-        shared = tied.trained.weight
-        if tuple(shared.shape) != tuple(base_layer.weight.shape):
+        shared, own = tied.trained.weight, base_layer.weight
+        if not isinstance(shared, Tensor) or not isinstance(own, Tensor) or shared.shape != own.shape:
             raise ValueError(
-                f"a {type(base_layer).__name__} of weight {tuple(base_layer.weight.shape)} cannot share the trained "
-                f"weight {tuple(shared.shape)} of {type(tied.base_layer).__name__}"
+                f"a {type(base_layer).__name__} of weight {getattr(own, 'shape', own)} cannot share the trained "
+                f"weight {getattr(shared, 'shape', shared)} of {type(tied.base_layer).__name__}"
             )
         # Copied with the tied tensor in place of its own weight: the one trained table, not a copy of it.
-        self.trained = copy.deepcopy(base_layer, memo={id(base_layer.weight): shared})
-        self.adapter_names = ()  # type: ignore[misc]  # per instance: the tensor is the tied module's
+        self.trained = copy.deepcopy(base_layer, memo={id(own): shared})
+        self.adapter_names = ()  # type: ignore[assignment,misc]  # per instance: the tensor is the tied module's
 
     def peft_copies(self) -> dict[str, tuple[AdapterModule, str]]:
         """A tied copy's weight, which peft stores again under this layer's name (the same values)."""

@@ -112,9 +112,11 @@ def resolve(model: nn.Module, config: C) -> C:
                 f"implemented in lightning_peft; valid: the embedding in modules_to_save (a trained copy {tied[0]!r} "
                 "shares), or ensure_weight_tying=False."
             )
-        tokens = " (trainable_token_indices ties the output layer's rows without it)" if getattr(
-            config, "trainable_token_indices", None
-        ) else ""
+        tokens = (
+            " (trainable_token_indices ties the output layer's rows without it)"
+            if getattr(config, "trainable_token_indices", None)
+            else ""
+        )
         raise ValueError(
             f"{owner}.ensure_weight_tying=True, but modules_to_save={saved!r} has no embedding layer "
             f"(an entry ending in {' or '.join(map(repr, EMBEDDING_NAMES))}): there is nothing to tie{tokens}. "

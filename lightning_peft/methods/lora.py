@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_peft.core import tying
 from lightning_peft.core.config import (
     BIAS_SCOPES,
     LayerConfig,
@@ -44,7 +45,6 @@ from lightning_peft.core.quantize import (
     requantized,
 )
 from lightning_peft.core.shared_input import SharedInputs, attach
-from lightning_peft.core import tying
 from lightning_peft.core.targeting import is_linear, pattern_key
 from lightning_peft.core.wrapping import inject_layers, resolve_targets
 from lightning_peft.methods import lora_init
