@@ -23,6 +23,7 @@ a tied embedding (``target_modules``), which this module does not implement.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, TypeVar
 
 from torch import nn
@@ -86,6 +87,7 @@ def resolve(model: nn.Module, config: C) -> C:
             already holds another adapter.
     """
     if not getattr(config, "ensure_weight_tying", False):
+        _warn_untied(model, config)
         return config
     owner = type(config).__name__
     name, embedding = _input_embedding(model, owner)
@@ -138,6 +140,28 @@ def resolve(model: nn.Module, config: C) -> C:
         if hit is not None:
             saved.remove(hit)
     return config.replace(modules_to_save=saved)  # type: ignore[attr-defined,no-any-return]
+
+
+def _warn_untied(model: nn.Module, config: Any) -> None:
+    """Say, as peft 0.21.2 does, that a trained copy of a tied embedding unties it (the option is off)."""
+    saved = list(getattr(config, "modules_to_save", None) or [])
+    if not _embedding_requested(saved):
+        return
+    try:
+        name, embedding = _input_embedding(model, type(config).__name__)
+    except ValueError:
+        return
+    _, base = find_base_model(model)
+    tied = _tied_names(base, embedding)
+    if tied and not isinstance(embedding, AdapterModule):
+        warnings.warn(
+            f"{type(config).__name__}.modules_to_save={saved!r} trains a copy of a layer of the tied pair "
+            f"{name!r} / {', '.join(map(repr, tied))} (tie_word_embeddings): the trained copy is untied from the "
+            "other layer, which keeps the frozen table (peft 0.21.2 warns the same). Pass ensure_weight_tying=True "
+            "to train one table for both.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def tie(model: nn.Module, config: Any) -> list[str]:

@@ -9,6 +9,7 @@ Parity with peft 0.21.2 (outputs, merge, both directions) is in tests/interop/pa
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,14 @@ def test_fits_in_a_trainer_and_resumes_exactly(tmp_path: Path) -> None:
         wte, head = module.model.transformer.wte, module.model.lm_head
         assert head.trained.weight is wte.trained.weight
         assert not torch.equal(wte.trained.weight, wte.base_layer.weight)
+
+
+def test_without_the_option_a_copy_of_a_tied_embedding_warns_and_is_untied_as_in_peft() -> None:
+    model = _tied_llama()
+    with pytest.warns(UserWarning, match=r"the trained copy is untied .* Pass ensure_weight_tying=True"):
+        lp.inject(model, _config(ensure_weight_tying=False))
+    embed, head = _tied(model)
+    assert type(head) is nn.Linear and head.weight is embed.base_layer.weight  # lm_head reads the frozen table
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lp.inject(_tied_llama(tie=False), _config(ensure_weight_tying=False))  # nothing tied: no warning
