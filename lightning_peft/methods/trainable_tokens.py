@@ -225,6 +225,33 @@ def _tied_layers(model: nn.Module, embedding: nn.Module) -> list[str]:
     ]
 
 
+def _drop_tied(model: nn.Module, plan: dict[str, list[int]], input_name: str | None, field: str, owner: str) -> None:
+    """Take out of ``plan`` the layers tied to the input embedding that ``plan`` names with the same rows.
+
+    Those rows train with the embedding's, as one tensor (as peft ties them); other rows, or a tied
+    output layer named without its embedding, are refused by name.
+    """
+    if input_name is None:
+        return
+    for name in _tied_layers(model, model.get_submodule(input_name)):
+        if name not in plan:
+            continue
+        if input_name not in plan:
+            if isinstance(model.get_submodule(name), nn.Linear):
+                raise ValueError(
+                    f"{owner}.{field} names {name!r}, the output layer tied to the input embedding {input_name!r}; "
+                    f"name the embedding instead: the tied layer's rows train with it, as one tensor"
+                )
+            continue
+        if sorted(plan[name]) != sorted(plan[input_name]):
+            raise ValueError(
+                f"{owner}.{field} gives {name!r} the rows {plan[name]} and the input embedding {input_name!r}, "
+                f"whose weight it shares, the rows {plan[input_name]}; tied layers train the same rows (peft "
+                "refuses this too): give both the same indices, or name the embedding only"
+            )
+        del plan[name]
+
+
 #: Set while :func:`inject_tokens` adds a named adapter's rows to embeddings that already hold others'.
 _STACKING = [False]
 
@@ -257,6 +284,7 @@ def inject_tokens(
     for key, ids in targets.items():
         for name in select(model, [key], None, field=field, owner=owner):
             plan[name] = ids
+    _drop_tied(model, plan, input_name, field, owner)
     for name, ids in plan.items():
         _check_chain(model, name, ids, field, owner)
     layer_cls = TrainableTokensLayer if standalone else LoRATokensLayer

@@ -206,7 +206,6 @@ def _options(**fields: object) -> dict:
         ("kasa_config", {"some": 1}),
         ("velora_config", {"num_groups": 2}),
         ("monteclora_config", {"num_samples": 2}),
-        ("ensure_weight_tying", True),
         ("use_bdlora", {"nblocks": 2}),
         ("arrow_config", {"top_k": 2}),
         ("lora_ga_config", {"direction": "ArB2r"}),

@@ -119,6 +119,31 @@ def test_tied_output_layer_reads_the_same_rows() -> None:
     torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_tied_head_named_beside_its_embedding_is_the_same_adapter() -> None:
+    """{embed_tokens: ids, lm_head: ids} on tied embeddings: the head's rows are the embedding's (as peft ties
+    them); other rows for the head, or the head named alone, are refused by name and leave the model as it was."""
+    ids = torch.tensor([[3, 1, 5, 7, 9, 2]])
+    named = lp.inject(_llama(tied=True), "lora", target_modules=["q_proj"],
+                      trainable_token_indices={"embed_tokens": IDS, "lm_head": IDS})  # fmt: skip
+    assert isinstance(named.lm_head, LoRATokensLayer) and named.lm_head.adapter_names == ()  # no rows of its own
+    alone = lp.inject(_llama(tied=True), "lora", target_modules=["q_proj"],
+                      trainable_token_indices={"embed_tokens": IDS})  # fmt: skip
+    def trained(model: torch.nn.Module) -> list[str]:
+        return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+    assert trained(named) == trained(alone) and "model.embed_tokens.trainable_tokens_delta" in trained(named)
+    for rows, match in (
+        ({"embed_tokens": IDS, "lm_head": IDS[:1]}, r"gives 'lm_head' the rows \[3\] and the input embedding"),
+        ({"lm_head": IDS}, r"names 'lm_head', the output layer tied to the input embedding 'model.embed_tokens'"),
+    ):
+        model = _llama(tied=True)
+        before = model(ids).logits
+        with pytest.raises(ValueError, match=match):
+            lp.inject(model, "lora", target_modules=["q_proj"], trainable_token_indices=rows)
+        assert lp.get_info(model) is None and type(model.lm_head) is torch.nn.Linear
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
 def test_as_a_lora_option() -> None:
     model = _llama()
     lp.inject(model, "lora", target_modules=["q_proj"], r=2, trainable_token_indices={"embed_tokens": IDS})
