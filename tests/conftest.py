@@ -51,6 +51,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rendezvous_port() -> Iterator[None]:
+    """Each test's distributed run finds its own free port.
+
+    Lightning's launchers write ``MASTER_PORT`` into this process's environment, and the next
+    Trainer's ``LightningEnvironment`` would reuse it while the last run's store may still hold it.
+    """
+    os.environ.pop("MASTER_PORT", None)
+    yield
+    os.environ.pop("MASTER_PORT", None)
+
+
 @pytest.fixture(scope="session")
 def hub_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder shared by the session for tiny model folders (see tests/tasks/hub.py)."""

@@ -1,12 +1,14 @@
 """Mistakes in the CLI's input: one message (what, the bad value, what is valid, where it was set), exit 2.
 
-The six cases users hit run ``python -m lightning_peft`` as a subprocess (cwd = tmp_path) and fail
-before a model is built, so each costs little more than the CLI's start (about 5 s); ``--debug`` and
-``LIGHTNING_PEFT_DEBUG=1`` show the traceback. The rest runs in-process.
+The six cases users hit fail before a model is built: the first runs ``python -m lightning_peft`` as
+a subprocess (cwd = tmp_path), and all six run through its entry point in one further process (each
+process costs the CLI's start, about 5 s); ``--debug`` and ``LIGHTNING_PEFT_DEBUG=1`` show the
+traceback. The rest runs in-process.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,12 +58,18 @@ def tiny(hub_dir: Path, tmp_path: Path) -> Path:
     )
 
 
-def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_python(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python *args`` in ``cwd``, this checkout first on the path, without the debug variable unless given."""
     environ = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
     environ["PYTHON_PRETTY_ERRORS"] = "0"  # torchmetrics < 1.5 imports pretty_errors, which rewrites tracebacks
-    command = [sys.executable, "-m", "lightning_peft", *args]
+    command = [sys.executable, *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**environ, **env}, timeout=600)
+
+
+def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m lightning_peft *args``, as a user runs it."""
+    return run_python(cwd, "-m", "lightning_peft", *args, **env)
 
 
 def run_in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -125,21 +133,54 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_a_mistake_prints_one_message_without_a_traceback(case: str, tiny: Path, tmp_path: Path) -> None:
-    (tmp_path / "bad.yaml").write_text("data:\n  init_args:\n    train_file: missing.csv\n")
-    args, expected = CASES[case]
-    start = time.perf_counter()
-    result = run_cli(tmp_path, *args)
-    elapsed = time.perf_counter() - start
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and "Not a valid subclass" not in result.stderr
+#: Runs the CLI's entry point (what ``python -m lightning_peft`` calls) on each case in turn, in one
+#: process: a marker line on stdout and stderr before each, and its exit status after.
+DRIVER = """
+import json, sys
+from lightning_peft.cli import main
+for index, args in enumerate(json.loads(sys.argv[1])):
+    for stream in (sys.stdout, sys.stderr):
+        print(f"=== case {index} ===", file=stream, flush=True)
+    sys.argv = ["lightning_peft", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    print(f"=== exit {code} ===", file=sys.stderr, flush=True)
+"""
+
+
+def _check_one_message(name: str, code: int, out: str, err: str) -> None:
+    args, expected = CASES[name]
+    assert code == 2, f"{name}: exit {code}\n{err}"
+    assert "Traceback" not in err and "Not a valid subclass" not in err, f"{name}:\n{err}"
     for part in expected:
-        assert part in result.stderr, f"{part!r} not in:\n{result.stderr}"
-    assert f"({DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback)" in result.stderr
+        assert part in err, f"{name}: {part!r} not in:\n{err}"
+    assert f"({DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback)" in err
     # Each fails before the model is built (its summary would print "trainable params").
-    assert "trainable params" not in result.stdout + result.stderr
-    print(f"{case}: {elapsed:.1f} s")
+    assert "trainable params" not in out + err, name
+
+
+def test_a_mistake_prints_one_message_without_a_traceback(tiny: Path, tmp_path: Path) -> None:
+    """The first case through ``python -m lightning_peft`` itself; all six through its entry point in one process
+    (each costs the CLI's start, about 5 s, in a process of its own)."""
+    (tmp_path / "bad.yaml").write_text("data:\n  init_args:\n    train_file: missing.csv\n")
+    first = next(iter(CASES))
+    result = run_cli(tmp_path, *CASES[first][0])
+    _check_one_message(first, result.returncode, result.stdout, result.stderr)
+    start = time.perf_counter()
+    cases = [CASES[name][0] for name in CASES]
+    driven = run_python(tmp_path, "-c", DRIVER, json.dumps(cases))
+    assert driven.returncode == 0, driven.stderr
+    outs = driven.stdout.split("=== case ")[1:]
+    errs = driven.stderr.split("=== case ")[1:]
+    assert len(outs) == len(errs) == len(cases), driven.stderr
+    for index, name in enumerate(CASES):
+        err = errs[index]
+        code = int(err.rsplit("=== exit ", 1)[1].split(" ===")[0])
+        _check_one_message(name, code, outs[index], err.rsplit("=== exit ", 1)[0])
+    print(f"{len(cases)} cases in one process: {time.perf_counter() - start:.1f} s")
 
 
 @pytest.mark.parametrize("how", ["flag", "variable"])
