@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from lightning_peft.api.inject import activate, inject, remove_added
 from lightning_peft.core import state
 from lightning_peft.methods import lora_combine
-from lightning_peft.methods.lora import LoRAConfig, LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_peft.methods.lora import LoRAConfig, LoRALayer, LoRALinear
 from lightning_peft.methods.lora_conv import LoRAConv
+from lightning_peft.methods.lora_embedding import LoRAEmbedding
 
 M = TypeVar("M", bound=nn.Module)
 

@@ -28,6 +28,7 @@ sys.modules[__name__].__class__ = _MethodsPackage
 
 # isort: off
 from lightning_peft.methods import lora  # noqa: E402, F401
+from lightning_peft.methods import lora_embedding  # noqa: E402, F401  (LoRA on nn.Embedding: a layer type)
 from lightning_peft.methods import lora_mha  # noqa: E402, F401  (LoRA on nn.MultiheadAttention: a layer type)
 from lightning_peft.methods import lora_conv  # noqa: E402, F401  (LoRA on nn.Conv1d/2d/3d)
 from lightning_peft.methods import dora  # noqa: E402, F401  (a LoRA variant: registers use_dora)

@@ -44,8 +44,9 @@ from torch import Tensor, nn
 
 from lightning_peft.core.quantize import adapter_factory, dequantized_weight, is_quantized
 from lightning_peft.core.targeting import is_linear
-from lightning_peft.methods.lora import VARIANTS, LoRAConfig, LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_peft.methods.lora import VARIANTS, LoRAConfig, LoRALayer, LoRALinear
 from lightning_peft.methods.lora_conv import LoRAConv, conv_kind
+from lightning_peft.methods.lora_embedding import LoRAEmbedding
 
 
 def _through_base(layer: LoRALayer, x: Tensor, add: Callable[[Tensor, Tensor], Tensor]) -> Tensor:

@@ -17,7 +17,8 @@ from torch import nn
 
 import lightning_peft as lp
 from lightning_peft.interop import load_peft_adapter, save_peft_adapter
-from lightning_peft.methods.lora import LoRAConfig, LoRAEmbedding, from_peft
+from lightning_peft.methods.lora import LoRAConfig, from_peft
+from lightning_peft.methods.lora_embedding import LoRAEmbedding
 from tests import tiny
 from tests.interop import parity
 

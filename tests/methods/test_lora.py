@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import lightning_peft as lp
-from lightning_peft.methods.lora import LoRAConfig, LoRAEmbedding, LoRALinear
+from lightning_peft.methods.lora import LoRAConfig, LoRALinear
 from lightning_peft.methods.lora_conv import LoRAConv
+from lightning_peft.methods.lora_embedding import LoRAEmbedding
 from tests import more_archs, tiny
 from tests.peft_reference import copy_into_peft, randomize_adapter
 

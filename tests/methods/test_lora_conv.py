@@ -386,7 +386,8 @@ def test_peft_format_refuses_a_dilated_conv_by_name(use_dora: bool, tmp_path: ob
     name = "DoRA" if use_dora else "LoRA"
     with pytest.raises(
         ValueError,
-        match=rf"adapter 'default', layer '0': {name} on a Conv2d\(4, 6, kernel_size=\(3, 3\), dilation=\(1, 2\)\): dilation=\(1, 2\) cannot go "
+        match=rf"adapter 'default', layer '0': "
+        rf"{name} on a Conv2d\(4, 6, kernel_size=\(3, 3\), dilation=\(1, 2\)\): dilation=\(1, 2\) cannot go "
         r"through Hugging Face peft's format\. .* Save the adapter with lightning_peft\.save_adapter .* or leave the "
         r"dilated conv out of target_modules",
     ):
