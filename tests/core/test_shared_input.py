@@ -190,3 +190,35 @@ def test_down_proj_keeps_the_factors_of_its_input_not_a_copy() -> None:
         saved_input.keep = original  # type: ignore[assignment]
     for name in want:  # the product recomputed bit for bit
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_q_k_v_and_gate_up_keep_the_norms_factors_not_its_output() -> None:
+    """RMSNorm's ``weight * (hidden * rsqrt(...))`` with a frozen weight in front of q/k/v and gate/up is
+    recomputed from the weight and the two factors the inner product's backward keeps (core.saved_input):
+    the shared projection saves no (N x hidden) tensor of its own after the first block (whose input needs
+    no gradient, so autograd keeps nothing there), and every gradient is the same to the bit."""
+    from benchmarks.step import saved_mb
+    from lightning_peft.core import saved_input
+
+    model = llama(torch.float32, b_std=0.05)  # float32: in float64, LLaMA's norm casts (no plain product)
+    ids = torch.randint(0, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    width, wide, layers = model.config.hidden_size, model.config.intermediate_size, len(model.model.layers)
+    seen: list[int] = []
+    original = saved_input.keep
+    try:
+        saved_input.keep = lambda x: seen.append(len(original(x))) or original(x)  # type: ignore[assignment]
+        recomputed = saved_mb(model, lambda: model(input_ids=ids, labels=ids).loss)
+        first = list(seen)
+        got = {k: v.clone() for k, v in step(model, ids)[1].items()}
+        saved_input.keep = lambda x: (x,)  # type: ignore[assignment]
+        kept = saved_mb(model, lambda: model(input_ids=ids, labels=ids).loss)
+        want = step(model, ids)[1]
+    finally:
+        saved_input.keep = original  # type: ignore[assignment]
+    assert first[:4] == [1, 1, 3, 2]  # block 0: q/k/v input needs no gradient; o_proj's; gate/up's norm; down's
+    assert first[4:] == [3, 1, 3, 2] * (layers - 1)  # later blocks: both norms recomputed
+    norms = 2 * layers - 1
+    per_token = norms * width + layers * wide  # the norms' outputs and down_proj's inputs, float32
+    assert kept - recomputed == pytest.approx(2 * 12 * per_token * 4 / 2**20)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
