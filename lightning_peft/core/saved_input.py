@@ -14,7 +14,8 @@ after ours anyway. Two shapes of product occur in the blocks LoRA targets:
   q/k/v and gate/up (LLaMA, Mistral, Qwen, ...): an (N x hidden) input per norm.
 
 Anything else is kept as it is. Recomputed in the order the forward computed it (the inner product
-first), each elementwise product gives the same bits again.
+first), each elementwise product gives the same bits again; LoRA's ``dA = dh^T x`` of a norm's output
+needs no recomputation at all (:func:`grad_t_input`).
 """
 
 from __future__ import annotations
@@ -84,3 +85,35 @@ def restore(saved: tuple[Tensor, ...]) -> Tensor:
     if len(saved) == 2:
         return saved[0] * saved[1]
     return saved[0] * (saved[1] * saved[2])
+
+
+def _rows_and_columns(saved: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(full, row, column)`` when the three factors are an ``(..., in)`` tensor, a per-row ``(..., 1)``
+    and a per-feature ``(in,)`` one (RMSNorm's hidden, rsqrt and weight); else ``None``."""
+    full = [t for t in saved if t.shape == torch.broadcast_shapes(*(u.shape for u in saved))]
+    if len(saved) != 3 or len(full) != 1:
+        return None
+    rest = [t for t in saved if t is not full[0]]
+    width, lead = full[0].shape[-1], full[0].shape[:-1]
+    row = [t for t in rest if t.dim() == full[0].dim() and t.shape[-1] == 1 and t.shape[:-1] == lead]
+    col = [t for t in rest if t.numel() == width and t.shape[-1] == width]
+    if len(row) != 1 or len(col) != 1 or row[0] is col[0]:
+        return None
+    return full[0], row[0], col[0]
+
+
+def grad_t_input(grad: Tensor, saved: tuple[Tensor, ...]) -> Tensor:
+    """``grad^T x`` for an ``(..., k)`` gradient and the ``(..., in)`` input ``x`` that :func:`keep` saved:
+    ``(k, in)``, LoRA's ``dA`` (``k = r``) or the stacked ``dA`` of a shared projection (``k = sum r``).
+
+    For ``x = w * (h * r)`` with ``w`` per feature and ``r`` per row, ``x`` is not rebuilt: since
+    ``x[n, j] = w[j] h[n, j] r[n]``, ``grad^T x = ((grad * r)^T h) * w``, an (N x k) and a (k x in)
+    scaling instead of two passes over (N x in). Equal to the product with ``x`` up to float rounding.
+    """
+    g = grad.reshape(-1, grad.shape[-1])
+    split = _rows_and_columns(saved) if len(saved) == 3 else None
+    if split is not None:
+        full, row, col = split
+        return ((g * row.reshape(-1, 1)).t() @ full.reshape(-1, full.shape[-1])).mul_(col.reshape(-1))
+    x = restore(saved)
+    return g.t() @ x.reshape(-1, x.shape[-1])

@@ -65,7 +65,7 @@ class _Projection(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        x, weights = saved_input.restore(saved[: ctx.n_kept]), saved[ctx.n_kept :]
+        kept, weights = saved[: ctx.n_kept], saved[ctx.n_kept :]
         present = [i for i, g in enumerate(grads) if g is not None]
         out: list[Tensor | None] = [None] * (1 + len(weights))
         if not present:
@@ -73,8 +73,9 @@ class _Projection(torch.autograd.Function):
         grad = torch.cat([grads[i] for i in present], dim=-1)  # type: ignore[misc]  # (..., sum r')
         if ctx.needs_input_grad[0]:
             out[0] = grad @ torch.cat([weights[i] for i in present])  # (..., in)
-        grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_w = grad_2d.t() @ x_2d  # (sum r', in)
+        if not any(ctx.needs_input_grad[1 + i] for i in present):
+            return tuple(out)
+        grad_w = saved_input.grad_t_input(grad, kept)  # (sum r', in)
         for i, g in zip(present, grad_w.split([weights[i].shape[0] for i in present]), strict=True):
             if ctx.needs_input_grad[1 + i]:
                 out[1 + i] = g

@@ -60,11 +60,7 @@ class FusedLoRALinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_h @ lora_A).addmm_(grad, w.t()).view(ctx.shape)  # (N, in): the big product accumulates
-        if ctx.needs_input_grad[3]:
-            x = saved_input.restore(tuple(kept))
-            grad_A = grad_h.t() @ x.reshape(-1, x.shape[-1])  # (r, in)
-        else:
-            grad_A = None
+        grad_A = saved_input.grad_t_input(grad_h, tuple(kept)) if ctx.needs_input_grad[3] else None  # (r, in)
         grad_B = (grad.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None  # (out, r)
         return grad_x, None, None, grad_A, grad_B, None
 

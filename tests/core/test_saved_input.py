@@ -47,3 +47,13 @@ def test_the_input_itself_is_kept_where_the_factors_cannot_be_relied_on() -> Non
         assert len(saved_input.keep(w * (h * r))) == 1  # hooks own what autograd keeps (checkpointing)
     a = torch.randn(4, 6).requires_grad_(True)
     assert len(saved_input.keep(a * torch.randn(6))) == 1  # a factor that is not kept (needs no gradient)
+
+
+def test_grad_t_input_is_the_product_with_the_input() -> None:
+    w, h, r = norm_like()
+    grad = torch.randn(3, 5, 4)
+    for x in (w * (h * r), torch.nn.functional.silu(h) * h.exp(), h * 2):
+        kept = saved_input.keep(x)
+        want = grad.reshape(-1, 4).t() @ x.detach().reshape(-1, 8)
+        torch.testing.assert_close(saved_input.grad_t_input(grad, kept), want, rtol=1e-5, atol=1e-6)
+    assert saved_input._rows_and_columns(saved_input.keep(w * (h * r))) is not None  # the norm's shortcut taken

@@ -196,7 +196,8 @@ def test_q_k_v_and_gate_up_keep_the_norms_factors_not_its_output() -> None:
     """RMSNorm's ``weight * (hidden * rsqrt(...))`` with a frozen weight in front of q/k/v and gate/up is
     recomputed from the weight and the two factors the inner product's backward keeps (core.saved_input):
     the shared projection saves no (N x hidden) tensor of its own after the first block (whose input needs
-    no gradient, so autograd keeps nothing there), and every gradient is the same to the bit."""
+    no gradient, so autograd keeps nothing there). Gradients are the same: to the bit except for those
+    A's, whose ``dh^T x`` is computed from the factors as ``((dh * r)^T h) * w`` (saved_input.grad_t_input)."""
     from benchmarks.step import saved_mb
     from lightning_peft.core import saved_input
 
@@ -220,5 +221,6 @@ def test_q_k_v_and_gate_up_keep_the_norms_factors_not_its_output() -> None:
     norms = 2 * layers - 1
     per_token = norms * width + layers * wide  # the norms' outputs and down_proj's inputs, float32
     assert kept - recomputed == pytest.approx(2 * 12 * per_token * 4 / 2**20)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    for name in want:  # dA of a norm's output from its factors ((dh * r)^T h) * w: the same up to rounding
+        tolerance = {"rtol": 1e-5, "atol": 1e-7} if name.endswith("lora_A") else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(got[name], want[name], **tolerance, msg=name)
