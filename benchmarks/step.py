@@ -5,6 +5,12 @@ round by round (A B C A B C ...) so that drift of the machine hits every mode al
 
     python -m benchmarks.step --rounds 3            # the table (CPU: 2 threads)
     python -m benchmarks.step worker --mode lp_lora  # one measurement, printed as JSON
+    python -m benchmarks.step paired --steps 60     # floor, peft LoRA, ours: one process, paired steps
+
+The per-process table is the one for memory; on a shared machine its step times drift from one
+process to the next by more than the differences it measures, so ``paired`` runs every mode on
+its own copy of the model in one process, steps interleaved one by one, and reports the median
+of the per-step ratios.
 
 Modes:
     floor            every weight frozen; backward reaches the input embeddings only (the least
@@ -217,18 +223,21 @@ def _loop(model: Any, step: Callable[[], None], warmup: int, steps: int) -> list
     return times
 
 
-def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """One mode set up on its own copy of the model: the step to time and what to report beside it."""
+
+    model: Any
+    step: Callable[[], None]
+    forward: Callable[[], Any]  # one forward's loss, for saved_mb
+    optimizer: Any  # None for the floor
+
+
+def prepare(mode: str, model: Any, ids: Any) -> Prepared:
+    """Set ``mode`` up on ``model`` (its own copy): the floor's frozen model, full fine-tuning, peft's
+    or lightning_peft's method, each with AdamW and the methods' own training hooks."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    dtype = getattr(torch, dtype_name)
-    model = _build_model(dtype).train()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), generator=g).to(_device())
-    result: dict[str, Any] = {"mode": mode, "dtype": dtype_name, "device": _device()}
-
-    if mode.endswith("_trainer"):
-        return result | _run_trainer(model, mode.removeprefix("lp_").removesuffix("_trainer"), ids, warmup, steps)
     separate = mode.endswith("_separate")  # without shared input projections (core.shared_input)
     mode = mode.removesuffix("_separate")
     method = mode.split("_", 1)[1] if mode.startswith(("lp_", "peft_")) else None
@@ -237,69 +246,141 @@ def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str,
         model.requires_grad_(False)
         embed = model.get_input_embeddings()
 
-        def step() -> None:
-            inputs = embed(ids).detach().requires_grad_(True)
-            model(inputs_embeds=inputs, labels=ids).loss.backward()
+        def floor_forward() -> Any:
+            return model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss
 
-        optimizer = None
+        return Prepared(model, lambda: floor_forward().backward(), floor_forward, None)
+    if mode == "full":
+        pass
+    elif mode.startswith("peft_"):
+        import peft
+
+        model = peft.get_peft_model(model, METHODS[method].peft())
+    elif mode.startswith("lp_"):
+        import lightning_peft as lp
+
+        lp.inject(model, METHODS[method].method or method, **METHODS[method].ours)
+        if separate:
+            from lightning_peft.core import shared_input
+
+            shared_input.detach(model)
+        lp.calibrate(model, [ids], lambda batch: model(input_ids=batch, labels=batch).loss)
     else:
-        if mode == "full":
-            pass
-        elif mode.startswith("peft_"):
-            import peft
+        raise SystemExit(f"unknown mode {mode!r}; modes: {', '.join(modes())}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    counter = iter(range(1, 10**9))
 
-            model = peft.get_peft_model(model, METHODS[method].peft())
-        elif mode.startswith("lp_"):
-            import lightning_peft as lp
+    def forward() -> Any:
+        return model(input_ids=ids, labels=ids).loss
 
-            lp.inject(model, METHODS[method].method or method, **METHODS[method].ours)
-            if separate:
-                from lightning_peft.core import shared_input
-
-                shared_input.detach(model)
-            lp.calibrate(model, [ids], lambda batch: model(input_ids=batch, labels=batch).loss)
-        else:
-            raise SystemExit(f"unknown mode {mode!r}; modes: {', '.join(modes())}")
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        counter = iter(range(1, 10**9))
-
-        def step() -> None:
-            # The methods' own training hooks run as a user's loop would run them (AdaLoRA's
-            # penalty and budget update; peft's AdaLoRA adds its penalty inside forward).
-            loss = model(input_ids=ids, labels=ids).loss
-            if mode.startswith("lp_"):
-                penalty = lp.regularization(model)
-                loss = loss if penalty is None else loss + penalty
-            loss.backward()
-            optimizer.step()
-            n = next(counter)
-            if mode.startswith("lp_"):
-                lp.on_step(model, n, total_steps=50)
-            elif method == "adalora":
-                model.base_model.update_and_allocate(n)
-            optimizer.zero_grad(set_to_none=True)
-
-    if mode == "floor":
-        saved = saved_mb(model, lambda: model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss)
-    else:
-        saved = saved_mb(model, lambda: model(input_ids=ids, labels=ids).loss)
-    times = _loop(model, step, warmup, steps)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result |= {"step_s": statistics.median(times), "peak_mb": _peak_mb(), "trainable": trainable, "saved_mb": saved}
-    if optimizer is not None:
+    def step() -> None:
+        # The methods' own training hooks run as a user's loop would run them (AdaLoRA's
+        # penalty and budget update; peft's AdaLoRA adds its penalty inside forward).
+        loss = forward()
         if mode.startswith("lp_"):
-            import lightning_peft as lp
+            penalty = lp.regularization(model)
+            loss = loss if penalty is None else loss + penalty
+        loss.backward()
+        optimizer.step()
+        n = next(counter)
+        if mode.startswith("lp_"):
+            lp.on_step(model, n, total_steps=50)
+        elif method == "adalora":
+            model.base_model.update_and_allocate(n)
+        optimizer.zero_grad(set_to_none=True)
 
-            weights = lp.trainable_state_dict(model)
-        elif mode.startswith("peft_"):
-            import peft
+    return Prepared(model, step, forward, optimizer)
 
-            weights = peft.get_peft_model_state_dict(model)
-        else:
-            weights = model.state_dict()
-        result["checkpoint_bytes"] = _checkpoint_bytes({"state_dict": weights, "optimizer": optimizer.state_dict()})
+
+def _batch() -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), generator=g).to(_device())
+
+
+def run_worker(mode: str, warmup: int, steps: int, dtype_name: str) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    dtype = getattr(torch, dtype_name)
+    model = _build_model(dtype).train()
+    ids = _batch()
+    result: dict[str, Any] = {"mode": mode, "dtype": dtype_name, "device": _device()}
+
+    if mode.endswith("_trainer"):
+        return result | _run_trainer(model, mode.removeprefix("lp_").removesuffix("_trainer"), ids, warmup, steps)
+    run = prepare(mode, model, ids)
+    saved = saved_mb(run.model, run.forward)
+    times = _loop(run.model, run.step, warmup, steps)
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    result |= {"step_s": statistics.median(times), "peak_mb": _peak_mb(), "trainable": trainable, "saved_mb": saved}
+    if run.optimizer is not None:
+        result["checkpoint_bytes"] = _checkpoint_bytes(_trained_state(mode, run))
     return result
+
+
+def _trained_state(mode: str, run: Prepared) -> dict[str, Any]:
+    if mode.startswith("lp_"):
+        import lightning_peft as lp
+
+        weights = lp.trainable_state_dict(run.model)
+    elif mode.startswith("peft_"):
+        import peft
+
+        weights = peft.get_peft_model_state_dict(run.model)
+    else:
+        weights = run.model.state_dict()
+    return {"state_dict": weights, "optimizer": run.optimizer.state_dict()}
+
+
+def run_paired(modes_: list[str], warmup: int, steps: int, dtype_name: str) -> dict[str, Any]:
+    """Every mode on its own copy of one model in ONE process, their steps interleaved one by one
+    (the order rotating every step): each step of a mode has a step of every other mode beside it,
+    taken under the same machine load, so the ratio of the two is paired and the drift of a shared
+    machine cancels out of it. Reports each mode's median step and the median of its per-step
+    ratios to the floor and to peft LoRA. Peak memory cannot be told apart here: see the per-process
+    table for it."""
+    import copy
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    base = _build_model(getattr(torch, dtype_name)).train()
+    ids = _batch()
+    runs = {mode: prepare(mode, copy.deepcopy(base), ids) for mode in modes_}
+    del base
+    times: dict[str, list[float]] = {mode: [] for mode in modes_}
+    order = list(modes_)
+    for i in range(warmup + steps):
+        for mode in order:
+            if i < warmup:
+                runs[mode].step()
+            else:
+                times[mode] += _loop(runs[mode].model, runs[mode].step, 0, 1)
+        order = order[1:] + order[:1]
+    result: dict[str, Any] = {"device": _device(), "dtype": dtype_name, "steps": steps, "modes": {}}
+    for mode in modes_:
+        row: dict[str, Any] = {"step_s": statistics.median(times[mode])}
+        for ref in ("floor", "peft_lora"):
+            if ref in times and ref != mode:
+                row[f"x_{ref}"] = statistics.median(a / b for a, b in zip(times[mode], times[ref], strict=True))
+        result["modes"][mode] = row
+    result["times"] = times
+    return result
+
+
+def paired_table(result: dict[str, Any]) -> str:
+    lines = [
+        "| mode | step (s) | x floor (paired median) | x peft LoRA (paired median) |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode, row in result["modes"].items():
+        floor = f"{row['x_floor']:.3f}" if "x_floor" in row else "1.000" if mode == "floor" else "-"
+        peft = f"{row['x_peft_lora']:.3f}" if "x_peft_lora" in row else "1.000" if mode == "peft_lora" else "-"
+        lines.append(f"| {mode} | {row['step_s']:.4f} | {floor} | {peft} |")
+    return "\n".join(lines)
 
 
 def _run_trainer(model: Any, method: str, ids: Any, warmup: int, steps: int) -> dict[str, Any]:
@@ -412,9 +493,26 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _paired(args: argparse.Namespace) -> str:
+    selected = args.modes or ["floor", "peft_lora", "lp_lora", "lp_lora_separate"]
+    unknown = [m for m in selected if m not in modes() or m.endswith("_trainer")]
+    if unknown:
+        raise SystemExit(f"paired: unknown or Trainer modes {unknown}; modes: {', '.join(modes())}")
+    result = run_paired(selected, args.warmup, args.steps, args.dtype)
+    text = (
+        f"Paired step benchmark ({result['device']}, {args.dtype}, batch {BATCH}x{SEQ}, one process, "
+        f"{args.steps} steps per mode interleaved one by one, median)\n\n" + paired_table(result) + "\n"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}-paired-{result['device']}.md").write_text(text)
+    (RESULTS / f"{args.name}-paired-{result['device']}.json").write_text(json.dumps(result, indent=2))
+    print(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="table", choices=["table", "worker"])
+    parser.add_argument("command", nargs="?", default="table", choices=["table", "worker", "paired"])
     parser.add_argument("--mode", help="worker: the mode to measure")
     parser.add_argument("--modes", nargs="*", help="table: which modes (default: all)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -427,6 +525,8 @@ def main(argv: list[str] | None = None) -> str:
         result = json.dumps(run_worker(args.mode, args.warmup, args.steps, args.dtype))
         print(result)
         return result
+    if args.command == "paired":
+        return _paired(args)
     selected = args.modes or modes()
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in selected}
     for round_ in range(args.rounds):

@@ -128,6 +128,7 @@ def test_a_tied_head_named_beside_its_embedding_is_the_same_adapter() -> None:
     assert isinstance(named.lm_head, LoRATokensLayer) and named.lm_head.adapter_names == ()  # no rows of its own
     alone = lp.inject(_llama(tied=True), "lora", target_modules=["q_proj"],
                       trainable_token_indices={"embed_tokens": IDS})  # fmt: skip
+
     def trained(model: torch.nn.Module) -> list[str]:
         return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
