@@ -503,9 +503,14 @@ def _paired(args: argparse.Namespace) -> str:
         f"Paired step benchmark ({result['device']}, {args.dtype}, batch {BATCH}x{SEQ}, one process, "
         f"{args.steps} steps per mode interleaved one by one, median)\n\n" + paired_table(result) + "\n"
     )
+    return _write(f"{args.name}-paired-{result['device']}", text, result)
+
+
+def _write(stem: str, text: str, data: Any) -> str:
+    """Write a table and its raw data to ``benchmarks/results/<stem>.md`` / ``.json``, and print the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}-paired-{result['device']}.md").write_text(text)
-    (RESULTS / f"{args.name}-paired-{result['device']}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2))
     print(text)
     return text
 
@@ -543,11 +548,7 @@ def main(argv: list[str] | None = None) -> str:
         f"Step benchmark ({device}, {args.dtype}, batch {BATCH}x{SEQ}, {args.rounds} interleaved rounds x "
         f"{args.steps} steps, median)\n\n" + table(rows) + "\n"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}-{device}.md").write_text(text)
-    (RESULTS / f"{args.name}-{device}.json").write_text(json.dumps(runs, indent=2))
-    print(text)
-    return text
+    return _write(f"{args.name}-{device}", text, runs)
 
 
 if __name__ == "__main__":

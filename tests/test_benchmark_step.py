@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,12 @@ def test_paired_reports_every_mode_and_its_ratios(tiny_bench: None) -> None:
     lp, floor = result["times"]["lp_lora"], result["times"]["floor"]
     assert math.isclose(result["modes"]["lp_lora"]["x_floor"], sorted(a / b for a, b in zip(lp, floor, strict=True))[1])
     assert "| lp_lora |" in step.paired_table(result)
+
+
+def test_the_paired_command_writes_its_table(tiny_bench: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(step, "RESULTS", tmp_path)
+    text = step.main(["paired", "--modes", "floor", "lp_lora", "--steps", "2", "--warmup", "0", "--name", "t"])
+    assert (tmp_path / "t-paired-cpu.md").read_text() == text
+    assert "| lp_lora |" in text and (tmp_path / "t-paired-cpu.json").exists()
+    with pytest.raises(SystemExit, match="lp_lora_trainer"):
+        step.main(["paired", "--modes", "lp_lora_trainer"])
