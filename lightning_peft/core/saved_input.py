@@ -91,7 +91,7 @@ def _rows_and_columns(saved: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor
     """``(full, row, column)`` when the three factors are an ``(..., in)`` tensor, a per-row ``(..., 1)``
     and a per-feature ``(in,)`` one (RMSNorm's hidden, rsqrt and weight); else ``None``."""
     full = [t for t in saved if t.shape == torch.broadcast_shapes(*(u.shape for u in saved))]
-    if len(saved) != 3 or len(full) != 1:
+    if len(full) != 1:
         return None
     rest = [t for t in saved if t is not full[0]]
     width, lead = full[0].shape[-1], full[0].shape[:-1]

@@ -37,7 +37,7 @@ def test_the_input_itself_is_kept_where_the_factors_cannot_be_relied_on() -> Non
     w, h, r = norm_like()
     inner = h * r
     inner.mul_(2)  # the factor changed after the inner product: not that product's output any more
-    assert saved_input.keep(w * inner)[0].shape == (3, 5, 8) and len(saved_input.keep(w * inner)) == 1
+    assert len(saved_input.keep(w * inner)) == 1
     x = w * (h.clone() * r)
     assert len(saved_input.keep(x)) == 3
     w64 = w.double()
